@@ -1,0 +1,57 @@
+"""SAM's mask-decoder forward, re-expressed with SAM's own submodules plus one extension point:
+a per-image additive shift of the 4 mask tokens (ProMISe's IPS). SAM's modules are not edited.
+
+With ``mask_token_shift=None`` (or all zeros) the result equals ``MaskDecoder.forward`` exactly;
+``Testing/test_decoder.py`` checks this against segment-anything itself.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from segment_anything.modeling import Sam
+
+
+def decode_masks(sam: Sam, image_embeddings: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
+                 dense_prompt_embeddings: torch.Tensor, multimask_output: bool,
+                 mask_token_shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Low-res mask logits (B, C, 256, 256) and IoU predictions (B, C).
+
+    ``image_embeddings`` is (1 or B, 256, 64, 64): one image shared by B prompt sets (SAM's
+    predictor) or one image per prompt set (batched training). ``mask_token_shift`` is
+    (1 or B, num_mask_tokens, 256).
+    """
+    dec = sam.mask_decoder
+    b = sparse_prompt_embeddings.shape[0]
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+    if mask_token_shift is not None:
+        shift = mask_token_shift.to(output_tokens.dtype).expand(b, -1, -1)
+        output_tokens = torch.cat([output_tokens[:, :1], output_tokens[:, 1:] + shift], dim=1)
+    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+
+    if image_embeddings.shape[0] == b:
+        src = image_embeddings
+    elif image_embeddings.shape[0] == 1:
+        src = torch.repeat_interleave(image_embeddings, b, dim=0)
+    else:
+        raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {b} prompt sets")
+    src = src + dense_prompt_embeddings
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    pos_src = torch.repeat_interleave(image_pe, b, dim=0)
+    _, c, h, w = src.shape
+
+    hs, src = dec.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1:(1 + dec.num_mask_tokens), :]
+
+    src = src.transpose(1, 2).view(b, c, h, w)
+    upscaled = dec.output_upscaling(src)
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
+                           dim=1)
+    _, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou_pred = dec.iou_prediction_head(iou_token_out)
+
+    sel = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, sel], iou_pred[:, sel]

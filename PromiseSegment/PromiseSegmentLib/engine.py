@@ -1,0 +1,202 @@
+"""Inference engine: frozen SAM, batched image encoding, prompted mask prediction.
+
+Image handling and prompt transforms are SAM's own (``ResizeLongestSide``, ``Sam.preprocess``,
+``Sam.postprocess_masks`` semantics), so with the same weights and prompts the engine reproduces
+``SamPredictor`` (checked by the oracle tests). The decoder goes through ``decoder.decode_masks``,
+which accepts IPS's mask-token shift.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .decoder import decode_masks
+from .devices import is_out_of_memory, pick_device
+
+log = logging.getLogger(__name__)
+
+LOW_RES = 256
+MASK_PROMPT_LOGIT = 10.0  # magnitude of the logits a binary mask prompt is turned into
+
+
+class Cancelled(Exception):
+    """The user cancelled a long run; nothing was written."""
+
+
+@dataclass
+class Prompts:
+    """Prompts for one image, in its pixel coordinates: points (N, 2) as (x, y), labels (N,) 1/0,
+    box (4,) as x0, y0, x1, y1, and ``mask_logits`` (1, 256, 256) from an earlier prediction."""
+
+    points: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    box: Optional[np.ndarray] = None
+    mask_logits: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.points is not None:
+            self.points = np.asarray(self.points, float).reshape(-1, 2)
+            self.labels = (np.ones(len(self.points), int) if self.labels is None
+                           else np.asarray(self.labels, int).reshape(-1))
+            if len(self.labels) != len(self.points):
+                raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels")
+        if self.box is not None:
+            self.box = np.asarray(self.box, float).reshape(4)
+
+    @property
+    def empty(self) -> bool:
+        return self.points is None and self.box is None and self.mask_logits is None
+
+
+@dataclass
+class ImageEmbedding:
+    features: torch.Tensor  # (1, 256, 64, 64) on the engine's device
+    input_size: Tuple[int, int]  # after ResizeLongestSide, before padding
+    original_size: Tuple[int, int]  # size of the image that was encoded
+    interm: Optional[List[torch.Tensor]] = None  # encoder block outputs (1, C, 64, 64) for the APM
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray  # bool (C, H, W) at the requested output size
+    logits: np.ndarray  # float32 (C, H, W)
+    iou: np.ndarray  # (C,)
+    low_res: np.ndarray  # (C, 256, 256), reusable as a mask prompt
+    points: Optional[np.ndarray] = None  # prompts actually used (APM's included), image pixels
+    labels: Optional[np.ndarray] = None
+
+    def best(self) -> int:
+        return int(np.argmax(self.iou))
+
+
+def mask_to_low_res(mask: np.ndarray, input_size: Tuple[int, int], image_size: int = 1024) -> torch.Tensor:
+    """A mask on an image's grid -> (1, 256, 256) coverage in [0, 1] in the decoder's frame: resized
+    like the image (ResizeLongestSide), padded to the square input, area-averaged."""
+    t = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
+    t = F.interpolate(t, tuple(input_size), mode="bilinear", align_corners=False)
+    t = F.pad(t, (0, image_size - input_size[1], 0, image_size - input_size[0]))
+    return F.interpolate(t, (LOW_RES, LOW_RES), mode="area")[0]
+
+
+class SamEngine:
+    def __init__(self, sam: Sam, device: Optional[str] = None, batch_size: Optional[int] = None,
+                 capture_blocks: Sequence[int] = ()):
+        self.device = pick_device(device)
+        for p in sam.parameters():
+            p.requires_grad_(False)
+        self.sam = sam.to(self.device).eval()
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
+        self.capture_blocks = tuple(capture_blocks)
+        self.mask_threshold = float(sam.mask_threshold)
+
+    # ----------------------------------------------------------------------------- encoding
+    def _prepare(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+        resized = self.transform.apply_image(image)
+        t = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].to(self.device)
+        return self.sam.preprocess(t.float()), tuple(resized.shape[:2]), tuple(image.shape[:2])
+
+    @torch.no_grad()
+    def _encode_batch(self, batch: torch.Tensor):
+        captured: List[torch.Tensor] = []
+        hooks = [self.sam.image_encoder.blocks[i].register_forward_hook(
+            lambda _m, _i, out: captured.append(out.permute(0, 3, 1, 2))) for i in self.capture_blocks]
+        try:
+            features = self.sam.image_encoder(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        return features, captured
+
+    def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> List[ImageEmbedding]:
+        """Encode uint8 RGB images, ``batch_size`` at a time; on GPU out-of-memory the batch is halved
+        and, at batch 1, the model falls back to the CPU with a warning."""
+        out: List[ImageEmbedding] = []
+        i = 0
+        while i < len(images):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            chunk = images[i:i + self.batch_size]
+            prepared = [self._prepare(im) for im in chunk]
+            try:
+                feats, interm = self._encode_batch(torch.cat([p[0] for p in prepared]))
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._shrink_after_oom()
+                continue
+            for j, (_, input_size, original_size) in enumerate(prepared):
+                out.append(ImageEmbedding(feats[j:j + 1], input_size, original_size,
+                                          [t[j:j + 1] for t in interm] if interm else None))
+            i += len(chunk)
+            if progress:
+                progress(i, len(images))
+        return out
+
+    def _shrink_after_oom(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            log.warning("GPU out of memory: encoding batch reduced to %d", self.batch_size)
+        elif self.device.type != "cpu":
+            log.warning("GPU out of memory even at batch 1: continuing on the CPU (slower)")
+            self.device = torch.device("cpu")
+            self.sam = self.sam.to(self.device)
+        else:
+            raise MemoryError("out of memory on the CPU while encoding one image")
+
+    # ----------------------------------------------------------------------------- prompts
+    def prompt_tensors(self, emb: ImageEmbedding, prompts: Prompts):
+        """SAM prompt-encoder inputs in the 1024 frame, exactly as ``SamPredictor.predict`` builds them."""
+        points = box = mask = None
+        if prompts.points is not None and len(prompts.points):
+            coords = self.transform.apply_coords(prompts.points, emb.original_size)
+            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                      torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device)[None])
+        if prompts.box is not None:
+            b = self.transform.apply_boxes(prompts.box[None], emb.original_size)
+            box = torch.as_tensor(b, dtype=torch.float, device=self.device)[None]
+        if prompts.mask_logits is not None:
+            mask = torch.as_tensor(prompts.mask_logits, dtype=torch.float, device=self.device).reshape(
+                1, 1, LOW_RES, LOW_RES)
+        return points, box, mask
+
+    def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray) -> np.ndarray:
+        """A binary mask on the encoded image's grid -> (1, 256, 256) logits usable as ``mask_logits``."""
+        soft = mask_to_low_res(mask, emb.input_size, self.sam.image_encoder.img_size)
+        return ((soft - 0.5) * (2 * MASK_PROMPT_LOGIT)).numpy()
+
+    # ----------------------------------------------------------------------------- decoding
+    def postprocess(self, low_res: torch.Tensor, emb: ImageEmbedding,
+                    output_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Low-res logits -> logits on the encoded image's grid (or ``output_size``, e.g. the native
+        anisotropic slice grid, in a single interpolation)."""
+        size = self.sam.image_encoder.img_size
+        x = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        x = x[..., :emb.input_size[0], :emb.input_size[1]]
+        return F.interpolate(x, tuple(output_size or emb.original_size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def predict(self, emb: ImageEmbedding, prompts: Optional[Prompts] = None, multimask_output: bool = True,
+                mask_token_shift: Optional[torch.Tensor] = None,
+                output_size: Optional[Tuple[int, int]] = None) -> Prediction:
+        prompts = prompts or Prompts()
+        points, box, mask = self.prompt_tensors(emb, prompts)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=mask)
+        low_res, iou = decode_masks(self.sam, emb.features, sparse, dense, multimask_output, mask_token_shift)
+        logits = self.postprocess(low_res, emb, output_size)
+        return Prediction(masks=(logits > self.mask_threshold)[0].cpu().numpy(),
+                          logits=logits[0].float().cpu().numpy(), iou=iou[0].float().cpu().numpy(),
+                          low_res=low_res[0].float().cpu().numpy(),
+                          points=prompts.points, labels=prompts.labels)

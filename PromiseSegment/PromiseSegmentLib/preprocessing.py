@@ -1,0 +1,203 @@
+"""Medical volumes -> 2D slices SAM can read, and SAM's masks -> back onto the slice grid.
+
+Conventions: a volume is a numpy array in KJI order (``array[k, j, i]``, as Slicer's
+``arrayFromVolume`` and SimpleITK give it), optionally with a trailing RGB axis, plus its 4x4
+IJK->RAS matrix. A slice is a 2D array (rows, cols); points are (x=col, y=row) in slice pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Array axis (0=K, 1=J, 2=I) -> (row axis, col axis) of the slices it produces, as IJK axis indices.
+_IN_PLANE = {0: (1, 0), 1: (2, 0), 2: (2, 1)}  # values are IJK column indices (0=I, 1=J, 2=K)
+_ANATOMY = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis each anatomical plane is normal to
+
+
+class InputError(ValueError):
+    """The input image/volume cannot be segmented as given; the message says why."""
+
+
+def check_volume(array: np.ndarray) -> np.ndarray:
+    """Accept KJI scalar volumes, KJI×3 RGB(A) volumes, 2D images and 2D RGB(A) images; return KJI[×3]."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.dtype == np.uint8 and min(a.shape[:2]) > 4:
+        a = a[None]  # a single 2D colour image (H, W, C)
+    if a.ndim == 4:
+        if a.shape[-1] == 4:
+            a = a[..., :3]  # RGBA: alpha carries no anatomy
+        if a.shape[-1] != 3:
+            raise InputError(f"volume has shape {array.shape}: a 4D (time series or multi-component) volume "
+                             f"cannot be segmented; extract one 3D frame or an RGB volume first")
+    elif a.ndim != 3:
+        raise InputError(f"expected a 2D image or 3D volume, got an array of shape {array.shape}")
+    if a.size == 0:
+        raise InputError("the volume is empty")
+    if a.ndim == 3 and not np.issubdtype(a.dtype, np.number):
+        raise InputError(f"unsupported voxel type {a.dtype}")
+    return a
+
+
+def is_rgb(array: np.ndarray) -> bool:
+    return array.ndim == 4
+
+
+def ijk_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Voxel size along I, J, K (column norms of the direction*spacing part)."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, float)[:3, :3], axis=0)
+
+
+def resolve_axis(axis: Union[int, str], ijk_to_ras: np.ndarray) -> int:
+    """Array axis (0=K, 1=J, 2=I) to slice along; accepts 0/1/2, 'K'/'J'/'I' or axial/coronal/sagittal."""
+    if isinstance(axis, (int, np.integer)):
+        if axis not in (0, 1, 2):
+            raise InputError(f"axis must be 0, 1 or 2 (array axes K, J, I), got {axis}")
+        return int(axis)
+    name = str(axis).lower()
+    if name in ("k", "j", "i"):
+        return "kji".index(name)
+    if name in _ANATOMY:
+        directions = np.abs(np.asarray(ijk_to_ras, float)[:3, :3] / ijk_spacing(ijk_to_ras))
+        ijk_index = int(np.argmax(directions[_ANATOMY[name]]))  # IJK axis most aligned with the normal
+        return 2 - ijk_index
+    raise InputError(f"unknown axis {axis!r}: use axial, coronal, sagittal, K, J, I or 0/1/2")
+
+
+def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(volume, index, axis=axis)
+
+
+def put_slice(volume: np.ndarray, axis: int, index: int, values: np.ndarray) -> None:
+    idx = [slice(None)] * 3
+    idx[axis] = index
+    volume[tuple(idx)] = values
+
+
+def in_plane_spacing(ijk_to_ras: np.ndarray, axis: int) -> Tuple[float, float]:
+    sp = ijk_spacing(ijk_to_ras)
+    r, c = _IN_PLANE[axis]
+    return float(sp[r]), float(sp[c])
+
+
+@dataclass(frozen=True)
+class IntensityRule:
+    """How scalar voxels become SAM's 0-255 RGB: CT window/level, percentiles, or a fixed range."""
+
+    kind: str = "percentile"  # "window" | "percentile" | "range" | "rgb"
+    center: float = 40.0
+    width: float = 400.0
+    low: float = 0.5
+    high: float = 99.5
+
+    @staticmethod
+    def ct(center: float = 40.0, width: float = 400.0) -> "IntensityRule":
+        return IntensityRule("window", center=center, width=width)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "center": self.center, "width": self.width, "low": self.low, "high": self.high}
+
+    @staticmethod
+    def from_dict(d: dict) -> "IntensityRule":
+        return IntensityRule(**{k: d[k] for k in ("kind", "center", "width", "low", "high") if k in d})
+
+    def value_range(self, volume: np.ndarray) -> Tuple[float, float]:
+        """(lo, hi) intensities mapped to 0 and 255, computed once per volume so slices agree."""
+        if self.kind == "window":
+            if self.width <= 0:
+                raise InputError(f"window width must be positive, got {self.width}")
+            return self.center - self.width / 2, self.center + self.width / 2
+        if self.kind == "range":
+            return self.low, self.high
+        if self.kind == "rgb" or volume.dtype == np.uint8:
+            return 0.0, 255.0
+        sample = volume.ravel()
+        if sample.size > 2_000_000:  # percentiles of a strided sample: same answer, 1/40 of the time
+            sample = sample[:: sample.size // 2_000_000]
+        lo, hi = np.percentile(sample, [self.low, self.high])
+        if hi <= lo:
+            hi = lo + 1.0
+        return float(lo), float(hi)
+
+
+def to_uint8_rgb(slice2d: np.ndarray, value_range: Tuple[float, float]) -> np.ndarray:
+    """A scalar slice (rows, cols) or RGB slice (rows, cols, 3) -> uint8 (rows, cols, 3)."""
+    if slice2d.ndim == 3:
+        return np.ascontiguousarray(slice2d.astype(np.uint8) if slice2d.dtype != np.uint8 else slice2d)
+    lo, hi = value_range
+    scaled = (slice2d.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+@dataclass
+class SliceGeometry:
+    """Maps between a native slice grid (possibly anisotropic pixels) and a square-pixel grid."""
+
+    native_shape: Tuple[int, int]
+    spacing: Tuple[float, float] = (1.0, 1.0)  # (row, col) mm
+    square_shape: Tuple[int, int] = field(init=False)
+
+    MAX_SIDE = 4096  # never upsample beyond this (SAM works at 1024 anyway)
+
+    def __post_init__(self):
+        rows, cols = self.native_shape
+        rs, cs = self.spacing
+        target = min(rs, cs)
+        if abs(rs - cs) <= 0.01 * target:
+            self.square_shape = (rows, cols)
+        else:
+            new = (max(1, int(round(rows * rs / target))), max(1, int(round(cols * cs / target))))
+            scale = min(1.0, self.MAX_SIDE / max(new))
+            self.square_shape = (max(1, int(round(new[0] * scale))), max(1, int(round(new[1] * scale))))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.square_shape == tuple(self.native_shape)
+
+    def image_to_square(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (rows, cols, 3) -> uint8 on the square-pixel grid (bilinear)."""
+        if self.is_identity:
+            return rgb
+        t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+        t = F.interpolate(t, self.square_shape, mode="bilinear", align_corners=False)
+        return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+    def _scale(self) -> Tuple[float, float]:
+        return self.square_shape[1] / self.native_shape[1], self.square_shape[0] / self.native_shape[0]
+
+    def points_to_square(self, points: np.ndarray) -> np.ndarray:
+        sx, sy = self._scale()
+        p = np.asarray(points, float).reshape(-1, 2).copy()
+        p[:, 0] = (p[:, 0] + 0.5) * sx - 0.5
+        p[:, 1] = (p[:, 1] + 0.5) * sy - 0.5
+        return p
+
+    def points_to_native(self, points: np.ndarray) -> np.ndarray:
+        sx, sy = self._scale()
+        p = np.asarray(points, float).reshape(-1, 2).copy()
+        p[:, 0] = (p[:, 0] + 0.5) / sx - 0.5
+        p[:, 1] = (p[:, 1] + 0.5) / sy - 0.5
+        return p
+
+    def box_to_square(self, box: np.ndarray) -> np.ndarray:
+        return self.points_to_square(np.asarray(box, float).reshape(2, 2)).reshape(4)
+
+
+def slice_geometry(ijk_to_ras: np.ndarray, axis: int, native_shape: Sequence[int]) -> SliceGeometry:
+    return SliceGeometry(tuple(int(s) for s in native_shape[:2]), in_plane_spacing(ijk_to_ras, axis))
+
+
+def mask_bbox(mask: np.ndarray, margin: int = 0) -> Optional[np.ndarray]:
+    """(x0, y0, x1, y1) of a 2D mask's foreground, or None when empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    h, w = mask.shape
+    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
+                     min(xs.max() + margin, w - 1), min(ys.max() + margin, h - 1)], float)
