@@ -190,8 +190,10 @@ def load_state_dict(path: Path, expected_variant: Optional[str] = None) -> Tuple
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}. Re-download it.") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated, corrupt, or holding "
+                              f"pickled objects, which are never loaded): {type(exc).__name__}: {first_line}. "
+                              f"Re-download it or pick the right file.") from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):  # training checkpoints (e.g. MedSAM's) wrap the weights
             if key in obj and isinstance(obj[key], dict) and "image_encoder.pos_embed" not in obj:

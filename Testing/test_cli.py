@@ -1,0 +1,120 @@
+"""The promise-segment command line on generated files: results, geometry, and clear failures."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from PromiseSegmentLib.cli import ijk_prompts, main
+from PromiseSegmentLib.sample_data import make_sample_volume
+from PromiseSegmentLib.volume_io import Segment, read_volume, write_segmentation
+
+
+@pytest.fixture
+def sample_nrrd(tmp_path):
+    vol, truth = make_sample_volume(3)
+    image = sitk.GetImageFromArray(vol.array)
+    lps = np.diag([-1, -1, 1, 1.0]) @ vol.ijk_to_ras
+    sp = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing(sp.tolist()), image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / sp).ravel().tolist())
+    path = tmp_path / "sample.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path, vol, truth
+
+
+def test_read_volume_keeps_the_oblique_geometry(sample_nrrd):
+    path, vol, _ = sample_nrrd
+    back = read_volume(path)
+    np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-5)
+    np.testing.assert_array_equal(back.array, vol.array)
+
+
+def test_segment_with_points_writes_seg_nrrd_on_the_volume_grid(sample_nrrd, tmp_path, capsys):
+    path, vol, truth = sample_nrrd
+    k = int(np.argmax(truth.sum((1, 2))))
+    j, i = np.argwhere(truth[k]).mean(0).round().astype(int)
+    out, png = tmp_path / "out.seg.nrrd", tmp_path / "overlay.png"
+    assert main(["segment", str(path), "-o", str(out), "--point", f"{i},{j},{k}", "--point", "2,2,%d,0" % k,
+                 "--overlay", str(png), "--name", "Lesion"]) == 0
+    seg = sitk.ReadImage(str(out))
+    assert seg.GetMetaData("Segment0_Name") == "Lesion"
+    assert seg.GetMetaData("Segmentation_MasterRepresentation") == "Binary labelmap"
+    back = read_volume(out)
+    np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-5)
+    mask = back.array
+    assert mask.shape == truth.shape and mask[k].any()
+    assert not np.delete(mask, k, axis=0).any()  # only the prompted slice was segmented
+    assert png.stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+    # an existing result is never silently overwritten
+    before = out.read_bytes()
+    assert main(["segment", str(path), "-o", str(out), "--point", f"{i},{j},{k}"]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_box_prompt_spans_slices():
+    prompts = ijk_prompts(0, [], [[10, 20, 3, 30, 40, 5]], (8, 50, 50))
+    assert sorted(prompts) == [3, 4, 5]
+    np.testing.assert_array_equal(prompts[4].box, [10, 20, 30, 40])
+    sagittal = ijk_prompts(2, [[7, 8, 9, 0]], [], (20, 20, 20))
+    assert list(sagittal) == [7] and list(sagittal[7].points[0]) == [8, 9] and sagittal[7].labels[0] == 0
+
+
+@pytest.mark.parametrize("case", ["missing", "4d", "no_prompts", "bad_checkpoint", "bad_range"])
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, sample_nrrd, capsys, case):
+    path, _, _ = sample_nrrd
+    args = ["segment", str(path), "-o", str(tmp_path / "x.seg.nrrd"), "--point", "40,40,5"]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.nrrd")
+    elif case == "4d":
+        img = sitk.JoinSeries([sitk.Image([4, 4, 4], sitk.sitkFloat32)] * 2)
+        sitk.WriteImage(img, str(tmp_path / "t.nrrd"))
+        args[1] = str(tmp_path / "t.nrrd")
+    elif case == "no_prompts":
+        args = args[:4]
+    elif case == "bad_checkpoint":
+        (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+        args += ["--sam-checkpoint", str(tmp_path / "junk.pth")]
+    else:
+        args += ["--slices", "3:99"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("promise-segment: error:") and "\n" not in err
+    assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_rgb_png_is_a_single_slice_volume(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[10:30, 20:50] = (200, 80, 60)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    vol = read_volume(tmp_path / "photo.png")
+    assert vol.array.shape == (1, 48, 64, 3)
+    out = tmp_path / "photo.seg.nrrd"
+    assert main(["segment", str(tmp_path / "photo.png"), "-o", str(out), "--box", "20,10,0,49,29,0"]) == 0
+    assert read_volume(out).array.shape == (1, 48, 64)
+
+
+def test_checkpoints_list_and_verify(tmp_path, capsys):
+    import torch
+    from PromiseSegmentLib.sam_models import build_seeded_sam
+
+    assert main(["checkpoints", "list"]) == 0
+    assert "vit_b" in capsys.readouterr().out
+    f = tmp_path / "t.pth"
+    torch.save(build_seeded_sam("tiny", 1).state_dict(), f)
+    assert main(["checkpoints", "verify", str(f)]) == 0
+    assert "SAM tiny" in capsys.readouterr().out
+    assert main(["checkpoints", "verify", str(f), "--variant", "vit_h"]) == 2
+
+
+def test_write_segmentation_is_atomic_on_failure(tmp_path, monkeypatch):
+    import SimpleITK
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SimpleITK, "WriteImage", boom)
+    with pytest.raises(OSError):
+        write_segmentation(tmp_path / "s.seg.nrrd", np.ones((2, 3, 4)), np.eye(4), [Segment("x")])
+    assert list(tmp_path.iterdir()) == []
