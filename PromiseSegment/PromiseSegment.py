@@ -5,7 +5,6 @@ The Slicer-side module is being built: for now it declares the module and puts t
 Segment Editor effect come next (see the project's issues). Outside Slicer, use the core directly
 or the ``promise-segment`` command line.
 """
-import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule
 
 
