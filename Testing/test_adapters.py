@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.adapter import AdapterError, load_adapter, read_metadata, save_adapter
+from PromiseSegmentLib.adapter import AdapterError, load_adapter, read_metadata
 from PromiseSegmentLib.apm import APM
 from PromiseSegmentLib.datasets import Case
 from PromiseSegmentLib.engine import Prompts

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import DATA
 from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.datasets import load_image_folder, load_volume_pairs
+from PromiseSegmentLib.datasets import load_volume_pairs
 from PromiseSegmentLib.preprocessing import IntensityRule
 
 pytestmark = pytest.mark.data

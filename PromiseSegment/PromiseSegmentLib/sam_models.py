@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -121,13 +121,3 @@ def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
             return name
     raise ValueError(f"SAM-like state dict with embed_dim={pos.shape[-1]}, depth={depth} matches no known variant")
 
-
-def frozen(sam: Sam) -> Sam:
-    """Freeze every SAM parameter (ProMISe never trains SAM)."""
-    for p in sam.parameters():
-        p.requires_grad_(False)
-    return sam.eval()
-
-
-def encoder_block_names(variant: str) -> List[str]:
-    return [f"image_encoder.blocks.{i}" for i in ARCHITECTURES[variant].apm_blocks]
