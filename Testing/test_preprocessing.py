@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.engine import SamEngine
+from PromiseSegmentLib.engine import ImageEmbedding, SamEngine
 from PromiseSegmentLib.preprocessing import (InputError, IntensityRule, SliceGeometry, check_volume, put_slice,
                                              resolve_axis, slice_geometry, take_slice, to_uint8_rgb)
 
@@ -67,7 +67,7 @@ def _round_trip(tiny_sam, native_mask: np.ndarray, spacing):
     resized = engine.transform.apply_image(square)
     padded = np.zeros((1024, 1024), np.float32)
     padded[: resized.shape[0], : resized.shape[1]] = resized[:, :, 0] / 255.0 - 0.5  # as "logits"
-    emb = type("E", (), {"input_size": resized.shape[:2], "original_size": square.shape[:2]})()
+    emb = ImageEmbedding(None, resized.shape[:2], square.shape[:2])
     back = engine.postprocess(torch.from_numpy(padded)[None, None], emb, geom.native_shape)[0, 0].numpy() > 0
     return geom, back
 

@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from .checkpoints import REGISTRY, CheckpointError, cache_dir, ensure_checkpoint, file_sha256, load_state_dict
 from .engine import Cancelled, Prompts
-from .preprocessing import _IN_PLANE, InputError, IntensityRule, resolve_axis, take_slice, to_uint8_rgb
+from .preprocessing import IN_PLANE_AXES, InputError, IntensityRule, resolve_axis, take_slice, to_uint8_rgb
 from .progress import bar
 from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
 
@@ -56,7 +56,7 @@ def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Se
                 shape: Sequence[int]) -> Dict[int, Prompts]:
     """IJK voxel prompts -> per-slice prompts in slice pixels. Points are i,j,k[,label]; a box is
     i0,j0,k0,i1,j1,k1 and applies to every slice it spans along ``axis``."""
-    row, col = _IN_PLANE[axis]
+    row, col = IN_PLANE_AXES[axis]
     normal = 2 - axis  # IJK index of the slicing axis
     per_slice: Dict[int, dict] = {}
     for p in points:

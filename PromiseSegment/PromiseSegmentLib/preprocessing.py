@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # Array axis (0=K, 1=J, 2=I) -> (row axis, col axis) of the slices it produces, as IJK axis indices.
-_IN_PLANE = {0: (1, 0), 1: (2, 0), 2: (2, 1)}  # values are IJK column indices (0=I, 1=J, 2=K)
+IN_PLANE_AXES = {0: (1, 0), 1: (2, 0), 2: (2, 1)}
 _ANATOMY = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis each anatomical plane is normal to
 
 
@@ -81,7 +81,7 @@ def put_slice(volume: np.ndarray, axis: int, index: int, values: np.ndarray) -> 
 
 def in_plane_spacing(ijk_to_ras: np.ndarray, axis: int) -> Tuple[float, float]:
     sp = ijk_spacing(ijk_to_ras)
-    r, c = _IN_PLANE[axis]
+    r, c = IN_PLANE_AXES[axis]
     return float(sp[r]), float(sp[c])
 
 
