@@ -1,11 +1,24 @@
-"""PromiseSegment scripted module (3D Slicer).
+"""PromiseSegment scripted module (3D Slicer): module declaration, parameter node, a thin widget and
+``PromiseSegmentLogic`` for the Python console.
 
-The Slicer-side module is being built: for now it declares the module and puts the core
-(``PromiseSegmentLib``) on Slicer's Python path; the console logic, the module widget and the
-Segment Editor effect come next (see the project's issues). Outside Slicer, use the core directly
-or the ``promise-segment`` command line.
+Everything the widget and the Segment Editor effect do is a call into
+``PromiseSegmentSlicerLib.logic.PromiseSegmentLogic`` (Qt-free, tested with pytest on slicer-core);
+the algorithms live in ``PromiseSegmentLib`` (torch/numpy only). Nothing heavy is imported here:
+torch & co. are installed on first use, after asking.
 """
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+import os
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+CHECKPOINTS = ["default", "vit_b", "vit_l", "vit_h", "medsam"]
 
 
 class PromiseSegment(ScriptedLoadableModule):
@@ -13,9 +26,339 @@ class PromiseSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "PromiseSegment"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["PromiseSegment developers"]
         self.parent.helpText = (
-            "ProMISe: a frozen Segment Anything Model with an Auto-Prompting Module and Incremental "
-            "Pattern Shifting, for promptable and automatic segmentation of medical images.")
+            "ProMISe: a frozen Segment Anything Model with an Auto-Prompting Module and Incremental Pattern "
+            "Shifting, for automatic and click-refined segmentation. Segment interactively with the "
+            "<b>ProMISe</b> effect of the Segment Editor; here: choose the SAM checkpoint, manage and train "
+            "adapters, segment whole volumes.")
         self.parent.acknowledgementText = "Uses Segment Anything (Meta AI, Apache-2.0)."
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+def registerEditorEffect():
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    path = os.path.join(os.path.dirname(__file__), "SegmentEditorPromiseSegmentLib", "SegmentEditorEffect.py")
+    instance.setPythonSource(path.replace("\\", "/"))
+    instance.self().register()
+
+
+@parameterNodeWrapper
+class PromiseSegmentParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    samCheckpoint: Annotated[str, Choice(CHECKPOINTS)] = "default"
+    samCheckpointFile: str = ""
+    adapterFile: str = ""
+    axis: Annotated[str, Choice(["axial", "coronal", "sagittal", "K", "J", "I"])] = "axial"
+    device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
+    trainSegmentId: str = ""
+    trainEpochs: Annotated[int, WithinRange(1, 1000)] = 50
+    trainOutput: str = ""
+
+
+_shared_logic = None
+
+
+def sharedLogic():
+    """One logic (one SAM in memory, one embedding cache) shared by the widget, the effect and the console."""
+    global _shared_logic
+    if _shared_logic is None:
+        _shared_logic = PromiseSegmentLogic()
+    return _shared_logic
+
+
+class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
+    """Console API: ``segmentVolume``, ``segmentSlice``, ``predictVolume``, ``propagate``, ``trainAdapter``,
+    ``loadModel`` ... (see ``PromiseSegmentSlicerLib/logic.py``). Dependencies are checked on first use."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._core = None
+
+    @property
+    def core(self):
+        if self._core is None:
+            from PromiseSegmentSlicerLib import dependencies
+
+            dependencies.ensure()
+            from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic as CoreLogic
+
+            self._core = CoreLogic()
+        return self._core
+
+    def getParameterNode(self):
+        return PromiseSegmentParameterNode(super().getParameterNode())
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.core, name)
+
+
+def checkpointSpec(parameterNode):
+    if parameterNode.samCheckpointFile:
+        return parameterNode.samCheckpointFile
+    return None if parameterNode.samCheckpoint == "default" else parameterNode.samCheckpoint
+
+
+def deviceSpec(parameterNode):
+    return None if parameterNode.device == "auto" else parameterNode.device
+
+
+class ProgressWithCancel:
+    """A modal progress dialog whose Cancel the logic polls (no threads: events are processed in between)."""
+
+    def __init__(self, title):
+        self.dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
+        self.dialog.setCancelButtonText("Cancel")
+
+    def progress(self, done, total, *_):
+        self.dialog.setValue(int(100 * done / max(total, 1)))
+        slicer.app.processEvents()
+
+    def cancelled(self):
+        slicer.app.processEvents()
+        return self.dialog.wasCanceled
+
+    def close(self):
+        self.dialog.close()
+
+
+class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def _field(self, layout, label, widget, parameter=None, tooltip=""):
+        if parameter:
+            widget.setProperty("SlicerParameterName", parameter)
+        widget.toolTip = tooltip
+        layout.addRow(label, widget)
+        return widget
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        self.gui = qt.QWidget()
+        self.layout.addWidget(self.gui)
+        top = qt.QVBoxLayout(self.gui)
+
+        model = ctkCollapsible("Model", top)
+        self.checkpointCombo = self._field(model, "SAM checkpoint:", qt.QComboBox(), "samCheckpoint",
+                                           "default = embedded backbone (not SAM, offline); vit_b/l/h are "
+                                           "downloaded once into your cache and SHA-256 verified")
+        self.checkpointFile = self._field(model, "or local file:", qt.QLineEdit(), "samCheckpointFile",
+                                          "path to a SAM/MedSAM .pth (overrides the choice above)")
+        self.downloadButton = qt.QPushButton("Download / verify checkpoint")
+        model.addRow(self.downloadButton)
+        self.adapterFile = self._field(model, "Adapter:", qt.QLineEdit(), "adapterFile",
+                                       "APM+IPS adapter (.safetensors); empty = plain SAM with your prompts")
+        self.adapterCombo = qt.QComboBox()
+        self.adapterCombo.toolTip = "adapters imported into your adapter folder"
+        model.addRow("Installed adapters:", self.adapterCombo)
+        self.importAdapterButton = qt.QPushButton("Import adapter file...")
+        model.addRow(self.importAdapterButton)
+        self.adapterInfo = qt.QLabel()
+        self.adapterInfo.wordWrap = True
+        model.addRow(self.adapterInfo)
+        self.deviceCombo = self._field(model, "Device:", qt.QComboBox(), "device")
+
+        run = ctkCollapsible("Segment a volume", top)
+        self.volumeSelector = self._field(run, "Volume:", mrmlSelector(["vtkMRMLScalarVolumeNode"]), "inputVolume")
+        self.segmentationSelector = self._field(run, "Segmentation:", mrmlSelector(["vtkMRMLSegmentationNode"], True),
+                                                "segmentation")
+        self.axisCombo = self._field(run, "Slice axis:", qt.QComboBox(), "axis")
+        self.segmentButton = qt.QPushButton("Segment whole volume (new segment)")
+        run.addRow(self.segmentButton)
+
+        train = ctkCollapsible("Train an adapter from this scene", top, collapsed=True)
+        self.trainSegment = self._field(train, "Segment ID:", qt.QLineEdit(), "trainSegmentId",
+                                        "segment of the selected segmentation that marks the target on the "
+                                        "selected volume")
+        self.trainEpochs = self._field(train, "Epochs:", qt.QSpinBox(), "trainEpochs")
+        self.trainOutput = self._field(train, "Save adapter as:", qt.QLineEdit(), "trainOutput")
+        self.trainButton = qt.QPushButton("Train adapter (SAM stays frozen)")
+        train.addRow(self.trainButton)
+        top.addStretch(1)
+
+        self.volumeSelector.setMRMLScene(slicer.mrmlScene)
+        self.segmentationSelector.setMRMLScene(slicer.mrmlScene)
+        self.logic = sharedLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.downloadButton.connect("clicked(bool)", self.onDownload)
+        self.importAdapterButton.connect("clicked(bool)", self.onImportAdapter)
+        self.adapterCombo.connect("activated(int)", self.onAdapterChosen)
+        self.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.trainButton.connect("clicked(bool)", self.onTrain)
+        self.initializeParameterNode()
+        self.refreshAdapters()
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.gui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None):
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and p.segmentation)
+        self.segmentButton.enabled = ready
+        self.trainButton.enabled = ready and bool(p.trainSegmentId and p.trainOutput)
+        if p and p.adapterFile and os.path.exists(p.adapterFile):
+            from PromiseSegmentSlicerLib.adapters import describe
+
+            self.adapterInfo.text = describe(p.adapterFile)
+        else:
+            self.adapterInfo.text = "no adapter: plain SAM, prompts needed"
+
+    # ------------------------------------------------------------------ actions (all logic calls)
+    def refreshAdapters(self):
+        from PromiseSegmentSlicerLib.adapters import installed_adapters
+
+        self.adapterCombo.clear()
+        self.adapterCombo.addItem("(choose)", "")
+        for path in installed_adapters():
+            self.adapterCombo.addItem(path.stem, str(path))
+
+    def onAdapterChosen(self, index):
+        path = self.adapterCombo.itemData(index)
+        if path:
+            self._parameterNode.adapterFile = path
+
+    def onImportAdapter(self):
+        source = qt.QFileDialog.getOpenFileName(self.parent, "Import adapter", "", "Adapters (*.safetensors)")
+        if not source:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not import the adapter.", waitCursor=True):
+            from PromiseSegmentSlicerLib.adapters import import_adapter
+
+            self._parameterNode.adapterFile = str(import_adapter(source))
+            self.refreshAdapters()
+
+    def onDownload(self):
+        spec = checkpointSpec(self._parameterNode)
+        if spec is None:
+            slicer.util.infoDisplay("The embedded default backbone needs no download (and is not SAM).")
+            return
+        progress = ProgressWithCancel(f"Downloading / verifying {spec}")
+        try:
+            with slicer.util.tryWithErrorDisplay("Checkpoint download or verification failed.", waitCursor=True):
+                from PromiseSegmentLib.checkpoints import resolve_checkpoint
+
+                path, _ = resolve_checkpoint(spec, progress=lambda done, total: progress.progress(done, total or 1))
+                slicer.util.infoDisplay(f"Checkpoint ready and verified:\n{path}")
+        finally:
+            progress.close()
+
+    def onSegment(self):
+        p = self._parameterNode
+        progress = ProgressWithCancel("ProMISe: segmenting")
+        try:
+            with slicer.util.tryWithErrorDisplay("Segmentation failed; the segmentation was not changed.",
+                                                 waitCursor=True):
+                self.logic.segmentVolume(p.inputVolume, p.segmentation, adapter=p.adapterFile or None,
+                                         samCheckpoint=checkpointSpec(p), axis=p.axis, device=deviceSpec(p),
+                                         progress=progress.progress, cancel=progress.cancelled)
+        finally:
+            progress.close()
+
+    def onTrain(self):
+        p = self._parameterNode
+        progress = ProgressWithCancel("ProMISe: training adapter")
+        try:
+            with slicer.util.tryWithErrorDisplay("Training failed or was cancelled.", waitCursor=True):
+                from PromiseSegmentLib.training import TrainConfig
+
+                name = p.segmentation.GetSegmentation().GetSegment(p.trainSegmentId).GetName()
+                result = self.logic.trainAdapter([(p.inputVolume, p.segmentation, p.trainSegmentId)], p.trainOutput,
+                                                 samCheckpoint=checkpointSpec(p), device=deviceSpec(p),
+                                                 config=TrainConfig(epochs=p.trainEpochs, target_name=name),
+                                                 progress=progress.progress, cancel=progress.cancelled)
+                p.adapterFile = p.trainOutput
+                slicer.util.infoDisplay(f"Adapter saved: {p.trainOutput}\nbest validation Dice "
+                                        f"{result.best_val_dice:.3f} after {len(result.history)} epochs")
+        finally:
+            progress.close()
+
+
+def ctkCollapsible(title, parentLayout, collapsed=False):
+    import ctk
+
+    box = ctk.ctkCollapsibleButton()
+    box.text = title
+    box.collapsed = collapsed
+    parentLayout.addWidget(box)
+    return qt.QFormLayout(box)
+
+
+def mrmlSelector(classes, addable=False):
+    selector = slicer.qMRMLNodeComboBox()
+    selector.nodeTypes = classes
+    selector.addEnabled = addable
+    selector.removeEnabled = False
+    selector.noneEnabled = False
+    selector.renameEnabled = addable
+    return selector
+
+
+class PromiseSegmentTest(ScriptedLoadableModuleTest):
+    """Module-level smoke test inside Slicer; the effect is exercised in Testing/Python."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_console_logic_segments_a_volume()
+
+    def test_console_logic_segments_a_volume(self):
+        import numpy as np
+
+        from PromiseSegmentLib.sample_data import make_sample_volume
+        from PromiseSegmentSlicerLib.mrml import segment_mask, vtk_matrix
+
+        vol, truth = make_sample_volume(0)
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sample")
+        volume.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
+        slicer.util.updateVolumeFromArray(volume, vol.array)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        j, i = np.argwhere(truth[k]).mean(0).round().astype(int)
+        sid = sharedLogic().segmentVolume(volume, seg, points=[(i, j, k, 1)], mode="vanilla")
+        self.assertTrue(segment_mask(seg, sid, volume)[k].any())
+        self.delayDisplay("console logic test passed")

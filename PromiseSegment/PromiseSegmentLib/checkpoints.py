@@ -17,9 +17,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 from .sam_models import build_sam, detect_variant
 
-CACHE_ENV = "PROMISE_SEGMENT_CACHE"
 BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 ProgressFn = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
@@ -52,15 +52,6 @@ REGISTRY: Dict[str, CheckpointInfo] = {
     "medsam": CheckpointInfo("medsam", "vit_b", "medsam_vit_b.pth", None, None,
                              "MedSAM (ViT-B layout); user-supplied, put the file in the cache or pass its path"),
 }
-
-
-def cache_dir() -> Path:
-    """Per-user cache (``$PROMISE_SEGMENT_CACHE``, else ``$XDG_CACHE_HOME``/``~/.cache``/promise-segment)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "promise-segment"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -232,11 +223,11 @@ def load_backbone(spec: Optional[str] = None, expected_variant: Optional[str] = 
     Returns (sam, variant, identity) where identity is the checkpoint SHA-256 (or the seed tag
     of the embedded backbone), which adapters record to refuse a mismatched backbone later.
     """
-    from .sam_models import DEFAULT_BACKBONE_SEED, build_default_backbone
+    from .sam_models import DEFAULT_BACKBONE_IDENTITY, build_default_backbone
 
     if spec in (None, "", DEFAULT_BACKBONE):
         if expected_variant not in (None, "tiny"):
             raise CheckpointError(f"the embedded default backbone is 'tiny', not {expected_variant}; "
                                   f"pass --sam-checkpoint with a {expected_variant} file")
-        return build_default_backbone(), "tiny", f"seed:{DEFAULT_BACKBONE_SEED}"
+        return build_default_backbone(), "tiny", DEFAULT_BACKBONE_IDENTITY
     return load_sam(spec, expected_variant, progress)

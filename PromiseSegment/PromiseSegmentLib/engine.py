@@ -19,6 +19,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .decoder import decode_masks
 from .devices import is_out_of_memory, pick_device
+from .embedding_cache import EmbeddingCache, lookup
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def mask_to_low_res(mask: np.ndarray, input_size: Tuple[int, int], image_size: i
 
 class SamEngine:
     def __init__(self, sam: Sam, device: Optional[str] = None, batch_size: Optional[int] = None,
-                 capture_blocks: Sequence[int] = ()):
+                 capture_blocks: Sequence[int] = (), cache: Optional[EmbeddingCache] = None):
+        self.cache = cache  # optional: repeated slices skip the encoder
         self.device = pick_device(device)
         for p in sam.parameters():
             p.requires_grad_(False)
@@ -121,13 +123,19 @@ class SamEngine:
                cancel: Optional[Callable[[], bool]] = None) -> List[ImageEmbedding]:
         """Encode uint8 RGB images, ``batch_size`` at a time; on GPU out-of-memory the batch is halved
         and, at batch 1, the model falls back to the CPU with a warning."""
-        out: List[ImageEmbedding] = []
+        out: List[Optional[ImageEmbedding]] = [None] * len(images)
+        keys: List[Optional[str]] = [None] * len(images)
+        todo = []
+        for n, image in enumerate(images):
+            keys[n], out[n] = lookup(self.cache, image, self.capture_blocks)
+            if out[n] is None:
+                todo.append(n)
         i = 0
-        while i < len(images):
+        while i < len(todo):
             if cancel is not None and cancel():
                 raise Cancelled()
-            chunk = images[i:i + self.batch_size]
-            prepared = [self._prepare(im) for im in chunk]
+            chunk = todo[i:i + self.batch_size]
+            prepared = [self._prepare(images[n]) for n in chunk]
             try:
                 feats, interm = self._encode_batch(torch.cat([p[0] for p in prepared]))
             except RuntimeError as exc:
@@ -135,13 +143,15 @@ class SamEngine:
                     raise
                 self._shrink_after_oom()
                 continue
-            for j, (_, input_size, original_size) in enumerate(prepared):
-                out.append(ImageEmbedding(feats[j:j + 1], input_size, original_size,
-                                          [t[j:j + 1] for t in interm] if interm else None))
+            for j, (n, (_, input_size, original_size)) in enumerate(zip(chunk, prepared)):
+                out[n] = ImageEmbedding(feats[j:j + 1], input_size, original_size,
+                                        [t[j:j + 1] for t in interm] if interm else None)
+                if self.cache is not None:
+                    self.cache.put(keys[n], out[n])
             i += len(chunk)
             if progress:
-                progress(i, len(images))
-        return out
+                progress(i, len(todo))
+        return out  # type: ignore[return-value]
 
     def _shrink_after_oom(self) -> None:
         if self.device.type == "cuda":
@@ -153,6 +163,8 @@ class SamEngine:
             log.warning("GPU out of memory even at batch 1: continuing on the CPU (slower)")
             self.device = torch.device("cpu")
             self.sam = self.sam.to(self.device)
+            if self.cache is not None:  # cached embeddings live on the GPU
+                self.cache.clear()
         else:
             raise MemoryError("out of memory on the CPU while encoding one image")
 

@@ -19,7 +19,7 @@ from .decoder import decode_masks
 from .engine import ImageEmbedding, Prediction, Prompts, SamEngine
 from .preprocessing import InputError, IntensityRule
 from .sam_models import ARCHITECTURES
-from .volume_segmentation import segment_volume, vanilla_predict
+from .volume_segmentation import segment_slice, segment_volume, vanilla_predict
 
 MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
 
@@ -35,6 +35,9 @@ def promise_low_res(sam, adapter: Adapter, features: torch.Tensor, block_feature
         points, labels = adapter.apm(block_features)
     sparse, dense = sam.prompt_encoder(points=None if points is None else (points, labels), boxes=boxes,
                                        masks=None)
+    if sparse.shape[0] != features.shape[0]:  # no prompts at all: SAM's encoder returns a batch of one
+        sparse = sparse.expand(features.shape[0], -1, -1)
+        dense = dense.expand(features.shape[0], -1, -1, -1)
     shift = adapter.ips(features) if adapter.ips is not None else None
     low_res, _ = decode_masks(sam, features, sparse, dense, True, shift)
     return low_res[:, 0]
@@ -111,12 +114,22 @@ class ProMISeModel:
         automatic = self.has_apm and mode in ("auto", "apm+ips", "apm+clicks")
         kwargs.setdefault("intensity", self.intensity)
         return segment_volume(self.engine, volume, ijk_to_ras, automatic=automatic,
-                              predictor=lambda eng, emb, p, size: self.predict(emb, p, size, mode), **kwargs)
+                              predictor=self.predictor(mode), **kwargs)
+
+    def predictor(self, mode: str = "auto"):
+        """This model as a slice predictor for ``volume_segmentation`` (one mode for every slice)."""
+        return lambda engine, emb, prompts, size: self.predict(emb, prompts, size, mode)
+
+    def segment_slice(self, volume, ijk_to_ras, axis, index, prompts=None, previous_mask=None, mode="auto",
+                      value_range=None) -> Prediction:
+        return segment_slice(self.engine, volume, ijk_to_ras, axis, index, prompts, previous_mask,
+                             self.intensity, value_range, self.predictor(mode))
 
 
-def engine_for(sam, variant: str, adapter: Optional[Adapter], device=None, batch_size=None) -> SamEngine:
+def engine_for(sam, variant: str, adapter: Optional[Adapter], device=None, batch_size=None,
+               cache=None) -> SamEngine:
     blocks = ARCHITECTURES[variant].apm_blocks if adapter is not None and adapter.apm is not None else ()
-    return SamEngine(sam, device=device, batch_size=batch_size, capture_blocks=blocks)
+    return SamEngine(sam, device=device, batch_size=batch_size, capture_blocks=blocks, cache=cache)
 
 
 def load_model(sam_checkpoint: Optional[str] = None, adapter_path: Optional[str] = None,

@@ -45,6 +45,8 @@ ARCHITECTURES: Dict[str, SamArchitecture] = {
 }
 
 DEFAULT_BACKBONE_SEED = 20240607
+DEFAULT_DECODER_GAIN = 16.0
+DEFAULT_BACKBONE_IDENTITY = f"seed:{DEFAULT_BACKBONE_SEED}/gain:{DEFAULT_DECODER_GAIN:g}"
 
 
 def build_sam(variant: str) -> Sam:
@@ -106,8 +108,21 @@ def build_seeded_sam(variant: str, seed: int) -> Sam:
 
 
 def build_default_backbone(seed: int = DEFAULT_BACKBONE_SEED) -> Sam:
-    """The embedded default backbone (no weight file): tiny SAM architecture from a fixed seed."""
-    return build_seeded_sam("tiny", seed)
+    """The embedded default backbone (no weight file): tiny SAM architecture from a fixed seed.
+
+    One calibration on top of the seeded init: the hypernetwork heads' last layer is scaled by
+    ``DEFAULT_DECODER_GAIN``. Randomly initialised heads give mask logits of about +-0.1 (a trained
+    SAM's span +-10 and more), so every pixel sits at the 0.5 threshold and an adapter's gradient
+    through the frozen decoder is tiny; measured on Kvasir (``Testing/benchmarks/ablation.py``),
+    APM+IPS did not learn at gain 1 and does at this gain. It is a fixed constant of the backbone,
+    part of its identity.
+    """
+    sam = build_seeded_sam("tiny", seed)
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(DEFAULT_DECODER_GAIN)
+            mlp.layers[-1].bias.mul_(DEFAULT_DECODER_GAIN)
+    return sam
 
 
 def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -6,8 +6,8 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from .engine import Cancelled, ImageEmbedding, Prediction, Prompts, SamEngine
-from .preprocessing import (IntensityRule, InputError, check_volume, is_rgb, resolve_axis, slice_geometry,
-                            take_slice, put_slice, to_uint8_rgb)
+from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, is_rgb, resolve_axis,
+                            slice_geometry, take_slice, put_slice, to_uint8_rgb)
 
 SlicePredictor = Callable[[SamEngine, ImageEmbedding, Prompts, Tuple[int, int]], Prediction]
 
@@ -44,12 +44,45 @@ def slice_indices(n: int, slice_range: Optional[Tuple[int, int]]) -> range:
     return range(first, last + 1)
 
 
+def volume_value_range(volume: np.ndarray, intensity: Optional[IntensityRule]) -> Tuple[float, float]:
+    return (0.0, 255.0) if is_rgb(volume) else (intensity or IntensityRule()).value_range(volume)
+
+
+def slice_image(volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int,
+                value_range: Tuple[float, float]) -> Tuple[SliceGeometry, np.ndarray]:
+    """Slice ``index`` along ``ax`` as the uint8 RGB image SAM sees (square pixels) and its geometry."""
+    native = take_slice(volume, ax, index)
+    geom = slice_geometry(ijk_to_ras, ax, native.shape)
+    return geom, geom.image_to_square(to_uint8_rgb(native, value_range))
+
+
+def segment_slice(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray, axis: Union[int, str],
+                  index: int, prompts: Optional[Prompts] = None, previous_mask: Optional[np.ndarray] = None,
+                  intensity: Optional[IntensityRule] = None, value_range: Optional[Tuple[float, float]] = None,
+                  predictor: Optional[SlicePredictor] = None) -> Prediction:
+    """One slice. ``prompts`` are in the slice's own pixels; ``previous_mask`` (same grid, e.g. the
+    neighbouring slice's result during propagation) is fed to SAM as a mask prompt. The returned
+    masks are on the native slice grid; pass ``value_range`` to reuse a per-volume intensity mapping."""
+    volume = check_volume(volume)
+    ax = resolve_axis(axis, ijk_to_ras)
+    slice_indices(volume.shape[ax], (index, index))
+    vr = value_range or volume_value_range(volume, intensity)
+    geom, image = slice_image(volume, ijk_to_ras, ax, index, vr)
+    emb = engine.encode([image])[0]
+    p = _to_square_prompts(geom, prompts or Prompts())
+    if previous_mask is not None:
+        square = geom.image_to_square(np.repeat(previous_mask.astype(np.uint8)[:, :, None] * 255, 3, 2))[:, :, 0]
+        p = Prompts(p.points, p.labels, p.box, engine.mask_to_prompt(emb, square > 127))
+    return (predictor or vanilla_predict)(engine, emb, p, geom.native_shape)
+
+
 def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray,
                    axis: Union[int, str] = "K", slice_range: Optional[Tuple[int, int]] = None,
                    prompts: Optional[Dict[int, Prompts]] = None, intensity: Optional[IntensityRule] = None,
                    predictor: Optional[SlicePredictor] = None, automatic: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None,
-                   cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:
+                   cancel: Optional[Callable[[], bool]] = None,
+                   value_range: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """Segment ``volume`` (KJI[×3]) slice by slice; returns a uint8 KJI mask on the volume's own grid.
 
     ``prompts`` maps slice index -> prompts in that slice's pixels (x = column, y = row). Without
@@ -64,17 +97,16 @@ def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray
     todo = [s for s in slice_indices(n, slice_range) if automatic or s in prompts]
     if not todo:
         raise InputError("no slice to segment: give prompts on at least one slice in range, or use an adapter")
-    vr = (0.0, 255.0) if is_rgb(volume) else (intensity or IntensityRule()).value_range(volume)
+    vr = value_range or volume_value_range(volume, intensity)
     out = np.zeros(volume.shape[:3], np.uint8)
     done = 0
     for start in range(0, len(todo), engine.batch_size):
         if cancel is not None and cancel():
             raise Cancelled()
         batch = todo[start:start + engine.batch_size]
-        natives = [take_slice(volume, ax, s) for s in batch]
-        geoms = [slice_geometry(ijk_to_ras, ax, nat.shape) for nat in natives]
-        images = [g.image_to_square(to_uint8_rgb(nat, vr)) for g, nat in zip(geoms, natives)]
-        for s, g, emb in zip(batch, geoms, engine.encode(images, cancel=cancel)):
+        prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
+        embeddings = engine.encode([image for _, image in prepared], cancel=cancel)
+        for s, (g, _), emb in zip(batch, prepared, embeddings):
             pred = predictor(engine, emb, _to_square_prompts(g, prompts.get(s, Prompts())), g.native_shape)
             put_slice(out, ax, s, pred.masks[0].astype(np.uint8))
             done += 1

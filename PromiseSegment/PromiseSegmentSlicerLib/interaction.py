@@ -1,0 +1,93 @@
+"""What the Segment Editor effect remembers between mouse events, without Qt: the volume, slice axis and
+index under the mouse, the clicks (positive/negative) or box corners, and the previewed result.
+
+The effect converts a mouse position to RAS (``xyToRas``) and hands it here; everything else - which
+slice, which IJK voxel, running the model, building the labelmap for Apply - happens in this class
+and the logic, so plain pytest covers it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from PromiseSegmentLib.preprocessing import InputError
+
+from . import mrml
+
+MODES = ("automatic", "clicks", "box")
+
+
+def axis_for_normal(volume_node, normal_ras: Sequence[float]) -> int:
+    """KJI array axis of the volume most aligned with a slice view's normal (RAS)."""
+    ijk_to_ras = mrml.volume_ijk_to_ras(volume_node)
+    directions = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    ijk = int(np.argmax(np.abs(directions.T @ np.asarray(normal_ras, float))))
+    return 2 - ijk
+
+
+@dataclass
+class ClickSession:
+    logic: object
+    mode: str = "clicks"
+    volume_node: object = None
+    axis: Optional[int] = None
+    index: Optional[int] = None
+    points: List[Tuple[float, float, float, int]] = field(default_factory=list)  # IJK + label
+    box_corners: List[Tuple[float, float, float]] = field(default_factory=list)
+    preview_mask: Optional[np.ndarray] = None
+
+    def clear(self) -> None:
+        self.points, self.box_corners, self.preview_mask = [], [], None
+
+    def locate(self, volume_node, ras: Sequence[float], normal_ras: Sequence[float]) -> Tuple[int, np.ndarray]:
+        """(slice index, IJK) under the mouse; moving to another slice or volume starts over."""
+        axis = axis_for_normal(volume_node, normal_ras)
+        ijk = mrml.ras_to_ijk(volume_node, ras)
+        shape = mrml.volume_array(volume_node).shape[:3]
+        voxel = np.round(ijk).astype(int)
+        if np.any(voxel < 0) or np.any(voxel >= np.array(shape[::-1])):
+            raise InputError("the click is outside the source volume")
+        index = int(voxel[2 - axis])
+        if (volume_node, axis, index) != (self.volume_node, self.axis, self.index):
+            self.clear()
+            self.volume_node, self.axis, self.index = volume_node, axis, index
+        return index, ijk
+
+    def click(self, volume_node, ras, normal_ras, positive: bool = True) -> None:
+        _, ijk = self.locate(volume_node, ras, normal_ras)
+        if self.mode == "box":
+            self.box_corners = (self.box_corners + [tuple(ijk)])[-2:]
+        else:
+            self.points.append((*ijk, 1 if positive else 0))
+
+    @property
+    def ready(self) -> bool:
+        if self.volume_node is None:
+            return False
+        if self.mode == "box":
+            return len(self.box_corners) == 2
+        return self.mode == "automatic" or bool(self.points)
+
+    def box(self) -> Optional[Tuple[float, ...]]:
+        if self.mode != "box" or len(self.box_corners) < 2:
+            return None
+        return (*self.box_corners[0], *self.box_corners[1])
+
+    def preview(self, **model_args) -> np.ndarray:
+        """Run the model on the current slice (decoder only when the slice is already encoded)."""
+        if not self.ready:
+            raise InputError("click in a slice view first" if self.mode != "box" else "click two box corners first")
+        mode = model_args.pop("mode", None) or ("apm+ips" if self.mode == "automatic" else "auto")
+        self.preview_mask = self.logic.segmentSlice(
+            self.volume_node, self.index, self.axis, points=self.points if self.mode == "clicks" else (),
+            box=self.box(), mode=mode, **model_args)
+        return self.preview_mask
+
+    def labelmap(self, segmentation_node=None):
+        """The previewed slice as (``vtkOrientedImageData``, extent) for ``modifySelectedSegmentByLabelmap``."""
+        if self.preview_mask is None:
+            raise InputError("nothing to apply: preview a result first")
+        return self.logic.sliceLabelmap(self.volume_node, self.axis, self.index, self.preview_mask,
+                                        segmentation_node)

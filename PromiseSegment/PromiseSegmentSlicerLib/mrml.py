@@ -1,0 +1,152 @@
+"""MRML nodes <-> numpy for the logic: volumes as KJI arrays with their IJK->RAS matrix, binary masks as
+``vtkOrientedImageData`` labelmaps at that exact geometry, segments exported on a volume's grid.
+
+No Qt here: everything runs on the ``slicer-core`` wheel as well as inside Slicer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from PromiseSegmentLib.preprocessing import InputError
+
+
+def node_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def volume_array(volume_node) -> np.ndarray:
+    """The voxels as a KJI (scalar) or KJI×C (vector, e.g. an RGB photo) array - a view, no copy."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InputError("no volume selected, or the volume has no image data")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"{volume_node.GetName()} is a label map; choose the image volume to segment")
+    array = slicer.util.arrayFromVolume(volume_node)
+    if array.ndim == 4 and array.shape[-1] not in (3, 4):
+        raise InputError(f"{volume_node.GetName()} has {array.shape[-1]} components per voxel; only scalar "
+                         "and RGB(A) volumes can be segmented")
+    return array
+
+
+def transform_to(node, target_node) -> np.ndarray:
+    """Linear transform from ``node``'s coordinate frame to ``target_node``'s (identity when neither is
+    transformed); non-linear transforms are refused rather than approximated."""
+    a = node.GetParentTransformNode() if node is not None else None
+    b = target_node.GetParentTransformNode() if target_node is not None else None
+    if a is None and b is None or (a is not None and b is not None and a.GetID() == b.GetID()):
+        return np.eye(4)
+    for t in (a, b):
+        if t is not None and not t.IsTransformToWorldLinear():
+            raise InputError(f"{t.GetName()} is a non-linear transform; harden it before segmenting")
+    m = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(a, b, m)
+    return node_matrix(m)
+
+
+def volume_ijk_to_ras(volume_node, segmentation_node=None) -> np.ndarray:
+    """IJK -> RAS of the volume, expressed in the segmentation's frame when it is transformed differently."""
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return transform_to(volume_node, segmentation_node) @ node_matrix(m)
+
+
+def labelmap_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray,
+                       extent: Optional[Sequence[int]] = None) -> "slicer.vtkOrientedImageData":
+    """KJI uint8 mask -> ``vtkOrientedImageData`` at the given geometry (any direction, any spacing).
+
+    With ``extent`` (i0, i1, j0, j1, k0, k1) only that sub-block of ``mask`` is stored, e.g. one slice.
+    """
+    ijk_to_ras = np.asarray(ijk_to_ras, float)
+    if extent is None:
+        extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
+    i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
+    block = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1], dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
+    scalars = numpy_support.numpy_to_vtk(block.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def slice_extent(shape: Sequence[int], axis: int, first: int, last: Optional[int] = None) -> Tuple[int, ...]:
+    """IJK extent (i0, i1, j0, j1, k0, k1) of slices ``first..last`` along KJI ``axis``."""
+    last = first if last is None else last
+    ext = [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1]
+    pair = 2 * (2 - axis)  # KJI axis 0 is K = extent pair 2
+    ext[pair], ext[pair + 1] = first, last
+    return tuple(ext)
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a KJI uint8 mask on the volume's grid (exported through Slicer's own logic)."""
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise InputError(f"segment {segment_id!r} is not in {segmentation_node.GetName()}")
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__promise_export")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, volume_node):
+            raise InputError(f"could not export segment {segment_id!r} on the grid of {volume_node.GetName()}")
+        return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def segment_is_empty(segmentation_node, segment_id: str) -> bool:
+    """True when the segment has no voxel. Segments share labelmap layers, so count the segment's
+    own label value in its layer rather than the layer's range."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        return True
+    name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    layer = segment.GetRepresentation(name)
+    if layer is None or layer.GetPointData() is None or layer.GetPointData().GetScalars() is None:
+        return True
+    values = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())
+    return not np.any(values == segment.GetLabelValue())
+
+
+def ras_to_ijk(volume_node, ras: Sequence[float]) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(m)
+    return (node_matrix(m) @ np.r_[np.asarray(ras, float)[:3], 1.0])[:3]
+
+
+PREVIEW_NODE_NAME = "ProMISe preview"
+
+
+def update_preview(scene, preview_node, reference_volume, labelmap, color=(1.0, 1.0, 0.0)):
+    """Show ``labelmap`` in a separate, editor-hidden segmentation node (created on first use) so the
+    user sees the result before Apply; the segment being edited is not touched."""
+    if preview_node is None or preview_node.GetScene() is None:
+        preview_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
+        preview_node.SetHideFromEditors(True)
+        preview_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        preview_node.CreateDefaultDisplayNodes()
+    segmentation = preview_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        segmentation.AddEmptySegment("preview", "preview", list(color))
+    sid = segmentation.GetNthSegmentID(0)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap, preview_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return preview_node
+
+
+def remove_preview(preview_node) -> None:
+    if preview_node is not None and preview_node.GetScene() is not None:
+        preview_node.GetScene().RemoveNode(preview_node)

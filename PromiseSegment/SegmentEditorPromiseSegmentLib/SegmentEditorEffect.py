@@ -1,0 +1,326 @@
+"""Segment Editor effect "ProMISe": automatic prompts or the user's clicks, refined by the model.
+
+Thin on purpose: mouse events become RAS positions handed to ``ClickSession``; Preview, Propagate and
+Apply are logic calls; results are written only through ``modifySelectedSegmentByLabelmap`` (so the
+editor's masking and overwrite settings apply and one Ctrl+Z reverts an Apply).
+"""
+import logging
+import os
+
+import qt
+import slicer
+import vtk
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+SCOPES = ("current slice", "slice range", "whole volume")
+MODE_LABELS = {"automatic": "automatic (adapter's APM)", "clicks": "clicks (left +, Shift/right -)",
+               "box": "box (two corner clicks)"}
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "ProMISe"
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.session = None
+        self.previewNode = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        path = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>ProMISe: SAM with an adapter's automatic prompts, or your clicks refined by the model."
+                "<p><b>Left-click</b>: positive point, <b>Shift+click</b> or <b>right-click</b>: negative point "
+                "on the slice under the mouse. A preview appears; <b>Apply</b> writes it into the selected "
+                "segment (one undo step). <b>Propagate</b> continues from the accepted slice to its neighbours "
+                "until the object vanishes.</html>")
+
+    # ------------------------------------------------------------------ logic access
+    @property
+    def logic(self):
+        import PromiseSegment
+
+        return PromiseSegment.sharedLogic()
+
+    def _session(self):
+        if self.session is None:
+            from PromiseSegmentSlicerLib.interaction import ClickSession
+
+            self.session = ClickSession(self.logic)
+        self.session.mode = self.scriptedEffect.parameter("Mode") or "clicks"
+        return self.session
+
+    def modelArgs(self):
+        checkpoint = self.scriptedEffect.parameter("Checkpoint")
+        device = self.scriptedEffect.parameter("Device")
+        return {"samCheckpoint": None if checkpoint in ("", "default") else checkpoint,
+                "adapter": self.scriptedEffect.parameter("Adapter") or None,
+                "device": None if device in ("", "auto") else device}
+
+    def intensity(self):
+        if not self.scriptedEffect.integerParameter("CustomWindow"):
+            return None  # the adapter's own rule (or percentiles without an adapter)
+        from PromiseSegmentLib.preprocessing import IntensityRule
+
+        return IntensityRule.ct(self.scriptedEffect.doubleParameter("WindowCenter"),
+                                self.scriptedEffect.doubleParameter("WindowWidth"))
+
+    # ------------------------------------------------------------------ GUI
+    def setupOptionsFrame(self):
+        self.checkpointCombo = qt.QComboBox()
+        self.checkpointCombo.addItems(["default", "vit_b", "vit_l", "vit_h", "medsam"])
+        self.checkpointCombo.toolTip = "SAM checkpoint (default = embedded backbone, not SAM)"
+        self.scriptedEffect.addLabeledOptionsWidget("SAM:", self.checkpointCombo)
+        self.adapterEdit = qt.QLineEdit()
+        self.adapterEdit.toolTip = "adapter file (.safetensors); manage adapters in the PromiseSegment module"
+        self.scriptedEffect.addLabeledOptionsWidget("Adapter:", self.adapterEdit)
+        self.modeCombo = qt.QComboBox()
+        for key, label in MODE_LABELS.items():
+            self.modeCombo.addItem(label, key)
+        self.scriptedEffect.addLabeledOptionsWidget("Prompts:", self.modeCombo)
+        self.scopeCombo = qt.QComboBox()
+        self.scopeCombo.addItems(list(SCOPES))
+        self.scriptedEffect.addLabeledOptionsWidget("Scope:", self.scopeCombo)
+        self.rangeFirst, self.rangeLast = qt.QSpinBox(), qt.QSpinBox()
+        for box in (self.rangeFirst, self.rangeLast):
+            box.maximum = 100000
+        rangeRow = qt.QHBoxLayout()
+        rangeRow.addWidget(self.rangeFirst)
+        rangeRow.addWidget(self.rangeLast)
+        self.scriptedEffect.addLabeledOptionsWidget("Slices (first, last):", rangeRow)
+        self.customWindow = qt.QCheckBox("custom window (center, width)")
+        self.customWindow.toolTip = "off: the adapter's intensity rule"
+        self.windowCenter, self.windowWidth = qt.QDoubleSpinBox(), qt.QDoubleSpinBox()
+        for box in (self.windowCenter, self.windowWidth):
+            box.minimum, box.maximum = -100000, 100000
+        windowRow = qt.QHBoxLayout()
+        for w in (self.customWindow, self.windowCenter, self.windowWidth):
+            windowRow.addWidget(w)
+        self.scriptedEffect.addLabeledOptionsWidget("Intensity:", windowRow)
+        self.deviceCombo = qt.QComboBox()
+        self.deviceCombo.addItems(["auto", "cuda", "mps", "cpu"])
+        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceCombo)
+        self.negativeOthers = qt.QCheckBox("other visible segments are negative prompts")
+        self.scriptedEffect.addOptionsWidget(self.negativeOthers)
+
+        buttons = qt.QHBoxLayout()
+        self.previewButton = qt.QPushButton("Preview")
+        self.propagateButton = qt.QPushButton("Propagate")
+        self.applyButton = qt.QPushButton("Apply")
+        self.clearButton = qt.QPushButton("Clear")
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        for b in (self.previewButton, self.propagateButton, self.applyButton, self.clearButton):
+            buttons.addWidget(b)
+        self.scriptedEffect.addOptionsWidget(buttons)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"), (self.adapterEdit, "editingFinished()"),
+                          (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
+                          (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
+                          (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
+                          (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
+                          (self.negativeOthers, "toggled(bool)")):
+            w.connect(signal, self.updateMRMLFromGUI)
+        self.previewButton.connect("clicked()", self.onPreview)
+        self.propagateButton.connect("clicked()", self.onPropagate)
+        self.applyButton.connect("clicked()", self.onApply)
+        self.clearButton.connect("clicked()", self.onClear)
+
+    def setMRMLDefaults(self):
+        for name, value in (("Checkpoint", "default"), ("Adapter", ""), ("Mode", "clicks"), ("Scope", SCOPES[0]),
+                            ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40),
+                            ("WindowWidth", 400), ("Device", "auto"), ("NegativeOthers", 0)):
+            self.scriptedEffect.setParameterDefault(name, value)
+
+    def updateGUIFromMRML(self):
+        p = self.scriptedEffect
+        widgets = [self.checkpointCombo, self.adapterEdit, self.modeCombo, self.scopeCombo, self.rangeFirst,
+                   self.rangeLast, self.customWindow, self.windowCenter, self.windowWidth, self.deviceCombo,
+                   self.negativeOthers]
+        blocked = [w.blockSignals(True) for w in widgets]
+        self.checkpointCombo.currentText = p.parameter("Checkpoint")
+        self.adapterEdit.text = p.parameter("Adapter")
+        self.modeCombo.currentIndex = max(0, self.modeCombo.findData(p.parameter("Mode")))
+        self.scopeCombo.currentText = p.parameter("Scope")
+        self.rangeFirst.value, self.rangeLast.value = p.integerParameter("RangeFirst"), p.integerParameter("RangeLast")
+        self.customWindow.checked = bool(p.integerParameter("CustomWindow"))
+        self.windowCenter.value, self.windowWidth.value = p.doubleParameter("WindowCenter"), p.doubleParameter(
+            "WindowWidth")
+        self.deviceCombo.currentText = p.parameter("Device")
+        self.negativeOthers.checked = bool(p.integerParameter("NegativeOthers"))
+        for w, b in zip(widgets, blocked):
+            w.blockSignals(b)
+
+    def updateMRMLFromGUI(self, *_):
+        p = self.scriptedEffect
+        p.setParameter("Checkpoint", self.checkpointCombo.currentText)
+        p.setParameter("Adapter", self.adapterEdit.text.strip())
+        p.setParameter("Mode", self.modeCombo.currentData)
+        p.setParameter("Scope", self.scopeCombo.currentText)
+        p.setParameter("RangeFirst", self.rangeFirst.value)
+        p.setParameter("RangeLast", self.rangeLast.value)
+        p.setParameter("CustomWindow", int(self.customWindow.checked))
+        p.setParameter("WindowCenter", self.windowCenter.value)
+        p.setParameter("WindowWidth", self.windowWidth.value)
+        p.setParameter("Device", self.deviceCombo.currentText)
+        p.setParameter("NegativeOthers", int(self.negativeOthers.checked))
+
+    # ------------------------------------------------------------------ interaction
+    def sourceVolume(self):
+        return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        press = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent
+        if eventId not in press:
+            return False
+        positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
+        xy = callerInteractor.GetEventPosition()
+        self.addClick(self.xyToRas(xy, viewWidget), sliceNormal(viewWidget), positive)
+        return True  # consumed: no window/level or menu on these clicks
+
+    def addClick(self, ras, normal, positive=True):
+        """One click (RAS, slice-view normal); also the entry point of the Slicer-hosted tests."""
+        with slicer.util.tryWithErrorDisplay("ProMISe could not use this click.", waitCursor=True):
+            session = self._session()
+            session.click(self.sourceVolume(), ras, normal, positive)
+            if session.ready:
+                self.onPreview()
+
+    def onPreview(self):
+        from PromiseSegmentSlicerLib.mrml import update_preview
+
+        with slicer.util.tryWithErrorDisplay("ProMISe preview failed.", waitCursor=True):
+            session = self._session()
+            if session.volume_node is None and session.mode == "automatic":
+                self.locateCurrentSlice(session)
+            mask = session.preview(intensity=self.intensity(), **self.modelArgs())
+            labelmap, _ = session.labelmap(self.segmentationNode())
+            self.previewNode = update_preview(slicer.mrmlScene, self.previewNode, self.sourceVolume(), labelmap)
+            self.statusLabel.text = f"preview on slice {session.index}: {int(mask.sum())} pixels; Apply to keep it"
+
+    def locateCurrentSlice(self, session):
+        """Automatic mode without a click: the slice shown in the red view."""
+        sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
+        sliceNode = sliceWidget.mrmlSliceNode()
+        sliceToRas = sliceNode.GetSliceToRAS()
+        ras = [sliceToRas.GetElement(r, 3) for r in range(3)]
+        session.locate(self.sourceVolume(), ras, sliceNormal(sliceWidget))
+
+    def segmentationNode(self):
+        return self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+
+    def onClear(self):
+        from PromiseSegmentSlicerLib.mrml import remove_preview
+
+        if self.session is not None:
+            self.session.clear()
+        remove_preview(self.previewNode)
+        self.previewNode = None
+        self.statusLabel.text = ""
+
+    def onApply(self):
+        """Writes the preview (current slice) or runs the chosen scope, then one modify call = one undo step."""
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
+        scope = self.scriptedEffect.parameter("Scope")
+        with slicer.util.tryWithErrorDisplay("ProMISe failed; the segment was not changed.", waitCursor=True):
+            if scope == SCOPES[0]:
+                labelmap, extent = self._session().labelmap(self.segmentationNode())
+            else:
+                labelmap, extent = self.runScope(scope)
+                if labelmap is None:
+                    return  # cancelled: nothing changed
+            self.modify(labelmap, extent)
+            self.onClear()
+
+    def modify(self, labelmap, extent):
+        self.scriptedEffect.saveStateForUndo()
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(
+            labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet, list(extent))
+
+    def runScope(self, scope):
+        from PromiseSegmentLib.engine import Cancelled
+        from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, slice_extent, volume_ijk_to_ras
+
+        volume, segmentation = self.sourceVolume(), self.segmentationNode()
+        session = self._session()
+        axis = session.axis if session.axis is not None else "axial"
+        sliceRange = None
+        if scope == SCOPES[1]:
+            sliceRange = (self.scriptedEffect.integerParameter("RangeFirst"),
+                          self.scriptedEffect.integerParameter("RangeLast"))
+        progress = slicer.util.createProgressDialog(windowTitle="ProMISe", labelText=f"Segmenting ({scope})",
+                                                    maximum=100)
+        try:
+            mask = self.logic.predictVolume(
+                volume, axis, sliceRange, mode="auto", intensity=self.intensity(), segmentationNode=segmentation,
+                progress=lambda d, t: (progress.setValue(int(100 * d / max(t, 1))), slicer.app.processEvents()),
+                cancel=lambda: progress.wasCanceled, **self.modelArgs())
+        except Cancelled:
+            logging.info("ProMISe: cancelled, segment unchanged")
+            return None, None
+        finally:
+            progress.close()
+        from PromiseSegmentLib.preprocessing import resolve_axis
+
+        m = volume_ijk_to_ras(volume, segmentation)
+        ax = resolve_axis(axis, m)
+        extent = slice_extent(mask.shape, ax, *(sliceRange or (0, mask.shape[ax] - 1)))
+        return labelmap_from_mask(mask, m, extent), extent
+
+    def onPropagate(self):
+        """From the previewed (accepted) slice to its neighbours, then Apply-able as one step."""
+        from PromiseSegmentLib.engine import Cancelled
+
+        session = self._session()
+        with slicer.util.tryWithErrorDisplay("ProMISe propagation failed; the segment was not changed.",
+                                             waitCursor=True):
+            if session.preview_mask is None:
+                raise ValueError("preview and accept a slice first (click, then Propagate)")
+            volume = self.sourceVolume()
+            negative = None
+            if self.scriptedEffect.integerParameter("NegativeOthers"):
+                from PromiseSegmentSlicerLib.logic import visible_other_segments_mask
+
+                negative = visible_other_segments_mask(self.segmentationNode(), volume,
+                                                       self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
+            progress = slicer.util.createProgressDialog(windowTitle="ProMISe", labelText="Propagating", maximum=100)
+            try:
+                results = self.logic.propagate(
+                    volume, session.axis, session.index, session.preview_mask, negativeMask=negative,
+                    model=self.logic.loadModel(**self.modelArgs()),
+                    progress=lambda d, t: (progress.setValue(int(100 * d / max(t, 1))), slicer.app.processEvents()),
+                    cancel=lambda: progress.wasCanceled)
+            except Cancelled:
+                return
+            finally:
+                progress.close()
+            results[session.index] = session.preview_mask
+            labelmap, extent = self.logic.slicesLabelmap(volume, session.axis, results, self.segmentationNode())
+            self.modify(labelmap, extent)
+            self.statusLabel.text = f"propagated to slices {min(results)}..{max(results)}"
+            self.onClear()
+
+    def deactivate(self):
+        self.onClear()
+
+    def cleanup(self):
+        self.onClear()
+
+
+def sliceNormal(sliceWidget):
+    sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
+    return [sliceToRas.GetElement(r, 2) for r in range(3)]

@@ -1,0 +1,73 @@
+"""Slicer-hosted test (run by Slicer's ctest): drive the ProMISe effect through qMRMLSegmentEditorWidget -
+activate, click (simulated at a RAS position), preview, apply, undo, and a cancelled run."""
+import numpy as np
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+
+
+class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_click_preview_apply_undo()
+        self.setUp()
+        self.test_cancelled_run_changes_nothing()
+
+    def _scene(self):
+        from PromiseSegmentLib.sample_data import make_sample_volume
+        from PromiseSegmentSlicerLib.mrml import vtk_matrix
+
+        vol, truth = make_sample_volume(0)
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sample")
+        volume.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
+        slicer.util.updateVolumeFromArray(volume, vol.array)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        sid = seg.GetSegmentation().AddEmptySegment("lesion")
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.setMRMLSegmentEditorNode(node)
+        editor.setSegmentationNode(seg)
+        editor.setSourceVolumeNode(volume)
+        editor.setCurrentSegmentID(sid)
+        editor.show()
+        return vol, truth, volume, seg, sid, editor
+
+    def test_click_preview_apply_undo(self):
+        from PromiseSegmentSlicerLib.mrml import segment_mask
+
+        vol, truth, volume, seg, sid, editor = self._scene()
+        editor.setActiveEffectByName("ProMISe")
+        effect = editor.activeEffect()
+        self.assertIsNotNone(effect, "the ProMISe effect is registered")
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        j, i = np.argwhere(truth[k]).mean(0)
+        ras = (vol.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+        normal = vol.ijk_to_ras[:3, 2] / np.linalg.norm(vol.ijk_to_ras[:3, 2])
+        effect.self().addClick(list(ras), list(normal), True)  # a left click on the lesion
+        preview = effect.self().previewNode
+        self.assertIsNotNone(preview, "a click shows a preview")
+        self.assertFalse(segment_mask(seg, sid, volume).any(), "the preview does not touch the segment")
+        effect.self().onApply()
+        written = segment_mask(seg, sid, volume)
+        self.assertTrue(written[k].any())
+        self.assertFalse(np.delete(written, k, axis=0).any(), "current-slice scope writes one slice")
+        editor.undo()
+        self.assertFalse(segment_mask(seg, sid, volume).any(), "one undo step reverts Apply")
+
+    def test_cancelled_run_changes_nothing(self):
+        import PromiseSegment
+        from PromiseSegmentLib.engine import Cancelled
+        from PromiseSegmentSlicerLib.mrml import segment_mask
+
+        vol, truth, volume, seg, sid, editor = self._scene()
+        before = seg.GetSegmentation().GetNumberOfSegments()
+        with self.assertRaises(Cancelled):
+            PromiseSegment.sharedLogic().segmentVolume(volume, seg, points=[(40, 40, 8, 1)], mode="vanilla",
+                                                       cancel=lambda: True)
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), before)
+        self.assertFalse(segment_mask(seg, sid, volume).any())

@@ -1,0 +1,268 @@
+"""PromiseSegmentLogic on real Slicer MRML (``slicer-core``): geometry, slice ranges, cancel, the Segment
+Editor's masking and undo, RGB photos, propagation, training from segmentation nodes."""
+import numpy as np
+import pytest
+
+from PromiseSegmentLib.engine import Cancelled
+from PromiseSegmentLib.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
+from PromiseSegmentLib.training import TrainConfig, build_adapter
+from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix
+
+SHAPE = (9, 40, 44)  # K, J, I
+
+
+@pytest.fixture
+def app():
+    return make_app()
+
+
+@pytest.fixture(scope="module")
+def logic():
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+
+    return PromiseSegmentLogic()
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    """An untrained (but complete) APM+IPS adapter for the embedded backbone: automatic mode on every slice."""
+    from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+
+    cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
+    return build_adapter(cfg, "tiny", DEFAULT_BACKBONE_IDENTITY).eval()
+
+
+def phantom(seed=0):
+    rng = np.random.default_rng(seed)
+    truth = ellipsoid(SHAPE, (4, 18, 24), (3, 9, 11))
+    image = 100 + 400.0 * truth + rng.normal(0, 20, SHAPE)
+    return image.astype(np.int16), truth
+
+
+def test_written_mask_lands_on_the_truth_voxels_of_an_oblique_anisotropic_volume(app):
+    import slicer
+    import vtk
+
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import node_matrix, segment_mask, volume_ijk_to_ras
+
+    image, truth = phantom()
+    m = oblique_matrix()
+    volume = add_volume(app.scene, image, m)
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # no reference geometry yet
+    sid = seg.GetSegmentation().AddEmptySegment("t", "t")
+    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+    assert np.array_equal(segment_mask(seg, sid, volume), truth)
+    # and in world coordinates: the stored labelmap's voxel centres are the truth's RAS points
+    stored = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg, sid, stored)
+    world = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(world)
+    assert np.allclose(node_matrix(world), m, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["K", "J", "I"])
+def test_segment_volume_equals_the_core_result_along_every_axis(app, logic, adapter, axis):
+    from PromiseSegmentSlicerLib.mrml import segment_mask
+
+    image, _ = phantom()
+    m = oblique_matrix()
+    volume = add_volume(app.scene, image, m)
+    seg = add_segmentation(app.scene, volume)
+    model = logic.loadModel(adapter=adapter)
+    expected = model.segment_volume(image, m, axis=axis)
+    assert expected.any()
+    sid = logic.segmentVolume(volume, seg, adapter=adapter, axis=axis)
+    assert seg.GetSegmentation().GetSegment(sid).GetName() == "Segment"
+    assert np.array_equal(segment_mask(seg, sid, volume), expected)
+
+
+def test_clicks_in_ijk_reach_the_right_slice_pixels(app, logic):
+    from PromiseSegmentLib.engine import Prompts
+
+    image, truth = phantom()
+    m = oblique_matrix()
+    volume = add_volume(app.scene, image, m)
+    model = logic.loadModel()
+    for axis, point in (("K", (24, 18, 4)), ("J", (24, 18, 4)), ("I", (24, 18, 4))):
+        ax = resolve_axis(axis, m)
+        index = point[2 - ax]
+        got = logic.segmentSlice(volume, index, axis, points=[point + (1,)], mode="vanilla")
+        # the same click expressed directly in the slice's pixels (x = column, y = row)
+        row, col = {0: (1, 2), 1: (0, 2), 2: (0, 1)}[ax]
+        ijk_kji = (point[2], point[1], point[0])
+        direct = model.segment_slice(image, m, ax, index, Prompts([[ijk_kji[col], ijk_kji[row]]], [1]),
+                                     mode="vanilla").masks[0]
+        assert got.shape == take_slice(truth, ax, index).shape
+        assert np.array_equal(got, direct)
+
+
+def test_second_run_on_the_same_slice_reuses_the_embedding(app, logic):
+    image, _ = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    logic.segmentSlice(volume, 4, points=[(24, 18, 4, 1)], mode="vanilla")
+    hits, misses = logic.embeddingCache.hits, logic.embeddingCache.misses
+    logic.segmentSlice(volume, 4, points=[(24, 18, 4, 1), (2, 2, 4, 0)], mode="vanilla")
+    assert (logic.embeddingCache.hits, logic.embeddingCache.misses) == (hits + 1, misses)
+    image[4] += 1  # edited voxels: the cached embedding must not be reused
+    import slicer
+
+    slicer.util.updateVolumeFromArray(volume, image)
+    logic.segmentSlice(volume, 4, points=[(24, 18, 4, 1)], mode="vanilla")
+    assert logic.embeddingCache.misses == misses + 1
+
+
+def test_slice_range_changes_only_those_slices_of_an_existing_segment(app, logic, adapter):
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
+
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    seg = add_segmentation(app.scene, volume)
+    sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion")
+    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+    with pytest.raises(InputError, match="already has content"):
+        logic.segmentVolume(volume, seg, sid, adapter=adapter, sliceRange=(2, 3))
+    assert np.array_equal(segment_mask(seg, sid, volume), truth)  # refused: nothing changed
+    logic.segmentVolume(volume, seg, sid, adapter=adapter, sliceRange=(2, 3), overwrite=True)
+    after = segment_mask(seg, sid, volume)
+    expected = logic.loadModel(adapter=adapter).segment_volume(image, volume_ijk_to_ras(volume), slice_range=(2, 3))
+    keep = [k for k in range(SHAPE[0]) if k not in (2, 3)]
+    assert np.array_equal(after[keep], truth[keep])
+    assert np.array_equal(after[2:4], expected[2:4])
+
+
+def test_cancel_leaves_the_segmentation_and_undo_history_unchanged(app, logic, adapter):
+    from PromiseSegmentSlicerLib.mrml import segment_mask
+
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    seg = add_segmentation(app.scene, volume)
+    sid = seg.GetSegmentation().AddEmptySegment("a", "a")
+    editor, _ = app.editor(seg, volume, sid)
+    calls = []
+    with pytest.raises(Cancelled):
+        logic.segmentVolume(volume, seg, adapter=adapter, editorLogic=editor,
+                            progress=lambda done, total: calls.append(done), cancel=lambda: len(calls) >= 2)
+    assert len(calls) == 2
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1  # no half-made segment
+    assert not editor.CanUndo()
+    assert not segment_mask(seg, sid, volume).any()
+
+
+def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(app, logic, adapter):
+    import slicer
+
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
+
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    seg = add_segmentation(app.scene, volume)
+    segmentation = seg.GetSegmentation()
+    a = segmentation.AddEmptySegment("a", "a")
+    b = segmentation.AddEmptySegment("b", "b")
+    m = volume_ijk_to_ras(volume)
+    other = np.zeros(SHAPE, np.uint8)
+    other[:, :20, :] = 1  # segment b: the upper half of every slice
+    PromiseSegmentLogic.writeMask(other, m, seg, b)
+    editor, node = app.editor(seg, volume, a)
+    predicted = logic.loadModel(adapter=adapter).segment_volume(image, m)
+    assert (predicted & other).any() and (predicted & (1 - other)).any()
+
+    logic.segmentVolume(volume, seg, a, adapter=adapter, editorLogic=editor)
+    got_a, got_b = segment_mask(seg, a, volume), segment_mask(seg, b, volume)
+    assert np.array_equal(got_a, predicted)
+    assert np.array_equal(got_b, other & (1 - predicted))  # default: overwrite other segments
+    editor.Undo()
+    assert not segment_mask(seg, a, volume).any()
+    assert np.array_equal(segment_mask(seg, b, volume), other)
+
+    # editable area = inside segment b: the result is clipped to it, b itself is kept
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    node.SetMaskSegmentID(b)
+    node.SetOverwriteMode(node.OverwriteNone)
+    logic.segmentVolume(volume, seg, a, adapter=adapter, editorLogic=editor, overwrite=True)
+    assert np.array_equal(segment_mask(seg, a, volume), predicted & other)
+    assert np.array_equal(segment_mask(seg, b, volume), other)
+    editor.Undo()
+    assert not segment_mask(seg, a, volume).any()
+
+
+def test_rgb_photo_as_single_slice_vector_volume(app, logic):
+    from conftest import realistic_image
+
+    rgb = realistic_image(np.random.default_rng(0), 60, 80)
+    volume = add_volume(app.scene, rgb[None], np.diag([0.5, 0.5, 1.0, 1.0]), "photo", vector=True)
+    seg = add_segmentation(app.scene, volume)
+    mask = logic.segmentSlice(volume, 0, points=[(44, 27, 0, 1)], mode="vanilla")
+    assert mask.shape == (60, 80) and mask.any()
+    sid = logic.segmentVolume(volume, seg, points=[(44, 27, 0, 1)], mode="vanilla")
+    from PromiseSegmentSlicerLib.mrml import segment_mask
+
+    assert np.array_equal(segment_mask(seg, sid, volume)[0], mask)
+
+
+def test_unusable_inputs_are_refused_clearly(app, logic):
+    import slicer
+
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    seg = add_segmentation(app.scene, volume)
+    with pytest.raises(InputError, match="not in"):
+        logic.segmentVolume(volume, seg, "nope", points=[(24, 18, 4, 1)], mode="vanilla")
+    with pytest.raises(InputError, match="not on slice 5"):
+        logic.segmentSlice(volume, 5, points=[(24, 18, 4, 1)], mode="vanilla")
+    with pytest.raises(InputError, match="outside"):
+        logic.segmentSlice(volume, 40, points=[(24, 18, 40, 1)], mode="vanilla")
+    label = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.util.updateVolumeFromArray(label, truth)
+    with pytest.raises(InputError, match="label map"):
+        logic.segmentSlice(label, 4, points=[(24, 18, 4, 1)], mode="vanilla")
+    two = add_volume(app.scene, np.zeros((2, 8, 8, 2), np.uint8), np.eye(4), "two", vector=True)
+    with pytest.raises(InputError, match="components"):
+        logic.segmentSlice(two, 0, points=[(2, 2, 0, 1)], mode="vanilla")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_propagation_walks_neighbours_and_stops_at_the_volume_end(app, logic, adapter):
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    model = logic.loadModel(adapter=adapter)
+    start = truth[4].astype(bool)
+    with pytest.raises(InputError, match="empty"):
+        logic.propagate(volume, "K", 4, np.zeros_like(start), model=model)
+    steps = []
+    out = logic.propagate(volume, "K", 4, start, direction=1, minAreaFraction=0.0, model=model,
+                          progress=lambda d, t: steps.append((d, t)))
+    assert steps[-1] == (len(steps), 4) and len(steps) <= 4
+    assert sorted(out) == list(range(5, 5 + len(out)))  # contiguous from the accepted slice
+    with pytest.raises(Cancelled):
+        logic.propagate(volume, "K", 4, start, model=model, minAreaFraction=0.0, cancel=lambda: True)
+
+
+def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
+    from PromiseSegmentLib.adapter import read_metadata
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
+
+    pairs = []
+    for seed in (0, 1):
+        image, truth = phantom(seed)
+        volume = add_volume(app.scene, image, oblique_matrix(), f"v{seed}")
+        seg = add_segmentation(app.scene, volume)
+        sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion")
+        PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+        pairs.append((volume, seg, sid))
+    cases = logic.trainingCases(pairs, IntensityRule(), emptyShare=0.0)
+    assert len(cases) == 2 * int(truth.any(axis=(1, 2)).sum())
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=16,
+                      apm_head_blocks=(1, 1, 1, 1), target_name="Lesion")
+    out = tmp_path / "lesion.safetensors"
+    result = logic.trainAdapter(pairs, out, config=cfg, emptyShare=0.0)
+    assert out.exists() and read_metadata(out)["target"]["name"] == "Lesion"
+    assert read_metadata(out)["training"]["train_cases"] + read_metadata(out)["training"]["val_cases"] == len(cases)
+    volume, seg, _ = pairs[0]
+    sid = logic.segmentVolume(volume, seg, adapter=str(out), sliceRange=(3, 4))
+    assert seg.GetSegmentation().GetSegment(sid).GetName() == "Lesion"
+    assert result.history and np.isfinite(result.history[0]["loss"])
