@@ -75,3 +75,26 @@ def ellipsoid(shape, center, radii) -> np.ndarray:
     k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
     d = ((k - center[0]) / radii[0]) ** 2 + ((j - center[1]) / radii[1]) ** 2 + ((i - center[2]) / radii[2]) ** 2
     return (d <= 1).astype(np.uint8)
+
+
+def load_nrrd(scene, path, labelmap: bool = False):
+    """What ``slicer.util.loadVolume`` does inside Slicer, with the NRRD storage node of slicer-core."""
+    import slicer
+
+    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, str(path).rsplit("/", 1)[-1].split(".")[0])
+    storage = slicer.vtkMRMLNRRDStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise OSError(f"could not read {path}")
+    return node
+
+
+def save_segmentation(seg_node, path) -> None:
+    """What ``slicer.util.saveNode`` does for a segmentation: a .seg.nrrd through the storage node."""
+    import slicer
+
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(seg_node):
+        raise OSError(f"could not write {path}")

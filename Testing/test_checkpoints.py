@@ -167,3 +167,24 @@ def test_unknown_name_and_default_backbone():
     assert all(torch.equal(v, sam2.state_dict()[k]) for k, v in sam.state_dict().items())
     with pytest.raises(CheckpointError, match="not vit_b"):
         load_backbone("default", "vit_b")
+
+
+def test_default_backbone_gain_scales_logits_but_changes_no_mask(rng):
+    """The calibration multiplies mask logits by exactly DEFAULT_DECODER_GAIN: masks (logit > 0) and the
+    IoU head are those of the plain seeded model; only what training sees is rescaled."""
+    import numpy as np
+    from conftest import realistic_image
+
+    from PromiseSegmentLib.engine import Prompts, SamEngine
+    from PromiseSegmentLib.sam_models import (DEFAULT_BACKBONE_SEED, DEFAULT_DECODER_GAIN, build_default_backbone,
+                                              build_seeded_sam)
+
+    plain = SamEngine(build_seeded_sam("tiny", DEFAULT_BACKBONE_SEED), "cpu")
+    calibrated = SamEngine(build_default_backbone(), "cpu")
+    realistic = realistic_image(rng, 120, 100)
+    prompts = Prompts(points=[[55, 54], [10, 10]], labels=[1, 0])
+    a = plain.predict(plain.encode([realistic])[0], prompts)
+    b = calibrated.predict(calibrated.encode([realistic])[0], prompts)
+    assert np.array_equal(a.masks, b.masks) and np.allclose(a.iou, b.iou)
+    assert np.allclose(b.low_res, DEFAULT_DECODER_GAIN * a.low_res, rtol=1e-4, atol=1e-4)
+    assert np.abs(a.low_res).max() < 1.0  # why: uncalibrated random heads sit at the threshold

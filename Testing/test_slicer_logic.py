@@ -266,3 +266,48 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
     sid = logic.segmentVolume(volume, seg, adapter=str(out), sliceRange=(3, 4))
     assert seg.GetSegmentation().GetSegment(sid).GetName() == "Lesion"
     assert result.history and np.isfinite(result.history[0]["loss"])
+
+
+@pytest.mark.data
+def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path):
+    """brain1 (MR, 0.78x0.78x6.5 mm): label map -> segment (exact), train an adapter from the segmentation
+    node, segment the tumour slices automatically into a new segmentation, save .seg.nrrd, read it back
+    with the core on the volume's own geometry."""
+    import slicer
+
+    from conftest import DATA
+    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+    from PromiseSegmentSlicerLib.mrml import segment_mask
+    from slicer_scene import load_nrrd, save_segmentation
+
+    folder = DATA / "mr-volumes"
+    volume = load_nrrd(app.scene, folder / "brain1_image.nrrd")
+    label = load_nrrd(app.scene, folder / "brain1_label.nrrd", labelmap=True)
+    truth = slicer.util.arrayFromVolume(label) > 0
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "expert")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    assert np.array_equal(segment_mask(seg, sid, volume), truth)
+
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=16,
+                      apm_head_blocks=(1, 1, 1, 1), target_name="Tumour")
+    result = logic.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", config=cfg, emptyShare=0.2)
+    assert result.adapter.training["train_cases"] >= 2
+
+    slices = np.nonzero(truth.any(axis=(1, 2)))[0]
+    out_seg = add_segmentation(app.scene, volume, "promise")
+    new = logic.segmentVolume(volume, out_seg, adapter=str(tmp_path / "tumour.safetensors"),
+                              sliceRange=(int(slices.min()), int(slices.max())))
+    written = segment_mask(out_seg, new, volume)
+    outside = np.ones(truth.shape[0], bool)
+    outside[slices.min():slices.max() + 1] = False
+    assert not written[outside].any()
+    save_segmentation(out_seg, tmp_path / "brain1.seg.nrrd")
+    back = read_labelmap(tmp_path / "brain1.seg.nrrd")
+    reference = read_volume(folder / "brain1_image.nrrd")
+    assert written.any()  # what matters here is where the voxels land, not how good they are
+    # Slicer crops a saved segmentation to its content: compare the voxels in RAS
+    ras = back.ijk_to_ras @ np.c_[np.argwhere(back.array > 0)[:, ::-1], np.ones(int((back.array > 0).sum()))].T
+    ijk = np.linalg.inv(reference.ijk_to_ras) @ ras
+    voxels = set(map(tuple, np.round(ijk[:3].T[:, ::-1]).astype(int)))
+    assert voxels == set(map(tuple, np.argwhere(written)))

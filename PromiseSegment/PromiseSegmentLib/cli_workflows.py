@@ -17,8 +17,9 @@ def _train_progress(progress_bar):
 
 
 def cmd_demo(args) -> int:
-    """Offline end to end on the generated sample volume: segment it (prompted, or automatically after
-    training an adapter), write .seg.nrrd + overlay PNG + a Dice report against the known truth."""
+    """Offline end to end on the generated sample volume: train an APM+IPS adapter on generated slices and
+    segment the sample automatically (or, with ``--prompted``, plain SAM with a box + click per slice);
+    write .seg.nrrd + overlay PNG + a Dice report against the known truth."""
     from .checkpoints import load_backbone
     from .cli import best_slice_overlay
     from .datasets import Case
@@ -38,13 +39,14 @@ def cmd_demo(args) -> int:
         print("backbone: embedded default (tiny SAM architecture, seeded random weights - NOT SAM; "
               "pass --sam-checkpoint vit_b for real SAM)")
     vol, truth = make_sample_volume(0)
-    if args.train_adapter:
+    if not args.prompted:
         engine = engine_for(sam, variant, None, args.device)
         pairs = make_training_slices(range(1, 1 + args.train_volumes))
         cases = [Case(f"train{i}", rgb, m) for i, (rgb, m) in enumerate(pairs)]
         val = cases[:: 6]
         train = [c for c in cases if c not in val]
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=8, augment=False, cache_features=True,
+        # light APM head and a high learning rate: minutes on a CPU (see the README's ablation table)
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=4, augment=False, cache_features=True,
                           apm_fusion_dim=64, apm_head_blocks=(1, 1, 1, 1), target_name="Lesion")
         with bar("training adapter", "epoch") as b:
             result = train_adapter(engine, variant, identity, train, val, cfg, out / "demo_adapter.safetensors",
@@ -137,10 +139,10 @@ def add_workflow_commands(sub) -> None:
     p = sub.add_parser("demo", help="the whole ProMISe workflow offline on generated data (train, segment, report)")
     p.add_argument("--out", default="promise-demo", help="output folder (default promise-demo)")
     add_backbone_args(p)
-    p.add_argument("--train-adapter", action="store_true",
-                   help="train an APM+IPS adapter on generated slices first and segment automatically (slow on CPU)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prompted", action="store_true",
+                   help="skip training: plain SAM prompted with a box + centre click on every lesion slice")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-volumes", type=int, default=6, help="generated training volumes")
     p.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.checkpoints import load_backbone
+from PromiseSegmentLib.cli import ijk_prompts  # IJK voxel prompts, exactly as on the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts
 from PromiseSegmentLib.preprocessing import InputError, IntensityRule, mask_bbox, resolve_axis, take_slice
@@ -27,15 +28,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
-# IJK voxel prompts, as on the command line: points (i, j, k[, label]), boxes (i0, j0, k0, i1, j1, k1)
-PointList = Sequence[Sequence[float]]
-
-
-def ijk_prompts(axis: int, points: PointList = (), boxes: Sequence[Sequence[float]] = (),
-                shape: Sequence[int] = (0, 0, 0)) -> Dict[int, Prompts]:
-    from PromiseSegmentLib.cli import ijk_prompts as _ijk_prompts
-
-    return _ijk_prompts(axis, points, boxes, shape)
+PointList = Sequence[Sequence[float]]  # IJK voxels (i, j, k[, label]); boxes are (i0, j0, k0, i1, j1, k1)
 
 
 class PromiseSegmentLogic:

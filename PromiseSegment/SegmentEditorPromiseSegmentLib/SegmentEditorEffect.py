@@ -319,6 +319,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def cleanup(self):
         self.onClear()
+        AbstractScriptedSegmentEditorEffect.cleanup(self)
 
 
 def sliceNormal(sliceWidget):

@@ -1,0 +1,45 @@
+"""The embedding cache: content-keyed, bounded in bytes, and invisible in results."""
+import numpy as np
+import torch
+
+from PromiseSegmentLib.embedding_cache import EmbeddingCache, image_key
+from PromiseSegmentLib.engine import ImageEmbedding, Prompts, SamEngine
+
+
+def fake_embedding(mb: int) -> ImageEmbedding:
+    return ImageEmbedding(torch.zeros(mb * 2 ** 18), (4, 4), (4, 4), None)  # float32: 4 bytes each
+
+
+def test_lru_eviction_keeps_the_byte_bound():
+    cache = EmbeddingCache(max_bytes=3 * 2 ** 20)
+    for key in "abc":
+        cache.put(key, fake_embedding(1))
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", fake_embedding(1))
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 3
+    assert cache.bytes == 3 * 2 ** 20
+    cache.put("huge", fake_embedding(4))  # larger than the whole cache: not stored, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 3
+
+
+def test_keys_depend_on_pixels_and_captured_blocks():
+    image = np.zeros((8, 8, 3), np.uint8)
+    other = image.copy()
+    other[0, 0, 0] = 1
+    assert image_key(image, ()) == image_key(image.copy(), ())
+    assert image_key(image, ()) != image_key(other, ())
+    assert image_key(image, ()) != image_key(image, (1, 2, 3))
+
+
+def test_cached_predictions_equal_uncached(tiny_sam, rng):
+    from conftest import realistic_image
+
+    image = realistic_image(rng, 90, 120)
+    cached = SamEngine(tiny_sam, "cpu", cache=EmbeddingCache())
+    plain = SamEngine(tiny_sam, "cpu")
+    prompts = Prompts(points=[[60, 40]], labels=[1])
+    first = cached.predict(cached.encode([image])[0], prompts)
+    again = cached.predict(cached.encode([image])[0], prompts)
+    reference = plain.predict(plain.encode([image])[0], prompts)
+    assert cached.cache.hits == 1 and cached.cache.misses == 1
+    assert np.array_equal(first.logits, again.logits) and np.array_equal(first.logits, reference.logits)
