@@ -46,7 +46,7 @@ def cmd_demo(args) -> int:
         val = cases[:: 6]
         train = [c for c in cases if c not in val]
         # light APM head and a high learning rate: minutes on a CPU (see the README's ablation table)
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=4, augment=False, cache_features=True,
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=8, augment=False, cache_features=True,
                           apm_fusion_dim=64, apm_head_blocks=(1, 1, 1, 1), target_name="Lesion")
         with bar("training adapter", "epoch") as b:
             result = train_adapter(engine, variant, identity, train, val, cfg, out / "demo_adapter.safetensors",
@@ -141,7 +141,7 @@ def add_workflow_commands(sub) -> None:
     add_backbone_args(p)
     p.add_argument("--prompted", action="store_true",
                    help="skip training: plain SAM prompted with a box + centre click on every lesion slice")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-volumes", type=int, default=6, help="generated training volumes")
     p.set_defaults(func=cmd_demo)

@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--train", type=int, default=160, help="training images (first N of train/)")
     ap.add_argument("--select", type=int, default=40, help="model-selection images (last N of train/)")
     ap.add_argument("--test", type=int, help="limit val/ images (default: all)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--apm-width", type=int, default=64)
