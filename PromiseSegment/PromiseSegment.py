@@ -110,9 +110,13 @@ def deviceSpec(parameterNode):
 
 
 class ProgressWithCancel:
-    """A modal progress dialog whose Cancel the logic polls (no threads: events are processed in between)."""
+    """A modal progress dialog whose Cancel the logic polls (no threads: events are processed in between).
 
-    def __init__(self, title):
+    As a context manager with ``errorMessage`` it also reports what went wrong: a cancelled run gets a
+    status-bar line, a failure an error dialog (the logic has already left the scene as it was)."""
+
+    def __init__(self, title, errorMessage=None):
+        self.title, self.errorMessage = title, errorMessage
         self.dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
         self.dialog.setCancelButtonText("Cancel")
 
@@ -126,6 +130,25 @@ class ProgressWithCancel:
 
     def close(self):
         self.dialog.close()
+
+    def __enter__(self):
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        return self
+
+    def __exit__(self, excType, exc, tb):
+        qt.QApplication.restoreOverrideCursor()
+        cancelled = self.dialog.wasCanceled
+        self.close()
+        if exc is None or self.errorMessage is None:
+            return False
+        if cancelled:
+            slicer.util.showStatusMessage(f"{self.title}: cancelled, nothing was changed", 5000)
+        else:
+            import traceback
+
+            slicer.util.errorDisplay(f"{self.errorMessage}\n\n{exc}",
+                                     detailedText="".join(traceback.format_exception(excType, exc, tb)))
+        return True
 
 
 class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -275,45 +298,35 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if spec is None:
             slicer.util.infoDisplay("The embedded default backbone needs no download (and is not SAM).")
             return
-        progress = ProgressWithCancel(f"Downloading / verifying {spec}")
-        try:
-            with slicer.util.tryWithErrorDisplay("Checkpoint download or verification failed.", waitCursor=True):
-                from PromiseSegmentLib.checkpoints import resolve_checkpoint
+        with ProgressWithCancel(f"Downloading / verifying {spec}",
+                                "Checkpoint download or verification failed; nothing was kept.") as progress:
+            from PromiseSegmentLib.checkpoints import resolve_checkpoint
 
-                path, _ = resolve_checkpoint(spec, progress=lambda done, total: progress.progress(done, total or 1))
-                slicer.util.infoDisplay(f"Checkpoint ready and verified:\n{path}")
-        finally:
-            progress.close()
+            path, _ = resolve_checkpoint(spec, progress=lambda done, total: progress.progress(done, total or 1),
+                                         cancel=progress.cancelled)
+            slicer.util.infoDisplay(f"Checkpoint ready and verified:\n{path}")
 
     def onSegment(self):
         p = self._parameterNode
-        progress = ProgressWithCancel("ProMISe: segmenting")
-        try:
-            with slicer.util.tryWithErrorDisplay("Segmentation failed; the segmentation was not changed.",
-                                                 waitCursor=True):
-                self.logic.segmentVolume(p.inputVolume, p.segmentation, adapter=p.adapterFile or None,
-                                         samCheckpoint=checkpointSpec(p), axis=p.axis, device=deviceSpec(p),
-                                         progress=progress.progress, cancel=progress.cancelled)
-        finally:
-            progress.close()
+        with ProgressWithCancel("ProMISe: segmenting",
+                                "Segmentation failed; the segmentation was not changed.") as progress:
+            self.logic.segmentVolume(p.inputVolume, p.segmentation, adapter=p.adapterFile or None,
+                                     samCheckpoint=checkpointSpec(p), axis=p.axis, device=deviceSpec(p),
+                                     progress=progress.progress, cancel=progress.cancelled)
 
     def onTrain(self):
         p = self._parameterNode
-        progress = ProgressWithCancel("ProMISe: training adapter")
-        try:
-            with slicer.util.tryWithErrorDisplay("Training failed or was cancelled.", waitCursor=True):
-                from PromiseSegmentLib.training import TrainConfig
+        with ProgressWithCancel("ProMISe: training adapter", "Training failed.") as progress:
+            from PromiseSegmentLib.training import TrainConfig
 
-                name = p.segmentation.GetSegmentation().GetSegment(p.trainSegmentId).GetName()
-                result = self.logic.trainAdapter([(p.inputVolume, p.segmentation, p.trainSegmentId)], p.trainOutput,
-                                                 samCheckpoint=checkpointSpec(p), device=deviceSpec(p),
-                                                 config=TrainConfig(epochs=p.trainEpochs, target_name=name),
-                                                 progress=progress.progress, cancel=progress.cancelled)
-                p.adapterFile = p.trainOutput
-                slicer.util.infoDisplay(f"Adapter saved: {p.trainOutput}\nbest validation Dice "
-                                        f"{result.best_val_dice:.3f} after {len(result.history)} epochs")
-        finally:
-            progress.close()
+            name = p.segmentation.GetSegmentation().GetSegment(p.trainSegmentId).GetName()
+            result = self.logic.trainAdapter([(p.inputVolume, p.segmentation, p.trainSegmentId)], p.trainOutput,
+                                             samCheckpoint=checkpointSpec(p), device=deviceSpec(p),
+                                             config=TrainConfig(epochs=p.trainEpochs, target_name=name),
+                                             progress=progress.progress, cancel=progress.cancelled)
+            p.adapterFile = p.trainOutput
+            slicer.util.infoDisplay(f"Adapter saved: {p.trainOutput}\nbest validation Dice "
+                                    f"{result.best_val_dice:.3f} after {len(result.history)} epochs")
 
 
 def ctkCollapsible(title, parentLayout, collapsed=False):

@@ -82,6 +82,15 @@ def test_interrupted_download_leaves_nothing(server, tiny_file, tmp_path):
     assert _no_partial_files(tmp_path / "c") == []
 
 
+def test_cancelled_download_leaves_nothing(server, tiny_file, tmp_path):
+    from PromiseSegmentLib.engine import Cancelled
+
+    _Handler.files["/big.pth"] = (tiny_file.read_bytes(), None)
+    with pytest.raises(Cancelled):
+        download_file(server + "/big.pth", tmp_path / "c" / "big.pth", _sha(tiny_file), cancel=lambda: True)
+    assert _no_partial_files(tmp_path / "c") == []
+
+
 def test_no_network_gives_a_clear_error(tmp_path):
     import socket
 

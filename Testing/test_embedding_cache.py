@@ -20,6 +20,12 @@ def test_lru_eviction_keeps_the_byte_bound():
     assert cache.bytes == 3 * 2 ** 20
     cache.put("huge", fake_embedding(4))  # larger than the whole cache: not stored, nothing evicted
     assert cache.get("huge") is None and len(cache) == 3
+    cache.max_bytes = 2 ** 20  # lowered from the console: the oldest go at once
+    assert len(cache) == 1 and cache.bytes == 2 ** 20 and cache.get("a") is not None  # the most recent
+    cache.max_bytes = 0  # caching off
+    assert len(cache) == 0 and cache.bytes == 0
+    cache.put("e", fake_embedding(1))
+    assert cache.get("e") is None
 
 
 def test_keys_depend_on_pixels_and_captured_blocks():

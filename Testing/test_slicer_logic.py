@@ -150,6 +150,33 @@ def test_cancel_leaves_the_segmentation_and_undo_history_unchanged(app, logic, a
     assert not segment_mask(seg, sid, volume).any()
 
 
+@pytest.mark.parametrize("through_editor", [False, True])
+def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adapter, monkeypatch, through_editor):
+    """The write itself fails after changing the segment (memory, a VTK error): a new segment is removed,
+    a replaced one gets its voxels back, on the editor path the saved state is restored."""
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
+
+    image, truth = phantom()
+    volume = add_volume(app.scene, image, oblique_matrix())
+    seg = add_segmentation(app.scene, volume)
+    kept = seg.GetSegmentation().AddEmptySegment("kept", "kept")
+    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, kept)
+    editor = app.editor(seg, volume, kept)[0] if through_editor else None
+    real_write = PromiseSegmentLogic.writeLabelmap
+
+    def write_then_fail(labelmap, segmentationNode, segmentId, extent=None, editorLogic=None):
+        real_write(labelmap, segmentationNode, segmentId, extent, editorLogic)
+        raise MemoryError("simulated failure after the voxels were written")
+
+    monkeypatch.setattr(PromiseSegmentLogic, "writeLabelmap", staticmethod(write_then_fail))
+    for target in (None, kept):  # a new segment, then overwriting the existing one
+        with pytest.raises(MemoryError):
+            logic.segmentVolume(volume, seg, target, adapter=adapter, overwrite=True, editorLogic=editor)
+        assert seg.GetSegmentation().GetNumberOfSegments() == 1
+        assert np.array_equal(segment_mask(seg, kept, volume), truth)
+
+
 def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(app, logic, adapter):
     import slicer
 

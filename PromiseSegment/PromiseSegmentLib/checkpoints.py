@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .engine import Cancelled
 from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 from .sam_models import build_sam, detect_variant
 
@@ -101,8 +102,9 @@ def _remove_quietly(path) -> None:
 
 
 def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optional[ProgressFn] = None,
-                  timeout: float = 60.0) -> Path:
-    """Stream ``url`` to ``dest`` verifying ``sha256``; nothing is left at ``dest`` unless it verified."""
+                  timeout: float = 60.0, cancel: Optional[Callable[[], bool]] = None) -> Path:
+    """Stream ``url`` to ``dest`` verifying ``sha256``; nothing is left at ``dest`` unless it verified.
+    ``cancel()`` is polled between blocks (raises ``Cancelled``, the partial file is removed)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
@@ -115,6 +117,8 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
                     length = resp.headers.get("Content-Length")
                     total = int(length) if length else None
                     while True:
+                        if cancel is not None and cancel():
+                            raise Cancelled()
                         block = resp.read(1 << 20)
                         if not block:
                             break
@@ -130,6 +134,8 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
                 raise CheckpointError(
                     f"Could not download {url} ({exc}). Check the network, or download the file by hand and "
                     f"pass its path (or put it in {dest.parent}).") from exc
+            except Cancelled:
+                raise
             except Exception as exc:  # http.client.IncompleteRead and friends: the connection dropped
                 raise CheckpointError(f"Download of {url} was interrupted after {done} bytes ({exc!r}); "
                                       f"run the command again.") from exc
@@ -147,7 +153,8 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
 
 
 def ensure_checkpoint(name: str, progress: Optional[ProgressFn] = None,
-                      registry: Optional[Dict[str, CheckpointInfo]] = None) -> Path:
+                      registry: Optional[Dict[str, CheckpointInfo]] = None,
+                      cancel: Optional[Callable[[], bool]] = None) -> Path:
     """Path of a registered checkpoint in the cache, downloading and verifying it on first use."""
     registry = registry or REGISTRY
     if name not in registry:
@@ -162,13 +169,14 @@ def ensure_checkpoint(name: str, progress: Optional[ProgressFn] = None,
         return dest
     if info.url is None:
         raise CheckpointError(f"{info.description}. Expected it at {dest}.")
-    return download_file(info.url, dest, info.sha256, progress)
+    return download_file(info.url, dest, info.sha256, progress, cancel=cancel)
 
 
-def resolve_checkpoint(spec: str, progress: Optional[ProgressFn] = None) -> Tuple[Path, Optional[str]]:
+def resolve_checkpoint(spec: str, progress: Optional[ProgressFn] = None,
+                       cancel: Optional[Callable[[], bool]] = None) -> Tuple[Path, Optional[str]]:
     """A registry name or a file path -> (local path, variant expected from the name or None)."""
     if spec in REGISTRY:
-        return ensure_checkpoint(spec, progress), REGISTRY[spec].variant
+        return ensure_checkpoint(spec, progress, cancel=cancel), REGISTRY[spec].variant
     path = Path(spec).expanduser()
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {spec!r} is neither a file nor one of: {', '.join(sorted(REGISTRY))}.")

@@ -29,10 +29,25 @@ class EmbeddingCache:
     """Least-recently-used cache bounded in bytes (ViT-B with APM blocks: ~41 MB per slice in fp32)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[str, object]" = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
+        self.max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """Lowering the bound (0 = no caching) frees memory at once."""
+        self._max_bytes = int(value)
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self._max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= _nbytes(old)
 
     def get(self, key: str):
         emb = self._items.get(key)
@@ -51,9 +66,7 @@ class EmbeddingCache:
             self.bytes -= _nbytes(self._items.pop(key))
         self._items[key] = emb
         self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= _nbytes(old)
+        self._evict()
 
     def clear(self) -> None:
         self._items.clear()

@@ -158,16 +158,29 @@ class PromiseSegmentLogic:
                 outside[(slice(None),) * ax + (slice(sliceRange[0], sliceRange[1] + 1),)] = False
                 mask = np.where(outside, kept, mask)
                 extent = None
+        labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)  # allocated before the scene changes
+        del mask
         if editorLogic is not None:
             editorLogic.SaveStateForUndo()  # one undo step covers the new segment and its voxels
         if not segmentation_has_geometry(segmentationNode):
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        added = None
+        segmentation = segmentationNode.GetSegmentation()
         if not segmentId:
-            segmentation = segmentationNode.GetSegmentation()
             name = segmentName or model.target_name
-            segmentId = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name,
-                                                     list(model.target_color))
-        self.writeMask(mask, ijk_to_ras, segmentationNode, segmentId, extent, editorLogic, saveUndo=False)
+            segmentId = added = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name,
+                                                             list(model.target_color))
+        before = mrml.segment_labelmap(segmentationNode, segmentId) if editorLogic is None and not added else None
+        try:
+            self.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
+        except BaseException:  # leave the scene as it was: no half-made segment, no half-replaced one
+            if editorLogic is not None:
+                editorLogic.Undo()  # the state saved above, partial writes included
+            elif added:
+                segmentation.RemoveSegment(added)
+            else:
+                mrml.restore_segment(segmentationNode, segmentId, before)
+            raise
         return segmentId
 
     # ------------------------------------------------------------------ writing
@@ -177,12 +190,18 @@ class PromiseSegmentLogic:
         """KJI mask at ``ijk_to_ras`` -> the segment. Without an editor logic the segment is replaced
         (``extent`` only crops the labelmap); through the editor, ``extent`` limits the change to those
         voxels (e.g. a slice range) and the editor's masking settings apply."""
+        labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)
+        if editorLogic is not None and saveUndo:
+            editorLogic.SaveStateForUndo()
+        PromiseSegmentLogic.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
+
+    @staticmethod
+    def writeLabelmap(labelmap, segmentationNode, segmentId: str, extent: Optional[Sequence[int]] = None,
+                      editorLogic=None) -> None:
+        """A ``vtkOrientedImageData`` -> the segment (see ``writeMask``); saves no undo state."""
         import slicer
 
-        labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)
         if editorLogic is not None:
-            if saveUndo:
-                editorLogic.SaveStateForUndo()
             mode = slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet
             if extent is None:
                 editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode, False, False)

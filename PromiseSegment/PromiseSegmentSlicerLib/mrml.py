@@ -107,6 +107,20 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         scene.RemoveNode(labelmap)
 
 
+def segment_labelmap(segmentation_node, segment_id: str) -> "slicer.vtkOrientedImageData":
+    """A copy of the segment's own voxels (a binary labelmap at its stored geometry)."""
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id,
+                                                                                      image)
+    return image
+
+
+def restore_segment(segmentation_node, segment_id: str, labelmap) -> None:
+    """Put back what ``segment_labelmap`` copied."""
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+
 def segment_is_empty(segmentation_node, segment_id: str) -> bool:
     """True when the segment has no voxel. Segments share labelmap layers, so count the segment's
     own label value in its layer rather than the layer's range."""

@@ -25,6 +25,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.session = None
         self.previewNode = None
+        self.progress = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -80,9 +81,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.checkpointCombo.addItems(["default", "vit_b", "vit_l", "vit_h", "medsam"])
         self.checkpointCombo.toolTip = "SAM checkpoint (default = embedded backbone, not SAM)"
         self.scriptedEffect.addLabeledOptionsWidget("SAM:", self.checkpointCombo)
-        self.adapterEdit = qt.QLineEdit()
-        self.adapterEdit.toolTip = "adapter file (.safetensors); manage adapters in the PromiseSegment module"
-        self.scriptedEffect.addLabeledOptionsWidget("Adapter:", self.adapterEdit)
+        self.adapterCombo = qt.QComboBox()  # installed adapters; editable so any file path can be typed
+        self.adapterCombo.editable = True
+        self.adapterCombo.toolTip = "adapter file (.safetensors); import or train adapters in the PromiseSegment module"
+        self.fillAdapters()
+        self.scriptedEffect.addLabeledOptionsWidget("Adapter:", self.adapterCombo)
         self.modeCombo = qt.QComboBox()
         for key, label in MODE_LABELS.items():
             self.modeCombo.addItem(label, key)
@@ -125,7 +128,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
-        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"), (self.adapterEdit, "editingFinished()"),
+        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"),
+                          (self.adapterCombo, "currentTextChanged(QString)"),
                           (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
                           (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
                           (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
@@ -137,6 +141,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.applyButton.connect("clicked()", self.onApply)
         self.clearButton.connect("clicked()", self.onClear)
 
+    def fillAdapters(self):
+        from PromiseSegmentSlicerLib.adapters import installed_adapters
+
+        current = self.adapterCombo.currentText
+        wasBlocked = self.adapterCombo.blockSignals(True)  # refilling must not change the parameter
+        self.adapterCombo.clear()
+        self.adapterCombo.addItem("")  # none: clicks with plain SAM
+        for path in installed_adapters():
+            self.adapterCombo.addItem(str(path))
+        self.adapterCombo.currentText = current
+        self.adapterCombo.blockSignals(wasBlocked)
+
+    def activate(self):
+        self.fillAdapters()  # adapters imported or trained since the effect was set up
+
     def setMRMLDefaults(self):
         for name, value in (("Checkpoint", "default"), ("Adapter", ""), ("Mode", "clicks"), ("Scope", SCOPES[0]),
                             ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40),
@@ -145,12 +164,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def updateGUIFromMRML(self):
         p = self.scriptedEffect
-        widgets = [self.checkpointCombo, self.adapterEdit, self.modeCombo, self.scopeCombo, self.rangeFirst,
+        widgets = [self.checkpointCombo, self.adapterCombo, self.modeCombo, self.scopeCombo, self.rangeFirst,
                    self.rangeLast, self.customWindow, self.windowCenter, self.windowWidth, self.deviceCombo,
                    self.negativeOthers]
         blocked = [w.blockSignals(True) for w in widgets]
         self.checkpointCombo.currentText = p.parameter("Checkpoint")
-        self.adapterEdit.text = p.parameter("Adapter")
+        self.adapterCombo.currentText = p.parameter("Adapter")
         self.modeCombo.currentIndex = max(0, self.modeCombo.findData(p.parameter("Mode")))
         self.scopeCombo.currentText = p.parameter("Scope")
         self.rangeFirst.value, self.rangeLast.value = p.integerParameter("RangeFirst"), p.integerParameter("RangeLast")
@@ -165,7 +184,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateMRMLFromGUI(self, *_):
         p = self.scriptedEffect
         p.setParameter("Checkpoint", self.checkpointCombo.currentText)
-        p.setParameter("Adapter", self.adapterEdit.text.strip())
+        p.setParameter("Adapter", self.adapterCombo.currentText.strip())
         p.setParameter("Mode", self.modeCombo.currentData)
         p.setParameter("Scope", self.scopeCombo.currentText)
         p.setParameter("RangeFirst", self.rangeFirst.value)
@@ -262,24 +281,31 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if scope == SCOPES[1]:
             sliceRange = (self.scriptedEffect.integerParameter("RangeFirst"),
                           self.scriptedEffect.integerParameter("RangeLast"))
-        progress = slicer.util.createProgressDialog(windowTitle="ProMISe", labelText=f"Segmenting ({scope})",
-                                                    maximum=100)
         try:
-            mask = self.logic.predictVolume(
-                volume, axis, sliceRange, mode="auto", intensity=self.intensity(), segmentationNode=segmentation,
-                progress=lambda d, t: (progress.setValue(int(100 * d / max(t, 1))), slicer.app.processEvents()),
-                cancel=lambda: progress.wasCanceled, **self.modelArgs())
+            mask = self.withProgress(
+                f"ProMISe: segmenting ({scope})", lambda progress, cancel: self.logic.predictVolume(
+                    volume, axis, sliceRange, mode="auto", intensity=self.intensity(), segmentationNode=segmentation,
+                    progress=progress, cancel=cancel, **self.modelArgs()))
         except Cancelled:
             logging.info("ProMISe: cancelled, segment unchanged")
             return None, None
-        finally:
-            progress.close()
         from PromiseSegmentLib.preprocessing import resolve_axis
 
         m = volume_ijk_to_ras(volume, segmentation)
         ax = resolve_axis(axis, m)
         extent = slice_extent(mask.shape, ax, *(sliceRange or (0, mask.shape[ax] - 1)))
         return labelmap_from_mask(mask, m, extent), extent
+
+    def withProgress(self, title, call):
+        """``call(progress, cancel)`` under the module's progress dialog; ``self.progress`` while it runs
+        (the Slicer-hosted test presses its Cancel)."""
+        import PromiseSegment
+
+        with PromiseSegment.ProgressWithCancel(title) as self.progress:
+            try:
+                return call(self.progress.progress, self.progress.cancelled)
+            finally:
+                self.progress = None
 
     def onPropagate(self):
         """From the previewed (accepted) slice to its neighbours, then Apply-able as one step."""
@@ -297,17 +323,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
                 negative = visible_other_segments_mask(self.segmentationNode(), volume,
                                                        self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
-            progress = slicer.util.createProgressDialog(windowTitle="ProMISe", labelText="Propagating", maximum=100)
+            model = self.logic.loadModel(**self.modelArgs())
             try:
-                results = self.logic.propagate(
-                    volume, session.axis, session.index, session.preview_mask, negativeMask=negative,
-                    model=self.logic.loadModel(**self.modelArgs()),
-                    progress=lambda d, t: (progress.setValue(int(100 * d / max(t, 1))), slicer.app.processEvents()),
-                    cancel=lambda: progress.wasCanceled)
+                results = self.withProgress("ProMISe: propagating", lambda progress, cancel: self.logic.propagate(
+                    volume, session.axis, session.index, session.preview_mask, negativeMask=negative, model=model,
+                    progress=progress, cancel=cancel))
             except Cancelled:
                 return
-            finally:
-                progress.close()
             results[session.index] = session.preview_mask
             labelmap, extent = self.logic.slicesLabelmap(volume, session.axis, results, self.segmentationNode())
             self.modify(labelmap, extent)

@@ -1,6 +1,11 @@
 """Slicer-hosted test (run by Slicer's ctest): drive the ProMISe effect through qMRMLSegmentEditorWidget -
-activate, click (simulated at a RAS position), preview, apply, undo, and a cancelled run."""
+activate, click (simulated at a RAS position), preview, apply, undo, and runs cancelled from the console
+and from the effect's own progress dialog."""
+import os
+import tempfile
+
 import numpy as np
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
@@ -14,6 +19,8 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         self.test_click_preview_apply_undo()
         self.setUp()
         self.test_cancelled_run_changes_nothing()
+        self.setUp()
+        self.test_cancel_in_the_effect_progress_dialog_changes_nothing()
 
     def _scene(self):
         from PromiseSegmentLib.sample_data import make_sample_volume
@@ -71,3 +78,40 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
                                                        cancel=lambda: True)
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), before)
         self.assertFalse(segment_mask(seg, sid, volume).any())
+
+    def test_cancel_in_the_effect_progress_dialog_changes_nothing(self):
+        """Whole-volume scope with an (untrained) adapter; Cancel is pressed in the effect's progress dialog
+        while slices are being segmented: the segment stays empty and there is nothing to undo."""
+        from PromiseSegmentLib.adapter import save_adapter
+        from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+        from PromiseSegmentLib.training import TrainConfig, build_adapter
+        from PromiseSegmentSlicerLib.mrml import segment_mask
+
+        vol, truth, volume, seg, sid, editor = self._scene()
+        folder = tempfile.mkdtemp()
+        adapterPath = os.path.join(folder, "untrained.safetensors")
+        save_adapter(build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1)), "tiny",
+                                   DEFAULT_BACKBONE_IDENTITY), adapterPath)
+        editor.setActiveEffectByName("ProMISe")
+        effect = editor.activeEffect()
+        effect.setParameter("Adapter", adapterPath)
+        effect.setParameter("Scope", "whole volume")
+        pressed = []
+
+        def pressCancel():
+            if effect.self().progress is not None and not pressed:
+                pressed.append(True)
+                effect.self().progress.dialog.cancel()
+
+        timer = qt.QTimer()
+        timer.setInterval(0)
+        timer.connect("timeout()", pressCancel)  # runs whenever the effect processes events between slices
+        timer.start()
+        try:
+            effect.self().onApply()
+        finally:
+            timer.stop()
+        self.assertTrue(pressed, "the run showed a progress dialog and Cancel was pressed")
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertFalse(segment_mask(seg, sid, volume).any(), "a cancelled run leaves the segment unchanged")
+        self.assertFalse(slicer.util.findChild(editor, "UndoButton").enabled, "nothing to undo after a cancelled run")
