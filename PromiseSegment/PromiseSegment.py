@@ -55,7 +55,7 @@ class PromiseSegmentParameterNode:
     adapterFile: str = ""
     axis: Annotated[str, Choice(["axial", "coronal", "sagittal", "K", "J", "I"])] = "axial"
     device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
-    trainSegmentId: str = ""
+    trainSegmentName: str = ""
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 50
     trainOutput: str = ""
 
@@ -81,6 +81,8 @@ class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
 
     @property
     def core(self):
+        """The Qt-free logic; the first access installs missing packages (after asking), so call it before
+        importing anything from ``PromiseSegmentLib`` (which needs torch)."""
         if self._core is None:
             from PromiseSegmentSlicerLib import dependencies
 
@@ -201,9 +203,10 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run.addRow(self.segmentButton)
 
         train = ctkCollapsible("Train an adapter from this scene", top, collapsed=True)
-        self.trainSegment = self._field(train, "Segment ID:", qt.QLineEdit(), "trainSegmentId",
-                                        "segment of the selected segmentation that marks the target on the "
-                                        "selected volume")
+        self.trainSegment = self._field(train, "Segment name:", qt.QLineEdit(), "trainSegmentName",
+                                        "every segmentation in the scene with a segment of this name is used, "
+                                        "on the volume it was drawn on (a cohort loaded into one scene trains "
+                                        "one adapter)")
         self.trainEpochs = self._field(train, "Epochs:", qt.QSpinBox(), "trainEpochs")
         self.trainOutput = self._field(train, "Save adapter as:", qt.QLineEdit(), "trainOutput")
         self.trainButton = qt.QPushButton("Train adapter (SAM stays frozen)")
@@ -261,7 +264,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         ready = bool(p and p.inputVolume and p.segmentation)
         self.segmentButton.enabled = ready
-        self.trainButton.enabled = ready and bool(p.trainSegmentId and p.trainOutput)
+        self.trainButton.enabled = bool(p and p.trainSegmentName and p.trainOutput)
         if p and p.adapterFile and os.path.exists(p.adapterFile):
             from PromiseSegmentSlicerLib.adapters import describe
 
@@ -300,6 +303,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with ProgressWithCancel(f"Downloading / verifying {spec}",
                                 "Checkpoint download or verification failed; nothing was kept.") as progress:
+            self.logic.core  # noqa: B018  (first use: torch & co. are installed before the import below)
             from PromiseSegmentLib.checkpoints import resolve_checkpoint
 
             path, _ = resolve_checkpoint(spec, progress=lambda done, total: progress.progress(done, total or 1),
@@ -317,16 +321,25 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self):
         p = self._parameterNode
         with ProgressWithCancel("ProMISe: training adapter", "Training failed.") as progress:
+            self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
             from PromiseSegmentLib.training import TrainConfig
 
-            name = p.segmentation.GetSegmentation().GetSegment(p.trainSegmentId).GetName()
-            result = self.logic.trainAdapter([(p.inputVolume, p.segmentation, p.trainSegmentId)], p.trainOutput,
-                                             samCheckpoint=checkpointSpec(p), device=deviceSpec(p),
-                                             config=TrainConfig(epochs=p.trainEpochs, target_name=name),
+            from PromiseSegmentSlicerLib.logic import training_pairs_in_scene
+
+            fallback = {p.segmentation.GetID(): p.inputVolume} if p.segmentation and p.inputVolume else {}
+            pairs, skipped = training_pairs_in_scene(slicer.mrmlScene, p.trainSegmentName, fallback)
+            if not pairs:
+                raise ValueError(f"no segmentation in the scene has a non-empty segment named "
+                                 f"{p.trainSegmentName!r}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+            result = self.logic.trainAdapter(pairs, p.trainOutput, samCheckpoint=checkpointSpec(p),
+                                             device=deviceSpec(p),
+                                             config=TrainConfig(epochs=p.trainEpochs, target_name=p.trainSegmentName),
                                              progress=progress.progress, cancel=progress.cancelled)
             p.adapterFile = p.trainOutput
-            slicer.util.infoDisplay(f"Adapter saved: {p.trainOutput}\nbest validation Dice "
-                                    f"{result.best_val_dice:.3f} after {len(result.history)} epochs")
+            slicer.util.infoDisplay(f"Adapter saved: {p.trainOutput}\ntrained on {len(pairs)} segmentation(s)"
+                                    + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+                                    + f"\nbest validation Dice {result.best_val_dice:.3f} after "
+                                    f"{len(result.history)} epochs")
 
 
 def ctkCollapsible(title, parentLayout, collapsed=False):

@@ -47,3 +47,17 @@ def test_cmake_installs_every_python_file_and_registers_the_slicer_tests():
         assert (MODULE / "Testing" / "Python" / script).exists()
     assert {p.name for p in (MODULE / "Testing" / "Python").glob("*Test.py")} <= set(
         re.findall(r"SCRIPT (\S+)\)", tests))
+
+
+def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
+    """The effect and module import these before the first use installs torch (after asking the user);
+    with torch absent they must still import (here torch is made unimportable in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import PromiseSegmentLib.errors, PromiseSegmentLib.paths, PromiseSegmentSlicerLib.adapters, "
+            "PromiseSegmentSlicerLib.dependencies, PromiseSegmentSlicerLib.mrml, PromiseSegmentSlicerLib.interaction; "
+            "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}")
+    done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -295,6 +295,33 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
     assert result.history and np.isfinite(result.history[0]["loss"])
 
 
+def test_training_pairs_are_found_across_the_scene(app):
+    """A cohort in one scene: each segmentation with the named segment, paired with its own volume."""
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic, training_pairs_in_scene
+    from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
+
+    volumes = []
+    for n, name in enumerate(("Lesion", "lesion ", "liver")):
+        image, truth = phantom(n)
+        volume = add_volume(app.scene, image, oblique_matrix(), f"case{n}")
+        seg = add_segmentation(app.scene, volume, f"seg{n}")
+        sid = seg.GetSegmentation().AddEmptySegment("", name)
+        PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+        volumes.append(volume)
+    empty = add_segmentation(app.scene, volumes[0], "empty")
+    empty.GetSegmentation().AddEmptySegment("", "Lesion")
+    orphan = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")  # loaded from a file, no volume
+    sid = orphan.GetSegmentation().AddEmptySegment("", "Lesion")
+    PromiseSegmentLogic.writeMask(phantom()[1], volume_ijk_to_ras(volumes[2]), orphan, sid)
+
+    pairs, skipped = training_pairs_in_scene(app.scene, "LESION")
+    assert [(v.GetName(), s.GetName()) for v, s, _ in pairs] == [("case0", "seg0"), ("case1", "seg1")]
+    assert [s.GetSegmentation().GetSegment(i).GetName() for _, s, i in pairs] == ["Lesion", "lesion "]
+    assert [x.split()[0] for x in skipped] == ["empty", "orphan"]
+    pairs, skipped = training_pairs_in_scene(app.scene, "lesion", {orphan.GetID(): volumes[2]})
+    assert [v.GetName() for v, _, _ in pairs] == ["case0", "case1", "case2"] and len(skipped) == 1
+
+
 @pytest.mark.data
 def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path):
     """brain1 (MR, 0.78x0.78x6.5 mm): label map -> segment (exact), train an adapter from the segmentation

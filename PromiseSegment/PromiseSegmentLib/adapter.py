@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -15,6 +13,7 @@ from safetensors.torch import save_file
 
 from .apm import APM
 from .ips import IPS
+from .paths import write_atomically
 from .preprocessing import IntensityRule
 
 log = logging.getLogger(__name__)
@@ -68,17 +67,8 @@ def save_adapter(adapter: Adapter, path) -> Path:
     path = Path(path)
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, m in adapter.modules().items() for k, v in m.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(adapter.metadata())})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp,
+                                                        metadata={METADATA_KEY: json.dumps(adapter.metadata())}))
 
 
 def read_metadata(path) -> Dict[str, Any]:

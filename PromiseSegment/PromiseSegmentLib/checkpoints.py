@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .engine import Cancelled
-from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
+from .paths import CACHE_ENV, cache_dir, write_atomically  # noqa: F401  (CACHE_ENV re-exported)
 from .sam_models import build_sam, detect_variant
 
 BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -84,14 +84,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _remove_quietly(path) -> None:

@@ -20,15 +20,12 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from .decoder import decode_masks
 from .devices import is_out_of_memory, pick_device
 from .embedding_cache import EmbeddingCache, lookup
+from .errors import Cancelled  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 LOW_RES = 256
 MASK_PROMPT_LOGIT = 10.0  # magnitude of the logits a binary mask prompt is turned into
-
-
-class Cancelled(Exception):
-    """The user cancelled a long run; nothing was written."""
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Where PromiseSegment keeps per-user files (checkpoints, adapters). No heavy imports: the Slicer
-module lists adapters before torch is installed."""
+"""Where PromiseSegment keeps per-user files (checkpoints, adapters), and how every file is written
+(atomically). No heavy imports: the Slicer module lists adapters before torch is installed."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 CACHE_ENV = "PROMISE_SEGMENT_CACHE"
 
@@ -15,3 +17,23 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "promise-segment"
+
+
+def write_atomically(path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """``write(temporary path)`` next to ``path``, then rename onto it: an interrupted or failed write
+    (a full disk, Ctrl+C) leaves the old file, or nothing, never half a file. ``suffix`` is for writers
+    that pick the format from the extension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return path

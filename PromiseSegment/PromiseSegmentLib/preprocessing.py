@@ -13,13 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError  # noqa: F401  (re-exported: older imports use this module)
+
 # Array axis (0=K, 1=J, 2=I) -> (row axis, col axis) of the slices it produces, as IJK axis indices.
 IN_PLANE_AXES = {0: (1, 0), 1: (2, 0), 2: (2, 1)}
 _ANATOMY = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis each anatomical plane is normal to
-
-
-class InputError(ValueError):
-    """The input image/volume cannot be segmented as given; the message says why."""
 
 
 def check_volume(array: np.ndarray) -> np.ndarray:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from .augment import augment
 from .datasets import Case, sample_points
 from .engine import Cancelled, SamEngine, mask_to_low_res
 from .ips import IPS
+from .paths import write_atomically
 from .preprocessing import IntensityRule
 from .promise import promise_low_res
 from .sam_models import ARCHITECTURES
@@ -140,15 +139,7 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_adapter(engine: SamEngine, variant: str, identity: str, train: List[Case], val: List[Case],

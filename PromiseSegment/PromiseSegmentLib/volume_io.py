@@ -5,14 +5,13 @@ first two rows flip on the way in and out.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .paths import write_atomically
 from .preprocessing import InputError, check_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -83,13 +82,6 @@ def read_volume(path) -> Volume:
     return Volume(array, _ijk_to_ras(image), name)
 
 
-def _atomic_target(path: Path, overwrite: bool) -> Tuple[int, str]:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=path.suffix)
-
-
 def write_segmentation(path, labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: Sequence[Segment],
                        overwrite: bool = False) -> Path:
     """Write a KJI labelmap as a Slicer segmentation file (``.seg.nrrd``) at the volume's geometry.
@@ -117,16 +109,9 @@ def write_segmentation(path, labelmap: np.ndarray, ijk_to_ras: np.ndarray, segme
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
-    fd, tmp = _atomic_target(path, overwrite)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=path.suffix)
 
 
 def read_labelmap(path) -> Volume:

@@ -6,14 +6,12 @@ installed and never executes anything from the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import List
 
-from PromiseSegmentLib.paths import cache_dir
+from PromiseSegmentLib.paths import cache_dir, write_atomically
 
 METADATA_KEY = "promise_segment"  # same key as PromiseSegmentLib.adapter writes
 MAX_HEADER = 16 << 20
@@ -70,13 +68,4 @@ def import_adapter(source) -> Path:
     target, n = folder / source.name, 1
     while target.exists():
         target, n = folder / f"{source.stem}-{n}{source.suffix}", n + 1
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".import-", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return target
+    return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))

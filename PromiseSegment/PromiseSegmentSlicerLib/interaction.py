@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.preprocessing import InputError
+from PromiseSegmentLib.errors import InputError
 
 from . import mrml
 

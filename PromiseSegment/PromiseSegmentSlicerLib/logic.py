@@ -322,6 +322,34 @@ class PromiseSegmentLogic:
         return train_adapter(engine, variant, identity, train, val, config, Path(output), resume, progress, cancel)
 
 
+def training_pairs_in_scene(scene, segmentName: str, fallbackVolumes: Optional[Dict[str, object]] = None):
+    """Every segmentation in the scene with a segment called ``segmentName`` (case-insensitive), paired with
+    the volume it was drawn on (its reference-geometry volume, else ``fallbackVolumes[segmentation ID]``).
+
+    Returns ((volume, segmentation, segment ID) triples, names of segmentations skipped and why): a cohort
+    loaded into one scene trains one adapter; empty segments and segmentations with no volume are skipped."""
+    pairs, skipped = [], []
+    wanted = segmentName.strip().lower()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+        if node.GetHideFromEditors():  # e.g. the effect's preview
+            continue
+        segmentation = node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        match = [sid for sid in ids if segmentation.GetSegment(sid).GetName().strip().lower() == wanted]
+        if not match:
+            continue
+        volume = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+        volume = volume or (fallbackVolumes or {}).get(node.GetID())
+        if volume is None:
+            skipped.append(f"{node.GetName()} (no volume: set its source volume in the Segment Editor)")
+        elif mrml.segment_is_empty(node, match[0]):
+            skipped.append(f"{node.GetName()} (segment {segmentName!r} is empty)")
+        else:
+            pairs.append((volume, node, match[0]))
+    return pairs, skipped
+
+
 def segmentation_has_geometry(segmentationNode) -> bool:
     return bool(segmentationNode.GetSegmentation().GetConversionParameter("Reference image geometry"))
 

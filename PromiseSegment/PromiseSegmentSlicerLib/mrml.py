@@ -12,7 +12,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from PromiseSegmentLib.preprocessing import InputError
+from PromiseSegmentLib.errors import InputError
 
 
 def node_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

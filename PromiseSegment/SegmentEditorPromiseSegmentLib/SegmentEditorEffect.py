@@ -48,9 +48,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     # ------------------------------------------------------------------ logic access
     @property
     def logic(self):
+        """The shared logic; its first use installs torch & co. (after asking), so every action asks for
+        the logic before importing anything from ``PromiseSegmentLib``."""
         import PromiseSegment
 
-        return PromiseSegment.sharedLogic()
+        logic = PromiseSegment.sharedLogic()
+        logic.core  # noqa: B018
+        return logic
 
     def _session(self):
         if self.session is None:
@@ -184,7 +188,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateMRMLFromGUI(self, *_):
         p = self.scriptedEffect
         p.setParameter("Checkpoint", self.checkpointCombo.currentText)
-        p.setParameter("Adapter", self.adapterCombo.currentText.strip())
+        adapter = self.adapterCombo.currentText.strip()
+        if adapter != p.parameter("Adapter") and not self.customWindow.checked:
+            blocked = [w.blockSignals(True) for w in (self.windowCenter, self.windowWidth)]
+            self.showAdapterWindow(adapter)  # the window fields start from the new adapter's own rule
+            for w, b in zip((self.windowCenter, self.windowWidth), blocked):
+                w.blockSignals(b)
+        p.setParameter("Adapter", adapter)
         p.setParameter("Mode", self.modeCombo.currentData)
         p.setParameter("Scope", self.scopeCombo.currentText)
         p.setParameter("RangeFirst", self.rangeFirst.value)
@@ -194,6 +204,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         p.setParameter("WindowWidth", self.windowWidth.value)
         p.setParameter("Device", self.deviceCombo.currentText)
         p.setParameter("NegativeOthers", int(self.negativeOthers.checked))
+
+    def showAdapterWindow(self, adapterPath):
+        from PromiseSegmentSlicerLib.adapters import header_metadata
+
+        try:
+            rule = header_metadata(adapterPath).get("intensity") or {} if adapterPath else {}
+        except (OSError, ValueError):
+            rule = {}  # not (yet) a readable adapter: the error comes when it is used
+        if rule.get("kind") == "window":
+            self.windowCenter.value, self.windowWidth.value = rule["center"], rule["width"]
+            self.customWindow.toolTip = f"off: the adapter's window {rule['center']:g}/{rule['width']:g}"
+        elif rule:
+            self.customWindow.toolTip = f"off: the adapter's rule ({rule.get('kind')})"
+        else:
+            self.customWindow.toolTip = "off: percentiles 0.5-99.5 of the volume (no adapter)"
 
     # ------------------------------------------------------------------ interaction
     def sourceVolume(self):
@@ -271,7 +296,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet, list(extent))
 
     def runScope(self, scope):
-        from PromiseSegmentLib.engine import Cancelled
+        from PromiseSegmentLib.errors import Cancelled
         from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, slice_extent, volume_ijk_to_ras
 
         volume, segmentation = self.sourceVolume(), self.segmentationNode()
@@ -309,7 +334,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onPropagate(self):
         """From the previewed (accepted) slice to its neighbours, then Apply-able as one step."""
-        from PromiseSegmentLib.engine import Cancelled
+        from PromiseSegmentLib.errors import Cancelled
 
         session = self._session()
         with slicer.util.tryWithErrorDisplay("ProMISe propagation failed; the segment was not changed.",
