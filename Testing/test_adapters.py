@@ -23,7 +23,8 @@ def test_vit_b_sizes_match_the_design():
     assert ARCHITECTURES["vit_b"].apm_blocks == (5, 8, 11)  # blocks 6, 9, 12
     assert ARCHITECTURES["vit_l"].apm_blocks == (11, 17, 23) and ARCHITECTURES["vit_h"].apm_blocks == (15, 23, 31)
     apm = APM(768).eval()
-    pts, labels = apm([torch.randn(1, 768, 64, 64)] * 3)
+    with torch.no_grad():
+        pts, labels = apm([torch.randn(1, 768, 64, 64)] * 3)
     assert pts.shape == (1, 16, 2) and labels.tolist() == [[1] * 8 + [0] * 8]
     assert 0 <= float(pts.min()) and float(pts.max()) <= 1024
     assert apm.fusion[0].in_channels == 3 * 768 and apm.points.in_features == 512
