@@ -84,6 +84,27 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
     assert not segment_mask(seg, sid, volume).any()
 
 
+def test_automatic_mode_runs_the_apm_and_takes_clicks_as_refinements(logic):
+    from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentSlicerLib.interaction import ClickSession
+
+    app, m, volume, seg, truth = scene()
+    adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=5), "tiny",
+                            DEFAULT_BACKBONE_IDENTITY).eval()
+    session = ClickSession(logic, mode="automatic")
+    normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
+    session.locate(volume, ras_of(m, (0, 0, 4)), normal)  # the slice shown; no click yet
+    automatic = session.preview(adapter=adapter)
+    assert np.array_equal(automatic, logic.segmentSlice(volume, 4, adapter=adapter, mode="apm+ips"))
+    clicks = [(24, 18, 4, 1), (5, 5, 4, 0), (40, 35, 4, 0)]
+    for i, j, k, label in clicks:
+        session.click(volume, ras_of(m, (i, j, k)), normal, positive=bool(label))
+    refined = session.preview(adapter=adapter)
+    assert np.array_equal(refined, logic.segmentSlice(volume, 4, points=clicks, adapter=adapter, mode="apm+clicks"))
+    assert not np.array_equal(refined, automatic)  # the clicks reached the model
+
+
 def test_box_mode_uses_the_last_two_corners(logic):
     from PromiseSegmentSlicerLib.interaction import ClickSession
 

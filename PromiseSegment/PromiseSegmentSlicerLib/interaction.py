@@ -76,13 +76,18 @@ class ClickSession:
         return (*self.box_corners[0], *self.box_corners[1])
 
     def preview(self, **model_args) -> np.ndarray:
-        """Run the model on the current slice (decoder only when the slice is already encoded)."""
+        """Run the model on the current slice (decoder only when the slice is already encoded).
+
+        Automatic mode: the adapter's APM points alone, or merged with the user's clicks once there are
+        any (a negative click removes a leak, a positive one adds a missed part)."""
         if not self.ready:
             raise InputError("click in a slice view first" if self.mode != "box" else "click two box corners first")
-        mode = model_args.pop("mode", None) or ("apm+ips" if self.mode == "automatic" else "auto")
+        mode = model_args.pop("mode", None)
+        if mode is None and self.mode == "automatic":
+            mode = "apm+clicks" if self.points else "apm+ips"
         self.preview_mask = self.logic.segmentSlice(
-            self.volume_node, self.index, self.axis, points=self.points if self.mode == "clicks" else (),
-            box=self.box(), mode=mode, **model_args)
+            self.volume_node, self.index, self.axis, points=self.points if self.mode != "box" else (),
+            box=self.box(), mode=mode or "auto", **model_args)
         return self.preview_mask
 
     def labelmap(self, segmentation_node=None):

@@ -13,7 +13,7 @@ import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 SCOPES = ("current slice", "slice range", "whole volume")
-MODE_LABELS = {"automatic": "automatic (adapter's APM)", "clicks": "clicks (left +, Shift/right -)",
+MODE_LABELS = {"automatic": "automatic (adapter's APM; clicks refine)", "clicks": "clicks (left +, Shift/right -)",
                "box": "box (two corner clicks)"}
 
 
