@@ -376,12 +376,10 @@ class PromiseSegmentTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from PromiseSegmentLib.sample_data import make_sample_volume
-        from PromiseSegmentSlicerLib.mrml import segment_mask, vtk_matrix
+        from PromiseSegmentSlicerLib.mrml import segment_mask, volume_node_from_array
 
         vol, truth = make_sample_volume(0)
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sample")
-        volume.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
-        slicer.util.updateVolumeFromArray(volume, vol.array)
+        volume = volume_node_from_array(slicer.mrmlScene, vol.array, vol.ijk_to_ras, "sample")
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         k = int(np.argmax(truth.sum(axis=(1, 2))))
         j, i = np.argwhere(truth[k]).mean(0).round().astype(int)

@@ -54,14 +54,10 @@ def oblique_matrix(spacing=(0.7, 0.7, 3.0), degrees=(25.0, -15.0), origin=(-40.0
 
 
 def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "volume", vector: bool = False):
-    import slicer
+    from PromiseSegmentSlicerLib.mrml import volume_node_from_array
 
-    from PromiseSegmentSlicerLib.mrml import vtk_matrix
-
-    cls = "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(cls, name)
-    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, array)
+    node = volume_node_from_array(scene, array, ijk_to_ras, name)
+    assert node.IsA("vtkMRMLVectorVolumeNode") == vector
     return node
 
 

@@ -40,6 +40,16 @@ def volume_array(volume_node) -> np.ndarray:
     return array
 
 
+def volume_node_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "volume"):
+    """A KJI (scalar) or KJI×C (vector, e.g. an RGB photo as one slice) array at ``ijk_to_ras`` -> a new
+    volume node; for console scripts that hold numpy data, and for tests."""
+    cls = "vtkMRMLVectorVolumeNode" if array.ndim == 4 else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, name)
+    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    slicer.util.updateVolumeFromArray(node, array)
+    return node
+
+
 def transform_to(node, target_node) -> np.ndarray:
     """Linear transform from ``node``'s coordinate frame to ``target_node``'s (identity when neither is
     transformed); non-linear transforms are refused rather than approximated."""

@@ -24,12 +24,10 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
 
     def _scene(self):
         from PromiseSegmentLib.sample_data import make_sample_volume
-        from PromiseSegmentSlicerLib.mrml import vtk_matrix
+        from PromiseSegmentSlicerLib.mrml import volume_node_from_array
 
         vol, truth = make_sample_volume(0)
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sample")
-        volume.SetIJKToRASMatrix(vtk_matrix(vol.ijk_to_ras))
-        slicer.util.updateVolumeFromArray(volume, vol.array)
+        volume = volume_node_from_array(slicer.mrmlScene, vol.array, vol.ijk_to_ras, "sample")
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         seg.CreateDefaultDisplayNodes()
         seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
