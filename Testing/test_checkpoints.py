@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from PromiseSegmentLib import checkpoints
-from PromiseSegmentLib.checkpoints import (CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint,
-                                           load_backbone, load_sam, load_state_dict)
-from PromiseSegmentLib.sam_models import build_seeded_sam
+from PromiseSegmentLib.backbone import BACKBONES, load_backbone, user_backbones
+from PromiseSegmentLib.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
+from PromiseSegmentLib.sam_vit import build_seeded_sam
+
+
+def load_sam(spec):
+    return load_backbone(spec)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -105,33 +110,45 @@ def test_no_network_gives_a_clear_error(tmp_path):
 
 def test_ensure_checkpoint_downloads_once_into_the_user_cache(server, tiny_file):
     _Handler.files["/reg.pth"] = (tiny_file.read_bytes(), None)
-    registry = {"tiny": CheckpointInfo("tiny", "tiny", "reg.pth", server + "/reg.pth", _sha(tiny_file), "test")}
-    path = ensure_checkpoint("tiny", registry=registry)
+    info = CheckpointInfo("reg.pth", server + "/reg.pth", _sha(tiny_file), tiny_file.stat().st_size)
+    path = ensure_checkpoint(info)
     assert path.parent == cache_dir() and path.name == "reg.pth"
     del _Handler.files["/reg.pth"]  # a second call must not download again
-    assert ensure_checkpoint("tiny", registry=registry) == path
+    assert ensure_checkpoint(info) == path
     path.write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="has 8 bytes, expected"):
+        ensure_checkpoint(info)
+    path.write_bytes(tiny_file.read_bytes()[:-1] + b"x")  # right size, wrong content
     with pytest.raises(CheckpointError, match="does not match the official SHA-256"):
-        ensure_checkpoint("tiny", registry=registry)
+        ensure_checkpoint(info)
 
 
-def test_official_registry_has_the_design_hashes():
-    reg = checkpoints.REGISTRY
-    assert reg["vit_b"].sha256.startswith("ec2df627") and reg["vit_b"].url.endswith("sam_vit_b_01ec64.pth")
-    assert reg["vit_l"].sha256.startswith("3adcc431") and reg["vit_h"].sha256.startswith("a7bf3b02")
-    assert reg["medsam"].url is None and reg["medsam"].variant == "vit_b"
+def test_registry_has_the_design_hashes_and_the_default():
+    assert BACKBONES["sam_vit_b"].checkpoint.sha256.startswith("ec2df627")
+    assert BACKBONES["sam_vit_b"].checkpoint.url.endswith("sam_vit_b_01ec64.pth")
+    assert BACKBONES["sam_vit_l"].checkpoint.sha256.startswith("3adcc431")
+    assert BACKBONES["sam_vit_h"].checkpoint.sha256.startswith("a7bf3b02")
+    assert BACKBONES["medsam"].checkpoint.url is None and BACKBONES["medsam"].variant == "vit_b"
+    lite = BACKBONES["lite_medsam"].checkpoint
+    assert lite.sha256.startswith("79d8c9dc") and lite.size == 39_370_479
+    # the torch-free names the CLI and Slicer lists use are the registries themselves
+    assert tuple(user_backbones()) == USER_BACKBONES and DEFAULT_BACKBONE == USER_BACKBONES[0] == "lite_medsam"
+    assert "tiny_random" in BACKBONES and "tiny_random" not in USER_BACKBONES  # a test fixture, never offered
+    from PromiseSegmentLib import promise
+
+    assert promise.MODES == MODES
 
 
 def test_load_round_trip_and_identity(tiny_file):
-    sam, variant, sha = load_sam(str(tiny_file))
-    assert variant == "tiny" and sha == _sha(tiny_file)
+    loaded = load_sam(str(tiny_file))
+    assert loaded.name == "tiny_random" and loaded.identity == _sha(tiny_file) and not loaded.sam.training
     ref = build_seeded_sam("tiny", 5).state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in sam.state_dict().items())
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.sam.state_dict().items())
 
 
-def test_wrong_variant_is_refused(tiny_file):
-    with pytest.raises(CheckpointError, match=r"tiny\.pth is a SAM tiny checkpoint but vit_b was expected"):
-        load_state_dict(tiny_file, "vit_b")
+def test_an_adapters_backbone_is_checked_against_the_file(tiny_file):
+    with pytest.raises(CheckpointError, match=r"needs backbone lite_medsam but .*tiny\.pth is tiny_random"):
+        load_backbone(str(tiny_file), "lite_medsam")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "not_sam"])
@@ -143,15 +160,14 @@ def test_corrupt_files_name_the_file(tiny_file, tmp_path, damage):
         bad.write_bytes(os.urandom(4096))
     else:
         torch.save({"weight": torch.zeros(3)}, bad)
-    with pytest.raises(CheckpointError, match=str(bad.name)):
+    with pytest.raises(CheckpointError, match=str(bad.name) if damage != "not_sam" else "match no known backbone"):
         load_sam(str(bad))
 
 
 def test_wrapped_training_checkpoint_is_unwrapped(tmp_path):
     path = tmp_path / "medsam_like.pth"
     torch.save({"model": build_seeded_sam("tiny", 5).state_dict(), "epoch": 3}, path)
-    _, variant, _ = load_sam(str(path))
-    assert variant == "tiny"
+    assert load_sam(str(path)).name == "tiny_random"
 
 
 def test_pickled_code_is_never_executed(tmp_path):
@@ -167,33 +183,29 @@ def test_pickled_code_is_never_executed(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_unknown_name_and_default_backbone():
+def test_unknown_name_and_the_default_backbone():
     with pytest.raises(CheckpointError, match="neither a file nor one of"):
         load_backbone("vit_x")
-    sam, variant, identity = load_backbone()
-    assert variant == "tiny" and identity.startswith("seed:")
-    sam2, _, _ = load_backbone("default")
-    assert all(torch.equal(v, sam2.state_dict()[k]) for k, v in sam.state_dict().items())
-    with pytest.raises(CheckpointError, match="not vit_b"):
-        load_backbone("default", "vit_b")
+    loaded = load_backbone()
+    assert loaded.name == "lite_medsam" and loaded.identity == BACKBONES["lite_medsam"].checkpoint.sha256
+    assert not loaded.sam.training and not any(p.requires_grad for p in loaded.sam.parameters())
 
 
-def test_default_backbone_gain_scales_logits_but_changes_no_mask(rng):
-    """The calibration multiplies mask logits by exactly DEFAULT_DECODER_GAIN: masks (logit > 0) and the
-    IoU head are those of the plain seeded model; only what training sees is rescaled."""
+def test_tiny_fixture_gain_scales_logits_but_changes_no_mask(rng):
+    """The test fixture's calibration multiplies mask logits by exactly TINY_DECODER_GAIN: masks (logit > 0)
+    and the IoU head are those of the plain seeded model; only what training sees is rescaled."""
     import numpy as np
-    from conftest import realistic_image
+    from conftest import as_backbone, realistic_image
 
     from PromiseSegmentLib.engine import Prompts, SamEngine
-    from PromiseSegmentLib.sam_models import (DEFAULT_BACKBONE_SEED, DEFAULT_DECODER_GAIN, build_default_backbone,
-                                              build_seeded_sam)
+    from PromiseSegmentLib.sam_vit import TINY_DECODER_GAIN, TINY_SEED
 
-    plain = SamEngine(build_seeded_sam("tiny", DEFAULT_BACKBONE_SEED), "cpu")
-    calibrated = SamEngine(build_default_backbone(), "cpu")
+    plain = SamEngine(as_backbone(build_seeded_sam("tiny", TINY_SEED)), "cpu")
+    calibrated = SamEngine(BACKBONES["tiny_random"].load(), "cpu")
     realistic = realistic_image(rng, 120, 100)
     prompts = Prompts(points=[[55, 54], [10, 10]], labels=[1, 0])
     a = plain.predict(plain.encode([realistic])[0], prompts)
     b = calibrated.predict(calibrated.encode([realistic])[0], prompts)
     assert np.array_equal(a.masks, b.masks) and np.allclose(a.iou, b.iou)
-    assert np.allclose(b.low_res, DEFAULT_DECODER_GAIN * a.low_res, rtol=1e-4, atol=1e-4)
+    assert np.allclose(b.low_res, TINY_DECODER_GAIN * a.low_res, rtol=1e-4, atol=1e-4)
     assert np.abs(a.low_res).max() < 1.0  # why: uncalibrated random heads sit at the threshold

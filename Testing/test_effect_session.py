@@ -13,7 +13,7 @@ SHAPE = (9, 40, 44)
 def logic():
     from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
 
-    return PromiseSegmentLogic()
+    return PromiseSegmentLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
 
 
 def scene():
@@ -85,13 +85,13 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
 
 
 def test_automatic_mode_runs_the_apm_and_takes_clicks_as_refinements(logic):
-    from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+    from PromiseSegmentLib.backbone import BACKBONES
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.interaction import ClickSession
 
     app, m, volume, seg, truth = scene()
-    adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=5), "tiny",
-                            DEFAULT_BACKBONE_IDENTITY).eval()
+    adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=5),
+                            BACKBONES["tiny_random"].load()).eval()
     session = ClickSession(logic, mode="automatic")
     normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
     session.locate(volume, ras_of(m, (0, 0, 4)), normal)  # the slice shown; no click yet
@@ -125,14 +125,16 @@ def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path)
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.adapters import describe, import_adapter, installed_adapters
 
+    from PromiseSegmentLib.backbone import BACKBONES
+
     adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), target_name="Liver"),
-                            "tiny", "seed:x")
+                            BACKBONES["tiny_random"].load())
     src = tmp_path / "liver.safetensors"
     save_adapter(adapter, src)
     first, second = import_adapter(src), import_adapter(src)
     assert first.name == "liver.safetensors" and second.name == "liver-1.safetensors"
     assert set(installed_adapters()) == {first, second}
-    assert describe(first).startswith("Liver: APM+IPS for SAM tiny")
+    assert describe(first).startswith("Liver: APM (points)+IPS for tiny_random")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError, match="not a safetensors"):

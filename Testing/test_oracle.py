@@ -5,10 +5,10 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from conftest import realistic_image
+from conftest import as_backbone, realistic_image
 from PromiseSegmentLib.decoder import decode_masks
 from PromiseSegmentLib.engine import Prompts, SamEngine
-from PromiseSegmentLib.sam_models import build_seeded_sam
+from PromiseSegmentLib.sam_vit import build_seeded_sam
 
 PROMPTS = {
     "points": dict(point_coords=np.array([[70.0, 80.0], [20.0, 150.0], [140.0, 40.0]]), point_labels=np.array([1, 0, 1])),
@@ -17,10 +17,10 @@ PROMPTS = {
 }
 
 
-def _compare(sam: Sam, image: np.ndarray, multimask: bool):
+def _compare(sam: Sam, image: np.ndarray, multimask: bool, name: str = "tiny_random"):
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    engine = SamEngine(sam, device="cpu")
+    engine = SamEngine(as_backbone(sam, name), device="cpu")
     emb = engine.encode([image])[0]
     assert torch.equal(emb.features, predictor.features)
     for name, kw in PROMPTS.items():
@@ -46,13 +46,13 @@ def test_tiny_architecture_matches_sam_predictor(tiny_sam, rng, multimask):
 
 def test_vit_b_architecture_matches_sam_predictor(rng):
     sam = build_seeded_sam("vit_b", 3)  # the real ViT-B layout, random weights
-    _compare(sam, realistic_image(rng, 190, 240), multimask=True)
+    _compare(sam, realistic_image(rng, 190, 240), multimask=True, name="sam_vit_b")
 
 
-def test_batched_encoding_equals_one_by_one(tiny_sam, rng):
+def test_batched_encoding_equals_one_by_one(tiny_backbone, rng):
     images = [realistic_image(rng, 120, 150), realistic_image(rng, 200, 90), realistic_image(rng, 64, 64)]
-    single = SamEngine(tiny_sam, device="cpu", batch_size=1).encode(images)
-    batched = SamEngine(tiny_sam, device="cpu", batch_size=3).encode(images)
+    single = SamEngine(tiny_backbone, device="cpu", batch_size=1).encode(images)
+    batched = SamEngine(tiny_backbone, device="cpu", batch_size=3).encode(images)
     for a, b in zip(single, batched):
         assert a.input_size == b.input_size and a.original_size == b.original_size
         assert (a.features - b.features).abs().max() <= 1e-4

@@ -58,14 +58,15 @@ def test_slices_put_back_where_they_came_from(axis):
     np.testing.assert_array_equal(out, vol)
 
 
-def _round_trip(tiny_sam, native_mask: np.ndarray, spacing):
+def _round_trip(tiny_backbone, native_mask: np.ndarray, spacing):
     """native mask -> (square pixels, SAM resize, pad) as the image would go -> inverse to the native grid."""
     geom = SliceGeometry(native_mask.shape, spacing)
-    engine = SamEngine(tiny_sam, device="cpu")
+    engine = SamEngine(tiny_backbone, device="cpu")
     rgb = np.repeat((native_mask * 255).astype(np.uint8)[:, :, None], 3, 2)
     square = geom.image_to_square(rgb)
-    resized = engine.transform.apply_image(square)
-    padded = np.zeros((1024, 1024), np.float32)
+    resized = engine.spec.resize(square)
+    size = engine.spec.image_size
+    padded = np.zeros((size, size), np.float32)
     padded[: resized.shape[0], : resized.shape[1]] = resized[:, :, 0] / 255.0 - 0.5  # as "logits"
     emb = ImageEmbedding(None, resized.shape[:2], square.shape[:2])
     back = engine.postprocess(torch.from_numpy(padded)[None, None], emb, geom.native_shape)[0, 0].numpy() > 0
@@ -74,11 +75,13 @@ def _round_trip(tiny_sam, native_mask: np.ndarray, spacing):
 
 @pytest.mark.parametrize("shape,spacing", [((37, 53), (1.0, 1.0)), ((41, 29), (3.0, 0.7)), ((64, 33), (0.5, 1.3)),
                                            ((1, 97), (1.0, 1.0))])
-def test_mask_round_trip_lands_on_the_same_pixels(tiny_sam, shape, spacing):
+@pytest.mark.parametrize("backbone", ["tiny_backbone", "lite_medsam"])
+def test_mask_round_trip_lands_on_the_same_pixels(request, backbone, shape, spacing):
+    tiny_backbone = request.getfixturevalue(backbone)
     mask = np.zeros(shape, bool)
     r0, r1 = max(0, shape[0] // 4), max(1, shape[0] * 3 // 4)
     mask[r0:r1, shape[1] // 5: shape[1] * 3 // 5] = True
-    geom, back = _round_trip(tiny_sam, mask, spacing)
+    geom, back = _round_trip(tiny_backbone, mask, spacing)
     if shape[0] > 1:
         assert geom.square_shape[0] * min(spacing) == pytest.approx(shape[0] * spacing[0], abs=min(spacing))
     inter = (back & mask).sum()

@@ -20,16 +20,16 @@ def app():
 def logic():
     from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
 
-    return PromiseSegmentLogic()
+    return PromiseSegmentLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
 
 
 @pytest.fixture(scope="module")
 def adapter():
     """An untrained (but complete) APM+IPS adapter for the embedded backbone: automatic mode on every slice."""
-    from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+    from PromiseSegmentLib.backbone import BACKBONES
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
-    return build_adapter(cfg, "tiny", DEFAULT_BACKBONE_IDENTITY).eval()
+    return build_adapter(cfg, BACKBONES["tiny_random"].load()).eval()
 
 
 def phantom(seed=0):
@@ -332,6 +332,7 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path):
     from conftest import DATA
     from PromiseSegmentLib.volume_io import read_labelmap, read_volume
     from PromiseSegmentSlicerLib.mrml import segment_mask
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
     from slicer_scene import load_nrrd, save_segmentation
 
     folder = DATA / "mr-volumes"
@@ -344,14 +345,18 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path):
     assert np.array_equal(segment_mask(seg, sid, volume), truth)
 
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=16,
-                      apm_head_blocks=(1, 1, 1, 1), target_name="Tumour")
-    result = logic.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", config=cfg, emptyShare=0.2)
+                      apm_tap_pool=2, target_name="Tumour")
+    default = PromiseSegmentLogic()  # the default backbone, LiteMedSAM
+    result = default.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", config=cfg, emptyShare=0.2)
+    assert result.adapter.backbone.name == "lite_medsam" and result.adapter.apm.prompts == ("box",)
     assert result.adapter.training["train_cases"] >= 2
 
     slices = np.nonzero(truth.any(axis=(1, 2)))[0]
     out_seg = add_segmentation(app.scene, volume, "promise")
-    new = logic.segmentVolume(volume, out_seg, adapter=str(tmp_path / "tumour.safetensors"),
-                              sliceRange=(int(slices.min()), int(slices.max())))
+    j, i = np.nonzero(truth.any(axis=0))
+    box = (int(i.min()) - 3, int(j.min()) - 3, int(slices.min()), int(i.max()) + 3, int(j.max()) + 3, int(slices.max()))
+    new = default.segmentVolume(volume, out_seg, adapter=str(tmp_path / "tumour.safetensors"), boxes=[box],
+                                sliceRange=(int(slices.min()), int(slices.max())))  # the user's box + IPS
     written = segment_mask(out_seg, new, volume)
     outside = np.ones(truth.shape[0], bool)
     outside[slices.min():slices.max() + 1] = False

@@ -14,10 +14,10 @@ def sample():
 
 
 @pytest.mark.parametrize("axis", ["K", "J", "I"])
-def test_only_prompted_slices_in_range_are_written(tiny_sam, sample, axis):
+def test_only_prompted_slices_in_range_are_written(tiny_backbone, sample, axis):
     vol, truth = sample
     ax = "KJI".index(axis)
-    engine = SamEngine(tiny_sam, device="cpu", batch_size=2)
+    engine = SamEngine(tiny_backbone, device="cpu", batch_size=2)
     present = [s for s in range(truth.shape[ax]) if take_slice(truth, ax, s).any()]
     prompts = {s: Prompts(box=mask_bbox(take_slice(truth, ax, s), 1)) for s in present}
     calls = []
@@ -33,9 +33,9 @@ def test_only_prompted_slices_in_range_are_written(tiny_sam, sample, axis):
     np.testing.assert_array_equal(take_slice(ranged, ax, first), take_slice(out, ax, first))
 
 
-def test_cancel_raises_and_returns_nothing(tiny_sam, sample):
+def test_cancel_raises_and_returns_nothing(tiny_backbone, sample):
     vol, truth = sample
-    engine = SamEngine(tiny_sam, device="cpu", batch_size=1)
+    engine = SamEngine(tiny_backbone, device="cpu", batch_size=1)
     prompts = {k: Prompts(points=[[20, 20]]) for k in range(vol.array.shape[0])}
     seen = []
     with pytest.raises(Cancelled):
@@ -44,9 +44,9 @@ def test_cancel_raises_and_returns_nothing(tiny_sam, sample):
     assert len(seen) == 2
 
 
-def test_bad_requests_are_explained(tiny_sam, sample):
+def test_bad_requests_are_explained(tiny_backbone, sample):
     vol, _ = sample
-    engine = SamEngine(tiny_sam, device="cpu")
+    engine = SamEngine(tiny_backbone, device="cpu")
     with pytest.raises(InputError, match="no slice to segment"):
         segment_volume(engine, vol.array, vol.ijk_to_ras)
     with pytest.raises(InputError, match="outside"):

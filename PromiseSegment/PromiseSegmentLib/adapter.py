@@ -17,18 +17,38 @@ from .paths import write_atomically
 from .preprocessing import IntensityRule
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: backbone-aware (name, family, identity, preprocessing); APM with box head
 METADATA_KEY = "promise_segment"
 
 
 class AdapterError(ValueError):
-    """An adapter file is unreadable or does not fit the chosen SAM."""
+    """An adapter file is unreadable or does not fit the chosen backbone."""
+
+
+@dataclass
+class BackboneRecord:
+    """What an adapter was trained on: registry name, family, weights identity (SHA-256), input size and
+    preprocessing (adapters are refused on another backbone)."""
+
+    name: str
+    family: str
+    identity: str
+    image_size: int
+    tap_channels: tuple
+
+    @staticmethod
+    def of(backbone) -> "BackboneRecord":
+        spec = backbone.spec
+        return BackboneRecord(spec.name, spec.family, backbone.identity, spec.image_size, tuple(spec.tap_channels))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "family": self.family, "identity": self.identity,
+                "image_size": self.image_size, "tap_channels": list(self.tap_channels)}
 
 
 @dataclass
 class Adapter:
-    sam_variant: str
-    sam_identity: str  # SHA-256 of the SAM checkpoint trained on (or the embedded backbone's seed tag)
+    backbone: BackboneRecord
     apm: Optional[APM] = None
     ips: Optional[IPS] = None
     intensity: IntensityRule = field(default_factory=IntensityRule)
@@ -37,8 +57,7 @@ class Adapter:
     training: Dict[str, Any] = field(default_factory=dict)
 
     def metadata(self) -> Dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "sam_variant": self.sam_variant,
-                "sam_checkpoint_sha256": self.sam_identity,
+        return {"format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
                 "apm": self.apm.config if self.apm is not None else None,
                 "ips": self.ips.config if self.ips is not None else None,
                 "intensity": self.intensity.to_dict(),
@@ -62,11 +81,12 @@ class Adapter:
         return self
 
 
-def save_adapter(adapter: Adapter, path) -> Path:
-    """Write atomically (temporary file + rename) so an interrupted save never leaves a broken adapter."""
+def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
+    """Write atomically (temporary file + rename) so an interrupted save never leaves a broken adapter.
+    ``states`` (module name -> state dict) is written instead of the modules' current weights."""
     path = Path(path)
-    tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
-               for name, m in adapter.modules().items() for k, v in m.state_dict().items()}
+    states = states or {name: m.state_dict() for name, m in adapter.modules().items()}
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, s in states.items() for k, v in s.items()}
     return write_atomically(path, lambda tmp: save_file(tensors, tmp,
                                                         metadata={METADATA_KEY: json.dumps(adapter.metadata())}))
 
@@ -79,29 +99,48 @@ def read_metadata(path) -> Dict[str, Any]:
         raise AdapterError(f"{path} is not a readable adapter file (safetensors): {exc}") from exc
     if raw is None:
         raise AdapterError(f"{path} is a safetensors file without PromiseSegment metadata; not an adapter")
-    meta = json.loads(raw)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format {meta['format_version']}; this PromiseSegment reads "
-                           f"up to {FORMAT_VERSION}: update PromiseSegment")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterError(f"{path}: its metadata is not valid JSON ({exc})") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int):
+        raise AdapterError(f"{path}: its metadata has no integer format_version; not a PromiseSegment adapter")
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format {version}; this PromiseSegment reads {FORMAT_VERSION}: "
+                           f"update PromiseSegment")
+    if version < FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format {version} (from before backbones were recorded, SAM ViT "
+                           f"only); this PromiseSegment reads format {FORMAT_VERSION}: retrain the adapter")
+    missing = [k for k in ("backbone", "apm", "ips", "intensity", "target") if k not in meta]
+    if missing or not isinstance(meta["backbone"], dict) or "name" not in meta["backbone"]:
+        raise AdapterError(f"{path}: adapter metadata lacks {', '.join(missing) or 'backbone.name'}")
     return meta
 
 
-def load_adapter(path, sam_variant: Optional[str] = None, sam_identity: Optional[str] = None,
-                 allow_mismatch: bool = False) -> Adapter:
-    """Load an adapter, refusing one trained on another SAM unless ``allow_mismatch`` (then it warns)."""
+def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
+    """Load an adapter; with ``backbone`` (a ``LoadedBackbone``) refuse one trained on another backbone
+    (always for another architecture; for other weights of the same architecture unless
+    ``allow_mismatch``, then it warns)."""
     meta = read_metadata(path)
-    if sam_variant is not None and meta["sam_variant"] != sam_variant:
-        raise AdapterError(f"{path} was trained on SAM {meta['sam_variant']} but the loaded SAM is {sam_variant}; "
-                           f"load the matching SAM checkpoint (the layers differ, this cannot be overridden)")
-    if sam_identity is not None and meta["sam_checkpoint_sha256"] != sam_identity:
-        msg = (f"{path} was trained on SAM checkpoint {meta['sam_checkpoint_sha256']} but the loaded one is "
-               f"{sam_identity}")
-        if not allow_mismatch:
-            raise AdapterError(msg + "; load that checkpoint, or allow the mismatch explicitly "
-                                     "(--allow-backbone-mismatch) if you know the weights are compatible")
-        log.warning("%s; continuing because the mismatch was allowed (results may be poor)", msg)
-    apm = APM(**meta["apm"]) if meta.get("apm") else None
-    ips = IPS(**meta["ips"]) if meta.get("ips") else None
+    rec = meta["backbone"]
+    if backbone is not None:
+        spec = backbone.spec
+        if rec.get("family") != spec.family or list(rec.get("tap_channels", [])) != list(spec.tap_channels):
+            raise AdapterError(f"{path} was trained on backbone {rec['name']} but the loaded backbone is "
+                               f"{spec.name}; load {rec['name']} (the layers differ, this cannot be overridden)")
+        if rec.get("identity") != backbone.identity:
+            msg = (f"{path} was trained on {rec['name']} weights {rec.get('identity')} but the loaded ones are "
+                   f"{backbone.identity}")
+            if not allow_mismatch:
+                raise AdapterError(msg + "; load those weights, or allow the mismatch explicitly "
+                                         "(--allow-backbone-mismatch) if you know they are compatible")
+            log.warning("%s; continuing because the mismatch was allowed (results may be poor)", msg)
+    try:
+        apm = APM(**meta["apm"]) if meta.get("apm") else None
+        ips = IPS(**meta["ips"]) if meta.get("ips") else None
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{path}: APM/IPS configuration in its metadata is invalid: {exc}") from exc
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, module in (("apm", apm), ("ips", ips)):
@@ -112,7 +151,11 @@ def load_adapter(path, sam_variant: Optional[str] = None, sam_identity: Optional
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AdapterError(f"{path}: {name.upper()} weights do not match its metadata: {exc}") from exc
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise AdapterError(f"{path}: {name.upper()} weights contain NaN or infinite values; the file is damaged")
     target = meta.get("target") or {}
-    return Adapter(meta["sam_variant"], meta["sam_checkpoint_sha256"], apm, ips,
-                   IntensityRule.from_dict(meta.get("intensity") or {}), target.get("name", "Segment"),
-                   tuple(target.get("color", (0.9, 0.3, 0.2))), meta.get("training") or {}).eval()
+    record = BackboneRecord(rec["name"], rec.get("family", ""), rec.get("identity", ""),
+                            int(rec.get("image_size", 0)), tuple(rec.get("tap_channels", ())))
+    return Adapter(record, apm, ips, IntensityRule.from_dict(meta.get("intensity") or {}),
+                   target.get("name", "Segment"), tuple(target.get("color", (0.9, 0.3, 0.2))),
+                   meta.get("training") or {}).eval()

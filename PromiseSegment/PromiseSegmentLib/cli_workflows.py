@@ -16,76 +16,88 @@ def _train_progress(progress_bar):
     return report
 
 
+DEMO_TEST = ("10035_spleen_49", "10038_spleen_14", "10039_spleen_59")  # 3 patients never seen in training
+
+
+def bundled_spleen() -> Path:
+    """Real CT slices with expert spleen masks shipped with the package (MSD Task09, CC-BY-SA 4.0)."""
+    return Path(__file__).resolve().parent / "bundled" / "ct-spleen"
+
+
 def cmd_demo(args) -> int:
-    """Offline end to end on the generated sample volume: train an APM+IPS adapter on generated slices and
-    segment the sample automatically (or, with ``--prompted``, plain SAM with a box + click per slice);
-    write .seg.nrrd + overlay PNG + a Dice report against the known truth."""
-    from .checkpoints import load_backbone
-    from .cli import best_slice_overlay
-    from .datasets import Case
-    from .engine import Prompts
+    """The main job on real data, offline: train an APM+IPS adapter on bundled spleen CT slices of 12
+    patients, segment the slices of 3 other patients automatically, write .seg.nrrd files, overlays at
+    native resolution and a report with Dice against the expert masks."""
+    from .backbone import load_backbone
+    from .datasets import load_image_folder
     from .metrics import dice
-    from .preprocessing import mask_bbox
     from .promise import ProMISeModel, engine_for
-    from .sample_data import make_sample_volume, make_training_slices
     from .training import TrainConfig, train_adapter
-    from .volume_io import Segment, save_png, write_segmentation
+    from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; choose another --out or pass --overwrite")
+    cfg = TrainConfig(epochs=args.warmup + args.epochs, apm_warmup_epochs=args.warmup, lr=args.lr, batch_size=4,
+                      augment=False, cache_features=True, apm_fusion_dim=64, apm_tap_pool=2,
+                      target_name="Spleen", intensity={"kind": "rgb"})
+    cfg.check()
     start = time.time()
-    sam, variant, identity = load_backbone(args.sam_checkpoint, args.variant)
-    if variant == "tiny":
-        print("backbone: embedded default (tiny SAM architecture, seeded random weights - NOT SAM; "
-              "pass --sam-checkpoint vit_b for real SAM)")
-    vol, truth = make_sample_volume(0)
-    if not args.prompted:
-        engine = engine_for(sam, variant, None, args.device)
-        pairs = make_training_slices(range(1, 1 + args.train_volumes))
-        cases = [Case(f"train{i}", rgb, m) for i, (rgb, m) in enumerate(pairs)]
-        val = cases[:: 6]
-        train = [c for c in cases if c not in val]
-        # light APM head and a high learning rate: minutes on a CPU (see the README's ablation table)
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=8, augment=False, cache_features=True,
-                          apm_fusion_dim=64, apm_head_blocks=(1, 1, 1, 1), target_name="Lesion")
-        with bar("training adapter", "epoch") as b:
-            result = train_adapter(engine, variant, identity, train, val, cfg, out / "demo_adapter.safetensors",
-                                   progress=_train_progress(b))
-        model = ProMISeModel(engine_for(sam, variant, result.adapter, args.device), variant, identity,
-                             result.adapter)
-        how = (f"adapter APM+IPS trained on {len(train)} generated slices ({len(result.history)} epochs, "
-               f"best validation Dice {result.best_val_dice:.3f}); automatic, no clicks")
-        mode, prompts = "apm+ips", None
-    else:
-        model = ProMISeModel(engine_for(sam, variant, None, args.device), variant, identity)
-        prompts = {k: Prompts(points=[np.argwhere(truth[k]).mean(0)[::-1]], labels=[1], box=mask_bbox(truth[k], 2))
-                   for k in range(truth.shape[0]) if truth[k].any()}
-        how = f"SAM prompted on {len(prompts)} slices with a box + centre click each (what a user would draw)"
-        mode = "vanilla"
-    with bar("segmenting", "slice") as b:
-        mask = model.segment_volume(vol.array, vol.ijk_to_ras, mode=mode, prompts=prompts, progress=b)
-    seg = write_segmentation(out / "sample.seg.nrrd", mask, vol.ijk_to_ras, [Segment("Lesion", (0.9, 0.3, 0.2))],
-                             overwrite=True)
-    write_segmentation(out / "sample_truth.seg.nrrd", truth, vol.ijk_to_ras, [Segment("Truth", (0.2, 0.9, 0.3))], overwrite=True)
-    png = save_png(out / "sample_overlay.png", best_slice_overlay(vol.array, mask, 0, model.intensity, truth))
-    d = dice(mask, truth)
-    report = (f"PromiseSegment demo: {variant} backbone; {how}\n"
-              f"sample volume {vol.array.shape[::-1]} voxels (I, J, K), spacing 0.9 x 0.9 x 3.0 mm, oblique\n"
-              f"Dice vs the known truth (3D): {d:.3f}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(args.backbone)
+    print(f"backbone: {backbone.spec.description}")
+    cases = load_image_folder(bundled_spleen())
+    test = [c for c in cases if c.id in DEMO_TEST]
+    rest = [c for c in cases if c.id not in DEMO_TEST]
+    fit, select = rest[:-3], rest[-3:]
+    with bar("training adapter", "epoch") as b:
+        result = train_adapter(engine_for(backbone, None, args.device), fit, select, cfg,
+                               out / "spleen_adapter.safetensors", progress=_train_progress(b))
+    model = ProMISeModel(engine_for(backbone, result.adapter, args.device), result.adapter)
+    lines, dices = [], []
+    for case in test:
+        vol = read_volume(bundled_spleen() / "images" / f"{case.id}.jpg")
+        mask = model.segment_volume(vol.array, vol.ijk_to_ras, mode="apm+ips")
+        d = dice(mask[0] > 0, case.mask)
+        dices.append(d)
+        write_segmentation(out / f"{case.id}.seg.nrrd", mask, vol.ijk_to_ras, [Segment("Spleen", model.target_color)],
+                           overwrite=True)
+        save_png(out / f"{case.id}_overlay.png", overlay_rgb(vol.array[0], [mask[0] > 0, case.mask]))
+        lines.append(f"  {case.id}: Dice {d:.3f}  ({int(mask.sum())} voxels predicted, {int(case.mask.sum())} in the "
+                     f"expert mask)")
+        print(lines[-1])
+    report = (f"PromiseSegment demo on real CT (bundled MSD spleen slices, CC-BY-SA 4.0)\n"
+              f"backbone: {backbone.name} (frozen), weights SHA-256 {backbone.identity}\n"
+              f"adapter: APM (box) + IPS trained on {len(fit)} slices of {len({c.id.split('_')[0] for c in fit})} "
+              f"patients, selected on {len(select)} more "
+              f"({len(result.history)} epochs, best selection Dice {result.best_val_dice:.3f})\n"
+              f"automatic segmentation (no clicks) of 3 patients not used for training:\n" + "\n".join(lines) +
+              f"\nmean Dice {np.mean(dices):.3f}\n"
+              f"red: prediction, green: expert mask in the *_overlay.png files (native 512 x 512)\n"
               f"time: {time.time() - start:.0f} s\n")
     (out / "report.txt").write_text(report)
-    print(report + f"wrote {seg}, {png}, {out / 'report.txt'}")
+    print(report + f"wrote {out}/*.seg.nrrd, *_overlay.png, spleen_adapter.safetensors, report.txt")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .checkpoints import load_backbone
+    from .backbone import load_backbone
     from .cli import intensity_from_args
     from .datasets import load_image_folder, load_volume_pairs
     from .promise import engine_for
     from .training import TrainConfig, train_adapter
 
     rule = intensity_from_args(args)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      augment=not args.no_augment, cache_features=args.cache_features,
+                      use_apm=not args.no_apm, use_ips=not args.no_ips,
+                      apm_prompts=args.apm_prompts.split(",") if args.apm_prompts else None,
+                      n_points=args.points, n_positive=args.positive, apm_fusion_dim=args.apm_width,
+                      apm_head_blocks=tuple(int(v) for v in args.apm_blocks.split(",")),
+                      apm_tap_pool=args.apm_tap_pool, box_loss_weight=args.box_loss_weight,
+                      apm_warmup_epochs=args.apm_warmup, user_prompt=args.user_prompt,
+                      target_name=args.name, intensity=rule.to_dict())
+    cfg.check()  # before any data or model is loaded
     if args.volumes:
         pairs = [p.split(",") for p in args.volumes]
         cases = load_volume_pairs(pairs, rule, args.axis, args.label, args.empty_share, args.seed)
@@ -102,18 +114,11 @@ def cmd_train(args) -> int:
             cases = load_image_folder(root, None, args.limit)
             n_val = max(1, int(round(args.val_fraction * len(cases))))
             val, train = cases[:n_val], cases[n_val:]
-    sam, variant, identity = load_backbone(args.sam_checkpoint, args.variant)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      augment=not args.no_augment, cache_features=args.cache_features,
-                      use_apm=not args.no_apm, use_ips=not args.no_ips, n_points=args.points,
-                      n_positive=args.positive, apm_fusion_dim=args.apm_width,
-                      apm_head_blocks=tuple(int(v) for v in args.apm_blocks.split(",")),
-                      target_name=args.name, intensity=rule.to_dict())
-    engine = engine_for(sam, variant, None, args.device)
-    print(f"training on {len(train)} cases, validating on {len(val)}; SAM {variant} frozen")
+    backbone = load_backbone(args.backbone)
+    engine = engine_for(backbone, None, args.device)
+    print(f"training on {len(train)} cases, validating on {len(val)}; backbone {backbone.name} frozen")
     with bar("training", "epoch") as b:
-        result = train_adapter(engine, variant, identity, train, val, cfg, Path(args.output), args.resume,
-                               progress=_train_progress(b))
+        result = train_adapter(engine, train, val, cfg, Path(args.output), args.resume, progress=_train_progress(b))
     print(f"wrote {args.output}: best validation Dice {result.best_val_dice:.3f}, "
           f"{result.adapter.trainable_parameters():,} trainable parameters, {result.seconds:.0f} s")
     return 0
@@ -124,8 +129,7 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_cases, write_report
     from .promise import load_model
 
-    model = load_model(args.sam_checkpoint, args.adapter, args.variant, args.device,
-                       allow_mismatch=args.allow_backbone_mismatch)
+    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch)
     cases = load_image_folder(args.data, args.split, args.limit)
     with bar("evaluating", "case") as b:
         rows = evaluate_cases(model, cases, mode=args.mode, prompt=args.prompt, progress=b)
@@ -135,15 +139,16 @@ def cmd_evaluate(args) -> int:
 
 def add_workflow_commands(sub) -> None:
     from .cli import add_backbone_args, add_intensity_args
+    from .names import MODES
+    from .training import TrainConfig
 
-    p = sub.add_parser("demo", help="the whole ProMISe workflow offline on generated data (train, segment, report)")
+    p = sub.add_parser("demo", help="the whole ProMISe workflow offline on bundled real CT (train, segment, report)")
     p.add_argument("--out", default="promise-demo", help="output folder (default promise-demo)")
     add_backbone_args(p)
-    p.add_argument("--prompted", action="store_true",
-                   help="skip training: plain SAM prompted with a box + centre click on every lesion slice")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--train-volumes", type=int, default=6, help="generated training volumes")
+    p.add_argument("--warmup", type=int, default=40, help="APM warm-up epochs (box loss only; cheap)")
+    p.add_argument("--epochs", type=int, default=25, help="joint APM+IPS epochs after the warm-up")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train an APM+IPS adapter on a frozen SAM")
@@ -154,18 +159,29 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="adapter file to write (.safetensors)")
     add_backbone_args(p)
     add_intensity_args(p)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--cache-features", action="store_true", help="encode once, keep fp16 features (needs --no-augment)")
     p.add_argument("--no-apm", action="store_true")
     p.add_argument("--no-ips", action="store_true")
-    p.add_argument("--points", type=int, default=16, help="APM points N")
-    p.add_argument("--positive", type=int, default=8, help="how many of the N slots are positive")
-    p.add_argument("--apm-width", type=int, default=256, help="APM fusion width")
-    p.add_argument("--apm-blocks", default="3,4,6,3", help="ResNet blocks per stage (3,4,6,3 = ResNet-34)")
+    p.add_argument("--apm-prompts", help="what the APM predicts: box, points or box,points (default: the backbone's; "
+                                         "box for lite_medsam, points for SAM ViT)")
+    p.add_argument("--points", type=int, default=d.n_points, help="APM points N")
+    p.add_argument("--positive", type=int, default=d.n_positive, help="how many of the N slots are positive")
+    p.add_argument("--apm-width", type=int, default=d.apm_fusion_dim, help="APM fusion width")
+    p.add_argument("--apm-blocks", default=",".join(map(str, d.apm_head_blocks)),
+                   help="ResNet blocks per stage of the point head (3,4,6,3 = ResNet-34)")
+    p.add_argument("--apm-tap-pool", type=int, default=d.apm_tap_pool, help="average-pool the encoder taps by this")
+    p.add_argument("--box-loss-weight", type=float, default=d.box_loss_weight,
+                   help="auxiliary APM loss against the mask's bounding box (0: the paper's mask loss only)")
+    p.add_argument("--apm-warmup", type=int, default=d.apm_warmup_epochs,
+                   help="epochs training the APM alone on the auxiliary loss before the joint phase")
+    p.add_argument("--user-prompt", choices=("none", "box", "points"), default=d.user_prompt,
+                   help="train IPS alone with prompts from the ground truth (what a user would give)")
     p.add_argument("--axis", default="K")
     p.add_argument("--label", type=int, help="label value in the label maps (default: any non-zero)")
     p.add_argument("--empty-share", type=float, default=0.1, help="empty slices per labelled slice")
@@ -180,10 +196,10 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("--split", help="subfolder (e.g. val)")
     p.add_argument("--adapter")
     p.add_argument("--allow-backbone-mismatch", action="store_true")
-    p.add_argument("--mode", default="auto", choices=["auto", "apm+ips", "ips", "apm+clicks", "vanilla"])
-    p.add_argument("--prompt", choices=["none", "center", "gt-points"], default="none",
-                   help="simulated user prompts: none, one positive click at the image centre, or 3+3 points "
-                        "sampled from the ground truth (seeded per case)")
+    p.add_argument("--mode", default="auto", choices=MODES)
+    p.add_argument("--prompt", choices=["none", "center", "gt-points", "gt-box"], default="none",
+                   help="simulated user prompts: none, one positive click at the image centre, 3+3 points "
+                        "sampled from the ground truth (seeded per case), or the ground truth's bounding box")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", required=True, help="output folder for metrics.csv and figure.png")
     add_backbone_args(p)

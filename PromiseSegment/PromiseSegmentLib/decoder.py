@@ -2,7 +2,7 @@
 a per-image additive shift of the 4 mask tokens (ProMISe's IPS). SAM's modules are not edited.
 
 With ``mask_token_shift=None`` (or all zeros) the result equals ``MaskDecoder.forward`` exactly;
-``Testing/test_decoder.py`` checks this against segment-anything itself.
+``Testing/test_oracle.py`` checks this against segment-anything itself.
 """
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from segment_anything.modeling import Sam
 
 def decode_masks(sam: Sam, image_embeddings: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
                  dense_prompt_embeddings: torch.Tensor, multimask_output: bool,
-                 mask_token_shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 mask_token_shift: Optional[torch.Tensor] = None,
+                 token: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Low-res mask logits (B, C, 256, 256) and IoU predictions (B, C).
 
     ``image_embeddings`` is (1 or B, 256, 64, 64): one image shared by B prompt sets (SAM's
     predictor) or one image per prompt set (batched training). ``mask_token_shift`` is
-    (1 or B, num_mask_tokens, 256).
+    (1 or B, num_mask_tokens, 256). ``token`` (0..3) returns that mask token's output alone (ProMISe's
+    decode token, set by the backbone); otherwise ``multimask_output`` chooses as SAM does.
     """
     dec = sam.mask_decoder
     b = sparse_prompt_embeddings.shape[0]
@@ -53,5 +55,8 @@ def decode_masks(sam: Sam, image_embeddings: torch.Tensor, sparse_prompt_embeddi
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     iou_pred = dec.iou_prediction_head(iou_token_out)
 
-    sel = slice(1, None) if multimask_output else slice(0, 1)
+    if token is not None:
+        sel = slice(token, token + 1)
+    else:
+        sel = slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, sel], iou_pred[:, sel]

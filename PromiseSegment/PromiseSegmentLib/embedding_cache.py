@@ -13,15 +13,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def image_key(image: np.ndarray, capture_blocks: Sequence[int]) -> str:
+def image_key(image: np.ndarray, capture: Sequence[int]) -> str:
     h = hashlib.blake2b(digest_size=20)
-    h.update(repr((image.shape, str(image.dtype), tuple(capture_blocks))).encode())
+    h.update(repr((image.shape, str(image.dtype), tuple(capture))).encode())
     h.update(np.ascontiguousarray(image).data)
     return h.hexdigest()
 
 
 def _nbytes(emb) -> int:
-    tensors = [emb.features] + list(emb.interm or [])
+    tensors = [emb.features] + list(emb.taps or [])
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -76,9 +76,9 @@ class EmbeddingCache:
         return len(self._items)
 
 
-def lookup(cache: Optional[EmbeddingCache], image: np.ndarray, capture_blocks: Sequence[int]):
+def lookup(cache: Optional[EmbeddingCache], image: np.ndarray, capture: Sequence[int]):
     """(key, cached embedding or None); no key is computed without a cache."""
     if cache is None:
         return None, None
-    key = image_key(image, capture_blocks)
+    key = image_key(image, capture)
     return key, cache.get(key)

@@ -1,9 +1,10 @@
-"""Inference engine: frozen SAM, batched image encoding, prompted mask prediction.
+"""Inference engine: a frozen backbone, batched image encoding (with the APM's encoder taps), and
+prompted mask prediction.
 
-Image handling and prompt transforms are SAM's own (``ResizeLongestSide``, ``Sam.preprocess``,
-``Sam.postprocess_masks`` semantics), so with the same weights and prompts the engine reproduces
-``SamPredictor`` (checked by the oracle tests). The decoder goes through ``decoder.decode_masks``,
-which accepts IPS's mask-token shift.
+The backbone owns the geometry (resize, normalisation, padding, coordinate transforms) and the
+encoder; for SAM ViT these are SAM's own, so with the same weights and prompts the engine reproduces
+``SamPredictor`` (oracle tests), and for LiteMedSAM the package's own forward. The decoder goes
+through ``decoder.decode_masks``, which accepts IPS's mask-token shift.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
 
+from .backbone import LOW_RES, LoadedBackbone
 from .decoder import decode_masks
 from .devices import is_out_of_memory, pick_device
 from .embedding_cache import EmbeddingCache, lookup
@@ -24,7 +24,6 @@ from .errors import Cancelled  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-LOW_RES = 256
 MASK_PROMPT_LOGIT = 10.0  # magnitude of the logits a binary mask prompt is turned into
 
 
@@ -55,10 +54,14 @@ class Prompts:
 
 @dataclass
 class ImageEmbedding:
-    features: torch.Tensor  # (1, 256, 64, 64) on the engine's device
-    input_size: Tuple[int, int]  # after ResizeLongestSide, before padding
-    original_size: Tuple[int, int]  # size of the image that was encoded
-    interm: Optional[List[torch.Tensor]] = None  # encoder block outputs (1, C, 64, 64) for the APM
+    """One encoded image: ``features`` (1, 256, 64, 64) on the engine's device; ``input_size`` (rows,
+    cols) after resizing to the backbone's input frame, before padding; ``original_size`` of the image
+    that was encoded; ``taps`` the APM's encoder taps, each (1, C, 64, 64), when captured."""
+
+    features: torch.Tensor
+    input_size: Tuple[int, int]
+    original_size: Tuple[int, int]
+    taps: Optional[List[torch.Tensor]] = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Prediction:
     low_res: np.ndarray  # (C, 256, 256), reusable as a mask prompt
     points: Optional[np.ndarray] = None  # prompts actually used (APM's included), image pixels
     labels: Optional[np.ndarray] = None
+    box: Optional[np.ndarray] = None  # (4,) x0, y0, x1, y1 actually used, image pixels
 
     def best(self) -> int:
         return int(np.argmax(self.iou))
@@ -84,37 +88,28 @@ def mask_to_low_res(mask: np.ndarray, input_size: Tuple[int, int], image_size: i
 
 
 class SamEngine:
-    def __init__(self, sam: Sam, device: Optional[str] = None, batch_size: Optional[int] = None,
-                 capture_blocks: Sequence[int] = (), cache: Optional[EmbeddingCache] = None):
+    """A frozen backbone on a device: ``encode`` images (batched, cached) and ``predict`` masks from prompts
+    given in each image's own pixels."""
+
+    def __init__(self, backbone: LoadedBackbone, device: Optional[str] = None, batch_size: Optional[int] = None,
+                 capture_taps: bool = False, cache: Optional[EmbeddingCache] = None):
         self.cache = cache  # optional: repeated slices skip the encoder
+        self.backbone = backbone
+        self.spec = backbone.spec
         self.device = pick_device(device)
-        for p in sam.parameters():
-            p.requires_grad_(False)
-        self.sam = sam.to(self.device).eval()
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.sam = backbone.sam.to(self.device)
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
-        self.capture_blocks = tuple(capture_blocks)
-        self.mask_threshold = float(sam.mask_threshold)
+        self.capture_taps = capture_taps
+        self.mask_threshold = float(backbone.sam.mask_threshold)
 
     # ----------------------------------------------------------------------------- encoding
     def _prepare(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
-        resized = self.transform.apply_image(image)
-        t = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].to(self.device)
-        return self.sam.preprocess(t.float()), tuple(resized.shape[:2]), tuple(image.shape[:2])
+        x, input_size = self.spec.prepare(self.sam, image, self.device)
+        return x, input_size, (int(image.shape[0]), int(image.shape[1]))
 
     @torch.no_grad()
     def _encode_batch(self, batch: torch.Tensor):
-        captured: List[torch.Tensor] = []
-        hooks = [self.sam.image_encoder.blocks[i].register_forward_hook(
-            lambda _m, _i, out: captured.append(out.permute(0, 3, 1, 2))) for i in self.capture_blocks]
-        try:
-            features = self.sam.image_encoder(batch)
-        finally:
-            for h in hooks:
-                h.remove()
-        return features, captured
+        return self.spec.encode(self.sam, batch, self.capture_taps)
 
     def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,
                cancel: Optional[Callable[[], bool]] = None) -> List[ImageEmbedding]:
@@ -124,7 +119,7 @@ class SamEngine:
         keys: List[Optional[str]] = [None] * len(images)
         todo = []
         for n, image in enumerate(images):
-            keys[n], out[n] = lookup(self.cache, image, self.capture_blocks)
+            keys[n], out[n] = lookup(self.cache, image, (self.spec.name, self.capture_taps))
             if out[n] is None:
                 todo.append(n)
         i = 0
@@ -134,7 +129,7 @@ class SamEngine:
             chunk = todo[i:i + self.batch_size]
             prepared = [self._prepare(images[n]) for n in chunk]
             try:
-                feats, interm = self._encode_batch(torch.cat([p[0] for p in prepared]))
+                feats, taps = self._encode_batch(torch.cat([p[0] for p in prepared]))
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -142,7 +137,7 @@ class SamEngine:
                 continue
             for j, (n, (_, input_size, original_size)) in enumerate(zip(chunk, prepared)):
                 out[n] = ImageEmbedding(feats[j:j + 1], input_size, original_size,
-                                        [t[j:j + 1] for t in interm] if interm else None)
+                                        [t[j:j + 1] for t in taps] if taps else None)
                 if self.cache is not None:
                     self.cache.put(keys[n], out[n])
             i += len(chunk)
@@ -167,14 +162,14 @@ class SamEngine:
 
     # ----------------------------------------------------------------------------- prompts
     def prompt_tensors(self, emb: ImageEmbedding, prompts: Prompts):
-        """SAM prompt-encoder inputs in the 1024 frame, exactly as ``SamPredictor.predict`` builds them."""
+        """Prompt-encoder inputs in the backbone's input frame, as ``SamPredictor.predict`` builds them."""
         points = box = mask = None
         if prompts.points is not None and len(prompts.points):
-            coords = self.transform.apply_coords(prompts.points, emb.original_size)
+            coords = self.spec.to_input_frame(prompts.points, emb.original_size)
             points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
                       torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device)[None])
         if prompts.box is not None:
-            b = self.transform.apply_boxes(prompts.box[None], emb.original_size)
+            b = self.spec.to_input_frame(prompts.box.reshape(2, 2), emb.original_size).reshape(1, 4)
             box = torch.as_tensor(b, dtype=torch.float, device=self.device)[None]
         if prompts.mask_logits is not None:
             mask = torch.as_tensor(prompts.mask_logits, dtype=torch.float, device=self.device).reshape(
@@ -183,7 +178,7 @@ class SamEngine:
 
     def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray) -> np.ndarray:
         """A binary mask on the encoded image's grid -> (1, 256, 256) logits usable as ``mask_logits``."""
-        soft = mask_to_low_res(mask, emb.input_size, self.sam.image_encoder.img_size)
+        soft = mask_to_low_res(mask, emb.input_size, self.spec.image_size)
         return ((soft - 0.5) * (2 * MASK_PROMPT_LOGIT)).numpy()
 
     # ----------------------------------------------------------------------------- decoding
@@ -191,8 +186,9 @@ class SamEngine:
                     output_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Low-res logits -> logits on the encoded image's grid (or ``output_size``, e.g. the native
         anisotropic slice grid, in a single interpolation)."""
-        size = self.sam.image_encoder.img_size
-        x = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        size = self.spec.image_size
+        x = low_res if low_res.shape[-1] == size else F.interpolate(low_res, (size, size), mode="bilinear",
+                                                                     align_corners=False)
         x = x[..., :emb.input_size[0], :emb.input_size[1]]
         return F.interpolate(x, tuple(output_size or emb.original_size), mode="bilinear", align_corners=False)
 

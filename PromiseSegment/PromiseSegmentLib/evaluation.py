@@ -12,6 +12,7 @@ import numpy as np
 from .datasets import Case, sample_points
 from .engine import Prompts
 from .metrics import dice, hd95, iou
+from .preprocessing import mask_bbox
 
 
 def simulated_prompts(case: Case, prompt: str) -> Prompts:
@@ -21,6 +22,8 @@ def simulated_prompts(case: Case, prompt: str) -> Prompts:
     if prompt == "gt-points":
         pts, labels = sample_points(case.mask, 3, 3, np.random.default_rng(zlib.crc32(case.id.encode())))
         return Prompts(points=pts, labels=labels)
+    if prompt == "gt-box":
+        return Prompts(box=mask_bbox(case.mask))
     return Prompts()
 
 

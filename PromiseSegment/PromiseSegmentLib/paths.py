@@ -19,16 +19,28 @@ def cache_dir() -> Path:
     return Path(base) / "promise-segment"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """``write(temporary path)`` next to ``path``, then rename onto it: an interrupted or failed write
-    (a full disk, Ctrl+C) leaves the old file, or nothing, never half a file. ``suffix`` is for writers
-    that pick the format from the extension."""
+    """``write(temporary path)`` next to ``path``, flushed to disk, then renamed onto it: an interrupted
+    or failed write (a full disk, Ctrl+C) leaves the old file, or nothing, never half a file. A writer
+    that silently produced an empty file is treated as failed. ``suffix`` is for writers that pick the
+    format from the extension. The file gets the usual permissions (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if os.path.getsize(tmp) == 0:
+            raise OSError(f"writing {path} produced an empty file (is the disk full?)")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:

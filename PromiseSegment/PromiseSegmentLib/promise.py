@@ -1,53 +1,114 @@
-"""ProMISe = frozen SAM + optional APM/IPS adapter. One ``predict`` call serves every mode:
+"""ProMISe = a frozen backbone + an optional APM/IPS adapter.
 
-- ``apm+ips``    automatic: APM points, IPS shift, no user input
-- ``ips``        user points/box (and mask) with the IPS shift
-- ``apm+clicks`` APM points merged with the user's clicks, IPS shift
-- ``vanilla``    SAM alone with user prompts
+One forward (``promise_forward``) serves training and inference, and one function (``resolve_mode``)
+decides the mode:
+
+- ``apm+ips``    automatic: the APM's prompts (box and/or points), the IPS shift, no user input
+- ``ips``        the user's points/box with the IPS shift
+- ``apm+clicks`` the APM's prompts merged with the user's clicks (a user box replaces the APM's), IPS
+- ``vanilla``    the backbone alone with the user's prompts
 - ``auto``       picks from the above by what is available
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
-from .adapter import Adapter, load_adapter
-from .checkpoints import load_backbone
+from .adapter import Adapter, load_adapter, read_metadata
+from .backbone import LoadedBackbone, load_backbone
 from .decoder import decode_masks
 from .engine import ImageEmbedding, Prediction, Prompts, SamEngine
-from .preprocessing import InputError, IntensityRule
-from .sam_models import ARCHITECTURES
+from .errors import InputError
+from .names import DEFAULT_COLOR, MODES
+from .preprocessing import IntensityRule
 from .volume_segmentation import segment_slice, segment_volume, vanilla_predict
 
-MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
+APM_MODES = ("apm+ips", "apm+clicks")
+PRESENCE_THRESHOLD = 0.0  # presence logit: below it, an automatic run leaves the image empty
 
 
-def promise_low_res(sam, adapter: Adapter, features: torch.Tensor, block_features, points=None, labels=None,
-                    boxes=None) -> torch.Tensor:
-    """Batched, differentiable ProMISe forward used by training: first multimask output (B, 256, 256).
+def resolve_mode(mode: str, adapter: Optional[Adapter], has_points: bool, has_box: bool) -> str:
+    """The one mode rule: what ``mode`` means given the adapter and the user's prompts."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    has_apm = adapter is not None and adapter.apm is not None
+    if mode == "auto":
+        if adapter is None:
+            return "vanilla"
+        if not has_points and not has_box:
+            return "apm+ips" if has_apm else "ips"
+        return "apm+clicks" if has_apm and not has_box else "ips"
+    if mode != "vanilla" and adapter is None:
+        raise InputError(f"mode {mode} needs an adapter; load one or use vanilla")
+    if mode in APM_MODES and not has_apm:
+        raise InputError(f"mode {mode} needs an adapter with an APM; this one has IPS only")
+    if mode in ("ips", "vanilla") and not has_points and not has_box:
+        raise InputError(f"mode {mode} needs prompts (points or a box) on every slice it segments; "
+                         f"use an adapter with an APM for automatic prompts")
+    return mode
 
-    ``points``/``labels`` (B, M, 2)/(B, M) in the 1024 frame are used instead of APM's when given
-    (e.g. ground-truth points for the IPS-only configuration).
-    """
-    if points is None and adapter.apm is not None:
-        points, labels = adapter.apm(block_features)
+
+@dataclass
+class PromptBatch:
+    """Prompts for B images in the backbone's input frame: points (B, M, 2) as (x, y) with labels (B, M)
+    (1 positive, 0 negative, -1 padding), boxes (B, 4) as (x0, y0, x1, y1), mask logits (B, 1, 256, 256)."""
+
+    points: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    boxes: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ForwardOutput:
+    low_res: torch.Tensor  # (B, 1, 256, 256) logits of the backbone's decode token
+    iou: torch.Tensor  # (B, 1)
+    prompts: PromptBatch  # what was actually decoded (APM's included)
+    apm: Optional[object] = None  # the APM's ApmOutput, for auxiliary losses and presence
+
+
+def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], features: torch.Tensor,
+                    taps, user: PromptBatch, mode: str, taps_prepared: bool = False) -> ForwardOutput:
+    """Batched, differentiable ProMISe forward (``mode`` already resolved; not ``vanilla``'s best-of-3).
+
+    ``features`` (B, 256, 64, 64) image embeddings; ``taps`` the APM's encoder taps (list of (B, C, h, w));
+    ``user`` prompts in the input frame. Decodes the backbone's mask token with the IPS shift."""
+    sam = backbone.sam
+    apm_out = adapter.apm(taps, prepared=taps_prepared) if mode in APM_MODES else None
+    points, labels, boxes = user.points, user.labels, user.boxes
+    if apm_out is not None:
+        if apm_out.points is not None:
+            points, labels = ((apm_out.points, apm_out.labels) if mode == "apm+ips" or user.points is None else
+                              (torch.cat([apm_out.points, user.points.to(apm_out.points)], 1),
+                               torch.cat([apm_out.labels.to(user.labels), user.labels], 1)))
+        elif mode == "apm+ips":
+            points = labels = None
+        if apm_out.box is not None and (mode == "apm+ips" or user.boxes is None):
+            boxes = apm_out.box
     sparse, dense = sam.prompt_encoder(points=None if points is None else (points, labels), boxes=boxes,
-                                       masks=None)
-    if sparse.shape[0] != features.shape[0]:  # no prompts at all: SAM's encoder returns a batch of one
-        sparse = sparse.expand(features.shape[0], -1, -1)
-        dense = dense.expand(features.shape[0], -1, -1, -1)
-    shift = adapter.ips(features) if adapter.ips is not None else None
-    low_res, _ = decode_masks(sam, features, sparse, dense, True, shift)
-    return low_res[:, 0]
+                                       masks=user.masks)
+    b = features.shape[0]
+    if sparse.shape[0] != b:  # no prompts at all: the prompt encoder returns a batch of one
+        sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
+    shift = adapter.ips(features) if adapter is not None and adapter.ips is not None and mode != "vanilla" else None
+    low_res, iou = decode_masks(sam, features, sparse, dense, False, shift, token=backbone.spec.mask_token)
+    return ForwardOutput(low_res, iou, PromptBatch(points, labels, boxes, user.masks), apm_out)
 
 
 class ProMISeModel:
-    def __init__(self, engine: SamEngine, variant: str, identity: str, adapter: Optional[Adapter] = None):
-        self.engine, self.variant, self.identity, self.adapter = engine, variant, identity, adapter
+    """A loaded backbone (in ``engine``) with an optional adapter: predicts one image or a whole volume."""
+
+    def __init__(self, engine: SamEngine, adapter: Optional[Adapter] = None):
+        self.engine, self.adapter = engine, adapter
         if adapter is not None:
             adapter.to(engine.device).eval()
+
+    @property
+    def backbone(self) -> LoadedBackbone:
+        return self.engine.backbone
 
     @property
     def intensity(self) -> IntensityRule:
@@ -59,61 +120,62 @@ class ProMISeModel:
 
     @property
     def target_color(self) -> Tuple[float, float, float]:
-        return tuple(self.adapter.target_color) if self.adapter else (0.9, 0.3, 0.2)
+        return tuple(self.adapter.target_color) if self.adapter else DEFAULT_COLOR
 
     @property
     def has_apm(self) -> bool:
         return self.adapter is not None and self.adapter.apm is not None
 
     def resolve_mode(self, mode: str, prompts: Prompts) -> str:
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
-        if mode == "auto":
-            if self.adapter is None:
-                return "vanilla"
-            if prompts.empty:
-                return "apm+ips"
-            return "apm+clicks" if self.has_apm and prompts.box is None else "ips"
-        if mode != "vanilla" and self.adapter is None:
-            raise InputError(f"mode {mode} needs an adapter; load one or use vanilla")
-        if mode in ("apm+ips", "apm+clicks") and not self.has_apm:
-            raise InputError(f"mode {mode} needs an adapter with an APM; this one has IPS only")
+        has_points = prompts.points is not None and len(prompts.points) > 0
+        mode = resolve_mode(mode, self.adapter, has_points, prompts.box is not None)
+        if self.backbone.spec.box_only and mode in ("ips", "vanilla") and prompts.box is None:
+            raise InputError(f"{self.backbone.name} was trained with box prompts only (points alone segment "
+                             f"nothing): draw a box, or use an adapter with an APM for automatic prompts")
         return mode
+
+    def _user_batch(self, emb: ImageEmbedding, prompts: Prompts) -> PromptBatch:
+        points, box, mask = self.engine.prompt_tensors(emb, prompts)
+        return PromptBatch(None if points is None else points[0], None if points is None else points[1],
+                           None if box is None else box[:, 0], mask)
 
     @torch.no_grad()
     def predict(self, emb: ImageEmbedding, prompts: Optional[Prompts] = None, output_size=None,
                 mode: str = "auto") -> Prediction:
-        """One slice: ``prompts`` in the encoded image's pixels; masks at ``output_size`` (default image grid)."""
+        """One encoded image. ``prompts`` in the image's pixels (x = column, y = row); the mask comes back
+        at ``output_size`` (default: the encoded image's grid); ``points``/``box`` of the result are the
+        prompts actually used (the APM's included), in the image's pixels."""
         prompts = prompts or Prompts()
         mode = self.resolve_mode(mode, prompts)
-        output_size = output_size or emb.original_size
+        output_size = tuple(output_size or emb.original_size)
         if mode == "vanilla":
             return vanilla_predict(self.engine, emb, prompts, output_size)
-        if mode == "ips" and prompts.empty:
-            raise InputError("mode ips needs user prompts (points or a box)")
-        if mode in ("apm+ips", "apm+clicks"):
-            if emb.interm is None:
-                raise RuntimeError("the engine did not capture encoder blocks for the APM")
-            pts, _ = self.adapter.apm(emb.interm)
-            pts = pts[0].float().cpu().numpy()
-            scale = np.array([emb.original_size[1] / emb.input_size[1], emb.original_size[0] / emb.input_size[0]])
-            apm_points, apm_labels = pts * scale, self.adapter.apm.labels.cpu().numpy()
-            if mode == "apm+clicks" and prompts.points is not None:
-                prompts = Prompts(np.concatenate([apm_points, prompts.points]),
-                                  np.concatenate([apm_labels, prompts.labels]), prompts.box, prompts.mask_logits)
-            else:
-                prompts = Prompts(apm_points, apm_labels, prompts.box, prompts.mask_logits)
-        shift = self.adapter.ips(emb.features) if self.adapter.ips is not None else None
-        pred = self.engine.predict(emb, prompts, multimask_output=True, mask_token_shift=shift,
-                                   output_size=output_size)
-        return Prediction(pred.masks[:1], pred.logits[:1], pred.iou[:1], pred.low_res[:1], prompts.points,
-                          prompts.labels)
+        if mode in APM_MODES and emb.taps is None:
+            raise RuntimeError("the engine did not capture the encoder taps the APM reads")
+        out = promise_forward(self.backbone, self.adapter, emb.features, emb.taps, self._user_batch(emb, prompts),
+                              mode)
+        logits = self.engine.postprocess(out.low_res, emb, output_size)
+        masks = (logits > self.engine.mask_threshold)[0].cpu().numpy()
+        if (mode == "apm+ips" and out.apm is not None and out.apm.presence is not None
+                and float(out.apm.presence[0]) < PRESENCE_THRESHOLD):
+            masks[:] = False  # the APM says the target is not on this image
+        spec, size = self.backbone.spec, emb.original_size
+        used = out.prompts
+        points = None if used.points is None else spec.from_input_frame(used.points[0].float().cpu().numpy(), size)
+        box = None if used.boxes is None else spec.from_input_frame(
+            used.boxes[0].float().cpu().numpy().reshape(2, 2), size).reshape(4)
+        return Prediction(masks, logits[0].float().cpu().numpy(), out.iou[0].float().cpu().numpy(),
+                          out.low_res[0].float().cpu().numpy(), points,
+                          None if used.labels is None else used.labels[0].cpu().numpy(), box)
+
+    def is_automatic(self, mode: str) -> bool:
+        """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""
+        return self.has_apm and mode in ("auto",) + APM_MODES
 
     def segment_volume(self, volume, ijk_to_ras, mode: str = "auto", **kwargs) -> np.ndarray:
         """Volume -> uint8 KJI mask (see ``volume_segmentation.segment_volume`` for the arguments)."""
-        automatic = self.has_apm and mode in ("auto", "apm+ips", "apm+clicks")
         kwargs.setdefault("intensity", self.intensity)
-        return segment_volume(self.engine, volume, ijk_to_ras, automatic=automatic,
+        return segment_volume(self.engine, volume, ijk_to_ras, automatic=self.is_automatic(mode),
                               predictor=self.predictor(mode), **kwargs)
 
     def predictor(self, mode: str = "auto"):
@@ -126,21 +188,18 @@ class ProMISeModel:
                              self.intensity, value_range, self.predictor(mode))
 
 
-def engine_for(sam, variant: str, adapter: Optional[Adapter], device=None, batch_size=None,
+def engine_for(backbone: LoadedBackbone, adapter: Optional[Adapter], device=None, batch_size=None,
                cache=None) -> SamEngine:
-    blocks = ARCHITECTURES[variant].apm_blocks if adapter is not None and adapter.apm is not None else ()
-    return SamEngine(sam, device=device, batch_size=batch_size, capture_blocks=blocks, cache=cache)
+    return SamEngine(backbone, device=device, batch_size=batch_size,
+                     capture_taps=adapter is not None and adapter.apm is not None, cache=cache)
 
 
-def load_model(sam_checkpoint: Optional[str] = None, adapter_path: Optional[str] = None,
-               variant: Optional[str] = None, device: Optional[str] = None, allow_mismatch: bool = False,
-               batch_size: Optional[int] = None) -> ProMISeModel:
-    adapter = None
-    if adapter_path:  # read metadata first: a mismatch is reported before loading gigabytes of SAM
-        from .adapter import read_metadata
-
-        variant = variant or read_metadata(adapter_path)["sam_variant"]
-    sam, variant, identity = load_backbone(sam_checkpoint, variant)
-    if adapter_path:
-        adapter = load_adapter(adapter_path, variant, identity, allow_mismatch)
-    return ProMISeModel(engine_for(sam, variant, adapter, device, batch_size), variant, identity, adapter)
+def load_model(backbone: Optional[str] = None, adapter_path: Optional[str] = None, device: Optional[str] = None,
+               allow_mismatch: bool = False, batch_size: Optional[int] = None) -> ProMISeModel:
+    """Backbone (registry name or checkpoint path; ``None``: the adapter's backbone, else the default) plus
+    an optional adapter file. The adapter's metadata is read first, so a mismatch is reported before any
+    weights are loaded."""
+    expected = read_metadata(adapter_path)["backbone"]["name"] if adapter_path else None
+    loaded = load_backbone(backbone or expected, expected)
+    adapter = load_adapter(adapter_path, loaded, allow_mismatch) if adapter_path else None
+    return ProMISeModel(engine_for(loaded, adapter, device, batch_size), adapter)

@@ -1,5 +1,13 @@
-"""Training an APM/IPS adapter on a frozen SAM (loss: BCE + soft Dice on the first multimask
-output at 256x256). SAM is frozen and checked bit-identical after training."""
+"""Training an APM/IPS adapter on a frozen backbone.
+
+Loss: BCE + soft Dice on the backbone's decode token at 256x256 (the paper's mask loss). A box APM
+may add an auxiliary loss (``box_loss_weight``): L1 + generalised IoU between its box and the mask's
+bounding box, BCE of its objectness map against the mask, and BCE of its presence logit. This departs
+from the paper's mask-only training on purpose: through the prompt encoder's Fourier features the
+mask loss alone barely moves a box (measured in the README). ``apm_warmup_epochs`` trains the APM
+alone on the auxiliary loss first, so IPS cannot absorb what the APM should learn. The backbone is
+frozen and checked bit-identical after training.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -13,18 +21,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import Adapter, save_adapter
+from .adapter import Adapter, BackboneRecord, save_adapter
 from .apm import APM, RESNET34_BLOCKS, default_slot_labels
 from .augment import augment
+from .backbone import LoadedBackbone
 from .datasets import Case, sample_points
-from .engine import Cancelled, SamEngine, mask_to_low_res
+from .engine import SamEngine, mask_to_low_res
+from .errors import Cancelled, InputError
 from .ips import IPS
 from .paths import write_atomically
-from .preprocessing import IntensityRule
-from .promise import promise_low_res
-from .sam_models import ARCHITECTURES
+from .preprocessing import IntensityRule, mask_bbox
+from .promise import PromptBatch, promise_forward
 
 log = logging.getLogger(__name__)
+USER_PROMPTS = ("none", "box", "points")
 
 
 @dataclass
@@ -37,15 +47,38 @@ class TrainConfig:
     cache_features: bool = False  # encode once (fp16); only without augmentation
     use_apm: bool = True
     use_ips: bool = True
+    apm_prompts: Optional[Sequence[str]] = None  # None: the backbone's (box for LiteMedSAM, points for SAM ViT)
     n_points: int = 16
     n_positive: int = 8
     apm_fusion_dim: int = 256
     apm_head_blocks: Sequence[int] = RESNET34_BLOCKS
-    gt_points: int = 0  # >0: prompt with this many positive + negative points sampled from the truth (no APM)
+    apm_tap_pool: int = 1  # average-pool the taps before the APM (2: a quarter of the cost)
+    box_loss_weight: float = 1.0  # auxiliary APM loss (box, objectness, presence); 0 = the paper's mask loss only
+    apm_warmup_epochs: int = 0  # epochs of APM alone on the auxiliary loss before the joint phase
+    user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = "Segment"
     target_color: Sequence[float] = (0.9, 0.3, 0.2)
     intensity: Dict = field(default_factory=lambda: IntensityRule().to_dict())
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, before any model work."""
+        for name in ("epochs", "batch_size", "n_points", "apm_fusion_dim", "apm_tap_pool"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.n_positive <= self.n_points:
+            raise InputError(f"positive slots must be between 0 and the number of points ({self.n_points})")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+        if self.user_prompt not in USER_PROMPTS:
+            raise InputError(f"user prompt must be one of {', '.join(USER_PROMPTS)}")
+        if not 0 <= self.apm_warmup_epochs < self.epochs or self.box_loss_weight < 0:
+            raise InputError("apm warm-up must be shorter than training and the box loss weight non-negative")
+
+    @property
+    def mode(self) -> str:
+        """The ProMISe mode this configuration trains (``promise.resolve_mode``'s vocabulary)."""
+        return "ips" if self.user_prompt != "none" or not self.use_apm else "apm+ips"
 
 
 @dataclass
@@ -56,7 +89,20 @@ class TrainResult:
     seconds: float
 
 
-def sam_fingerprint(sam) -> str:
+@dataclass
+class Encoded:
+    """One training image, encoded: what an epoch needs without the encoder."""
+
+    features: torch.Tensor  # (1, 256, 64, 64) fp16
+    taps: List[torch.Tensor]  # APM-ready taps (after ``APM.prepare_taps``), fp16
+    target: torch.Tensor  # (256, 256) bool, the mask in the decoder's frame
+    box: Optional[torch.Tensor]  # (4,) the mask's bounding box in the input frame, None if empty
+    mask: np.ndarray  # the mask on the image grid (for sampled point prompts)
+    input_size: tuple
+    original_size: tuple
+
+
+def backbone_fingerprint(sam) -> str:
     h = hashlib.sha256()
     for k, v in sorted(sam.state_dict().items()):
         h.update(k.encode())
@@ -64,64 +110,102 @@ def sam_fingerprint(sam) -> str:
     return h.hexdigest()
 
 
-def build_adapter(cfg: TrainConfig, variant: str, identity: str) -> Adapter:
+def build_adapter(cfg: TrainConfig, backbone: LoadedBackbone) -> Adapter:
     torch.manual_seed(cfg.seed)
-    apm = (APM(ARCHITECTURES[variant].embed_dim, default_slot_labels(cfg.n_points, cfg.n_positive),
-               cfg.apm_fusion_dim, cfg.apm_head_blocks) if cfg.use_apm and not cfg.gt_points else None)
+    spec = backbone.spec
+    apm = None
+    if cfg.use_apm and cfg.user_prompt == "none":
+        apm = APM(spec.tap_channels, spec.image_size, tuple(cfg.apm_prompts or spec.apm_prompts),
+                  default_slot_labels(cfg.n_points, cfg.n_positive), cfg.apm_fusion_dim, cfg.apm_head_blocks,
+                  cfg.apm_tap_pool)
     ips = IPS() if cfg.use_ips else None
     if apm is None and ips is None:
-        raise ValueError("nothing to train: enable the APM and/or IPS")
-    return Adapter(variant, identity, apm, ips, IntensityRule.from_dict(cfg.intensity), cfg.target_name,
+        raise InputError("nothing to train: enable the APM and/or IPS")
+    return Adapter(BackboneRecord.of(backbone), apm, ips, IntensityRule.from_dict(cfg.intensity), cfg.target_name,
                    tuple(cfg.target_color))
 
 
-def low_res_target(engine: SamEngine, mask: np.ndarray, input_size) -> torch.Tensor:
-    """Ground truth in the decoder's 256x256 frame (resized like the image, padded, area-averaged)."""
-    return mask_to_low_res(mask, input_size, engine.sam.image_encoder.img_size)[0] > 0.5
+def mask_box(mask: np.ndarray, spec, original_size) -> Optional[torch.Tensor]:
+    """The mask's bounding box (pixel edges, x0, y0, x1, y1) in the backbone's input frame."""
+    b = mask_bbox(mask)
+    if b is None:
+        return None
+    corners = spec.to_input_frame(np.array([[b[0], b[1]], [b[2] + 1, b[3] + 1]], float), original_size)
+    return torch.as_tensor(corners.reshape(4), dtype=torch.float32)
 
 
 class FeatureSource:
-    """Encoder outputs for cases: computed per step (augmentation) or once and cached (fp16)."""
+    """Encoded training images: computed per step (augmentation) or once and kept (fp16)."""
 
-    def __init__(self, engine: SamEngine, cases: List[Case], cache: bool, gen: torch.Generator, do_augment: bool):
-        self.engine, self.cases, self.gen, self.do_augment = engine, cases, gen, do_augment
-        self.cache: Dict[int, tuple] = {}
+    def __init__(self, engine: SamEngine, cases: List[Case], cache: bool, gen: torch.Generator, do_augment: bool,
+                 apm: Optional[APM]):
+        self.engine, self.cases, self.gen, self.do_augment, self.apm = engine, cases, gen, do_augment, apm
+        self.cache: Dict[int, Encoded] = {}
         self.use_cache = cache and not do_augment
 
-    def get(self, indices: Sequence[int]):
-        feats, interm, targets, items = [], [], [], []
-        for i in indices:
-            if i in self.cache:
-                item = self.cache[i]
-            else:
-                rgb, mask = self.cases[i].rgb, self.cases[i].mask
-                if self.do_augment:
-                    rgb, mask = augment(rgb, mask, self.gen)
-                emb = self.engine.encode([rgb])[0]
-                item = (emb.features.half(), [t.half() for t in emb.interm or []],
-                        low_res_target(self.engine, mask, emb.input_size), mask, emb.input_size, emb.original_size)
-                if self.use_cache:
-                    self.cache[i] = item
-            feats.append(item[0]), interm.append(item[1]), targets.append(item[2]), items.append(item)
-        dev = self.engine.device
-        f = torch.cat(feats).to(dev).float()
-        blocks = [torch.cat([b[k] for b in interm]).to(dev).float() for k in range(len(interm[0]))] if interm[0] else []
-        return f, blocks, torch.stack(targets).to(dev).float(), items
+    def item(self, i: int) -> Encoded:
+        if i in self.cache:
+            return self.cache[i]
+        rgb, mask = self.cases[i].rgb, self.cases[i].mask
+        if self.do_augment:
+            rgb, mask = augment(rgb, mask, self.gen)
+        emb = self.engine.encode([rgb])[0]
+        taps = self.apm.prepare_taps(emb.taps) if (self.apm is not None and emb.taps) else []
+        spec = self.engine.spec
+        enc = Encoded(emb.features.half(), [t.half() for t in taps],
+                      mask_to_low_res(mask, emb.input_size, spec.image_size)[0] > 0.5,
+                      mask_box(mask, spec, emb.original_size), mask, emb.input_size, emb.original_size)
+        if self.use_cache:
+            self.cache[i] = enc
+        return enc
+
+    def get(self, indices: Sequence[int]) -> List[Encoded]:
+        return [self.item(i) for i in indices]
 
 
-def gt_prompt_tensors(items, n: int, rng: np.random.Generator, device):
-    pts, labels = [], []
-    for item in items:
-        mask, input_size, original = item[3], item[4], item[5]
-        p, l = sample_points(mask, n, n, rng)
-        scale = np.array([input_size[1] / original[1], input_size[0] / original[0]])
-        pts.append(torch.as_tensor(p * scale, dtype=torch.float32)), labels.append(torch.as_tensor(l))
-    width = max(len(l) for l in labels)
-    for k in range(len(pts)):  # pad to a common count with SAM's "not a point" label (-1)
-        pad = width - len(labels[k])
-        pts[k] = torch.cat([pts[k], torch.zeros(pad, 2)])
-        labels[k] = torch.cat([labels[k], torch.full((pad,), -1, dtype=labels[k].dtype)])
-    return torch.stack(pts).to(device), torch.stack(labels).to(device)
+@dataclass
+class Batch:
+    features: torch.Tensor
+    taps: List[torch.Tensor]
+    target: torch.Tensor  # (B, 256, 256) float
+    boxes: torch.Tensor  # (B, 4) ground-truth boxes (zeros where empty)
+    present: torch.Tensor  # (B,) bool
+
+
+def collate(items: List[Encoded], device) -> Batch:
+    taps = [torch.cat([it.taps[k] for it in items]).to(device).float() for k in range(len(items[0].taps))]
+    boxes = torch.stack([it.box if it.box is not None else torch.zeros(4) for it in items]).to(device)
+    present = torch.tensor([it.box is not None for it in items], device=device)
+    return Batch(torch.cat([it.features for it in items]).to(device).float(), taps,
+                 torch.stack([it.target for it in items]).to(device).float(), boxes, present)
+
+
+def user_prompts(items: List[Encoded], batch: Batch, kind: str, rng: np.random.Generator, spec,
+                 jitter: float = 0.0) -> PromptBatch:
+    """Ground-truth prompts in the input frame: the mask's box (optionally jittered) or sampled points."""
+    if kind == "box":
+        boxes = batch.boxes.clone()
+        if jitter:
+            side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+            noise = torch.as_tensor(rng.uniform(-jitter, jitter, boxes.shape), dtype=boxes.dtype, device=boxes.device)
+            boxes = boxes + noise * side
+        full = torch.tensor([0, 0, spec.image_size, spec.image_size], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.where(batch.present[:, None], boxes, full)  # an empty image: the whole image
+        return PromptBatch(boxes=boxes)
+    if kind == "points":
+        pts, labels = [], []
+        for it in items:
+            p, lab = sample_points(it.mask, 3, 3, rng)
+            pts.append(torch.as_tensor(spec.to_input_frame(p, it.original_size), dtype=torch.float32))
+            labels.append(torch.as_tensor(lab))
+        width = max(len(lab) for lab in labels)
+        for k in range(len(pts)):  # pad to a common count with SAM's "not a point" label (-1)
+            pad = width - len(labels[k])
+            pts[k] = torch.cat([pts[k], torch.zeros(pad, 2)])
+            labels[k] = torch.cat([labels[k], torch.full((pad,), -1, dtype=labels[k].dtype)])
+        dev = batch.features.device
+        return PromptBatch(torch.stack(pts).to(dev), torch.stack(labels).to(dev))
+    return PromptBatch()
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -132,118 +216,187 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU and the smallest enclosing box's area for (B, 4) boxes -> ((B,), (B,), (B,))."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
+    return inter / union.clamp(min=1e-6), union, hull
+
+
+def apm_aux_loss(apm_out, batch: Batch, image_size: int) -> torch.Tensor:
+    """Box (L1 + generalised IoU, in fractions of the side), objectness map and presence BCE."""
+    loss = batch.features.new_zeros(())
+    if apm_out.presence is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(apm_out.presence, batch.present.float())
+    keep = batch.present
+    if apm_out.box is None or not bool(keep.any()):
+        return loss
+    pred, gt = apm_out.box[keep] / image_size, batch.boxes[keep] / image_size
+    iou, union, hull = box_iou(pred, gt)
+    giou = iou - (hull - union) / hull.clamp(min=1e-6)
+    loss = loss + F.l1_loss(pred, gt) * 4 + (1 - giou).mean()
+    obj = apm_out.objectness[keep]
+    target = F.adaptive_avg_pool2d(batch.target[keep][:, None], obj.shape[-2:]) > 0.5
+    return loss + F.binary_cross_entropy_with_logits(obj, target.float())
+
+
 def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
     p, t = (logits > 0).flatten(1).float(), target.flatten(1)
     inter, total = (p * t).sum(1), p.sum(1) + t.sum(1)
     return [1.0 if float(s) == 0 else float(2 * i / s) for i, s in zip(inter, total)]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+class Trainer:
+    """One training run: resume, epochs (APM warm-up, then joint), model selection, saving."""
+
+    def __init__(self, engine: SamEngine, train: List[Case], val: List[Case], cfg: TrainConfig,
+                 output: Optional[Path]):
+        cfg.check()
+        if not train:
+            raise InputError("no training cases")
+        if not any(c.mask.any() for c in train):
+            raise InputError("every training mask is empty: there is nothing to learn (check the label value "
+                             "or the mask files)")
+        self.engine, self.train, self.val, self.cfg = engine, train, val, cfg
+        self.output = Path(output) if output else None
+        self.state_path = Path(str(output) + ".state.pt") if output else None
+        self.adapter = build_adapter(cfg, engine.backbone).to(engine.device)
+        engine.capture_taps = self.adapter.apm is not None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.optim = torch.optim.Adam(self.params(), lr=cfg.lr)
+        self.history: List[Dict[str, float]] = []
+        self.best, self.best_state, self.first_epoch = -1.0, None, 0
+        self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm)
+        self.val_src = FeatureSource(engine, val, True, self.gen, False, self.adapter.apm)
+
+    def params(self):
+        return [p for m in self.adapter.modules().values() for p in m.parameters()]
+
+    def resume(self) -> None:
+        if not (self.state_path and self.state_path.exists()):
+            return
+        try:
+            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            for name, m in self.adapter.modules().items():
+                m.load_state_dict(st["modules"][name])
+            self.optim.load_state_dict(st["optim"])
+        except Exception as exc:
+            raise InputError(f"{self.state_path} is damaged or was written with other options "
+                             f"({type(exc).__name__}); delete it or train without --resume") from exc
+        self.gen.set_state(st["generator"])
+        self.history, self.best, self.first_epoch = st["history"], st["best"], st["epoch"] + 1
+        self.best_state = st["best_modules"]
+        log.info("resumed from %s at epoch %d", self.state_path, self.first_epoch)
+
+    def step(self, items: List[Encoded], warmup: bool) -> float:
+        cfg, spec, dev = self.cfg, self.engine.spec, self.engine.device
+        batch = collate(items, dev)
+        use_autocast = dev.type == "cuda" and cfg.bf16
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+            if warmup:
+                loss = apm_aux_loss(self.adapter.apm(batch.taps, prepared=True), batch, spec.image_size)
+            else:
+                user = user_prompts(items, batch, cfg.user_prompt, self.rng, spec, jitter=0.05)
+                out = promise_forward(self.engine.backbone, self.adapter, batch.features, batch.taps, user, cfg.mode,
+                                      taps_prepared=True)
+                loss = seg_loss(out.low_res[:, 0].float(), batch.target)
+                if cfg.box_loss_weight and out.apm is not None:
+                    loss = loss + cfg.box_loss_weight * apm_aux_loss(out.apm, batch, spec.image_size)
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+        return float(loss.item())
+
+    def epoch(self, epoch: int, cancel: Optional[Callable[[], bool]]) -> Dict[str, float]:
+        started = time.time()
+        warmup = self.adapter.apm is not None and epoch < self.cfg.apm_warmup_epochs
+        for m in self.adapter.modules().values():
+            m.train()
+        order = torch.randperm(len(self.train), generator=self.gen).tolist()
+        losses = []
+        for b in range(0, len(order), self.cfg.batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            losses.append(self.step(self.train_src.get(order[b:b + self.cfg.batch_size]), warmup))
+        val_dice, val_box_iou = self.validate() if self.val else (float("nan"), float("nan"))
+        return {"epoch": epoch, "phase": "apm warm-up" if warmup else "joint", "loss": float(np.mean(losses)),
+                "val_dice": val_dice, "val_box_iou": val_box_iou, "seconds": time.time() - started}
+
+    @torch.no_grad()
+    def validate(self):
+        """Mean Dice in the 256x256 decoder frame (fast model selection; final metrics use full resolution)
+        and the APM box's mean IoU with the mask's box."""
+        for m in self.adapter.modules().values():
+            m.eval()
+        scores, ious = [], []
+        rng = np.random.default_rng(0)  # the same simulated prompts every epoch
+        for b in range(0, len(self.val), self.cfg.batch_size):
+            items = self.val_src.get(range(b, min(len(self.val), b + self.cfg.batch_size)))
+            batch = collate(items, self.engine.device)
+            user = user_prompts(items, batch, self.cfg.user_prompt, rng, self.engine.spec)
+            out = promise_forward(self.engine.backbone, self.adapter, batch.features, batch.taps, user, self.cfg.mode,
+                                  taps_prepared=True)
+            scores += batch_dice(out.low_res[:, 0].float(), batch.target)
+            if out.apm is not None and out.apm.box is not None and bool(batch.present.any()):
+                ious += box_iou(out.apm.box[batch.present], batch.boxes[batch.present])[0].tolist()
+        return float(np.mean(scores)), float(np.mean(ious)) if ious else float("nan")
+
+    def snapshot(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                for n, m in self.adapter.modules().items()}
+
+    def final_adapter(self) -> Adapter:
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()}
+        a = self.adapter
+        a.training = {"train_cases": len(self.train), "val_cases": len(self.val), "epochs": len(self.history),
+                      "best_val_dice": self.best, "mode": self.cfg.mode, "config": cfg,
+                      "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0}
+        return a
+
+    def save_state(self, epoch: int) -> None:
+        write_atomically(self.state_path, lambda tmp: torch.save(
+            {"modules": {n: m.state_dict() for n, m in self.adapter.modules().items()},
+             "optim": self.optim.state_dict(), "generator": self.gen.get_state(), "history": self.history,
+             "best": self.best, "epoch": epoch, "best_modules": self.best_state}, tmp))
+
+    def run(self, resume: bool, progress, cancel) -> TrainResult:
+        start = time.time()
+        before = backbone_fingerprint(self.engine.sam)
+        if any(p.requires_grad for p in self.engine.sam.parameters()):
+            raise RuntimeError("the backbone must be frozen")
+        if resume:
+            self.resume()
+        for epoch in range(self.first_epoch, self.cfg.epochs):
+            row = self.epoch(epoch, cancel)
+            self.history.append(row)
+            selectable = row["phase"] == "joint"
+            if selectable and (not self.val or row["val_dice"] > self.best):
+                self.best, self.best_state = row["val_dice"], self.snapshot()
+                if self.output:
+                    save_adapter(self.final_adapter(), self.output, self.best_state)
+            if self.state_path:
+                self.save_state(epoch)
+            if progress:
+                progress(epoch + 1, self.cfg.epochs, row)
+        if backbone_fingerprint(self.engine.sam) != before:
+            raise RuntimeError("the backbone's weights changed during training; this is a bug")
+        for name, m in self.adapter.modules().items():
+            m.load_state_dict(self.best_state[name])
+        adapter = self.final_adapter().eval()
+        if self.output:
+            save_adapter(adapter, self.output)
+            self.state_path.unlink(missing_ok=True)  # finished: the resumable state is only for interrupted runs
+        return TrainResult(adapter, self.history, self.best, time.time() - start)
 
 
-def train_adapter(engine: SamEngine, variant: str, identity: str, train: List[Case], val: List[Case],
-                  cfg: TrainConfig, output: Optional[Path] = None, resume: bool = False,
+def train_adapter(engine: SamEngine, train: List[Case], val: List[Case], cfg: TrainConfig,
+                  output: Optional[Path] = None, resume: bool = False,
                   progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
                   cancel: Optional[Callable[[], bool]] = None) -> TrainResult:
     """Train on ``train``, select the epoch with the best Dice on ``val``; writes ``output`` (best adapter)
     and ``output.state.pt`` (resumable state, every epoch, atomically) when ``output`` is given."""
-    if not train:
-        raise ValueError("no training cases")
-    start = time.time()
-    torch.manual_seed(cfg.seed)
-    adapter = build_adapter(cfg, variant, identity).to(engine.device)
-    if adapter.apm is not None:
-        engine.capture_blocks = ARCHITECTURES[variant].apm_blocks
-    params = [p for m in adapter.modules().values() for p in m.parameters()]
-    optim = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sam_before = sam_fingerprint(engine.sam)
-    assert not any(p.requires_grad for p in engine.sam.parameters()), "SAM must be frozen"
-    history: List[Dict[str, float]] = []
-    best, best_state, first_epoch = -1.0, None, 0
-    state_path = Path(str(output) + ".state.pt") if output else None
-    if resume and state_path and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        for name, m in adapter.modules().items():
-            m.load_state_dict(st["modules"][name])
-        optim.load_state_dict(st["optim"])
-        gen.set_state(st["generator"])
-        history, best, first_epoch = st["history"], st["best"], st["epoch"] + 1
-        best_state = st["best_modules"]
-        log.info("resumed from %s at epoch %d", state_path, first_epoch)
-    train_src = FeatureSource(engine, train, cfg.cache_features, gen, cfg.augment)
-    val_src = FeatureSource(engine, val, True, gen, False)
-    rng = np.random.default_rng(cfg.seed)
-    use_autocast = engine.device.type == "cuda" and cfg.bf16
-    for epoch in range(first_epoch, cfg.epochs):
-        for m in adapter.modules().values():
-            m.train()
-        order = torch.randperm(len(train), generator=gen).tolist()
-        losses = []
-        for b in range(0, len(order), cfg.batch_size):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            feats, blocks, target, items = train_src.get(order[b:b + cfg.batch_size])
-            pts = lab = None
-            if cfg.gt_points:
-                pts, lab = gt_prompt_tensors(items, cfg.gt_points, rng, engine.device)
-            with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = promise_low_res(engine.sam, adapter, feats, blocks, pts, lab)
-            loss = seg_loss(logits.float(), target)
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            losses.append(loss.item())
-        val_dice = evaluate_low_res(engine, adapter, val_src, len(val), cfg, rng) if val else float("nan")
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice}
-        history.append(row)
-        if not val or val_dice > best:
-            best = val_dice
-            best_state = {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                          for n, m in adapter.modules().items()}
-            if output:
-                _finalise(adapter, best_state, cfg, train, val, history, best, output)
-        if state_path:
-            _atomic_torch_save({"modules": {n: m.state_dict() for n, m in adapter.modules().items()},
-                                "optim": optim.state_dict(), "generator": gen.get_state(), "history": history,
-                                "best": best, "epoch": epoch, "best_modules": best_state}, state_path)
-        if progress:
-            progress(epoch + 1, cfg.epochs, row)
-    for name, m in adapter.modules().items():
-        m.load_state_dict(best_state[name])
-    if sam_fingerprint(engine.sam) != sam_before:
-        raise RuntimeError("SAM's weights changed during training; this is a bug")
-    result = _finalise(adapter, best_state, cfg, train, val, history, best, output)
-    return TrainResult(result, history, best, time.time() - start)
-
-
-def _finalise(adapter, best_state, cfg, train, val, history, best, output) -> Adapter:
-    final = Adapter(adapter.sam_variant, adapter.sam_identity, adapter.apm, adapter.ips, adapter.intensity,
-                    adapter.target_name, adapter.target_color,
-                    {"train_cases": len(train), "val_cases": len(val), "epochs": len(history),
-                     "best_val_dice": best, "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                       for k, v in asdict(cfg).items()}})
-    if output:
-        current = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in adapter.modules().items()}
-        for name, m in adapter.modules().items():
-            m.load_state_dict(best_state[name])
-        save_adapter(final, output)
-        for name, m in adapter.modules().items():
-            m.load_state_dict(current[name])
-    return final.eval()
-
-
-@torch.no_grad()
-def evaluate_low_res(engine, adapter, src: FeatureSource, n: int, cfg: TrainConfig, rng) -> float:
-    """Mean Dice in the 256x256 decoder frame (fast model selection; final metrics use full resolution)."""
-    for m in adapter.modules().values():
-        m.eval()
-    scores = []
-    for b in range(0, n, cfg.batch_size):
-        feats, blocks, target, items = src.get(range(b, min(n, b + cfg.batch_size)))
-        pts = lab = None
-        if cfg.gt_points:
-            pts, lab = gt_prompt_tensors(items, cfg.gt_points, np.random.default_rng(b), engine.device)
-        scores += batch_dice(promise_low_res(engine.sam, adapter, feats, blocks, pts, lab).float(), target)
-    return float(np.mean(scores))
+    return Trainer(engine, train, val, cfg, output).run(resume, progress, cancel)

@@ -14,15 +14,16 @@ SlicePredictor = Callable[[SamEngine, ImageEmbedding, Prompts, Tuple[int, int]],
 
 def vanilla_predict(engine: SamEngine, emb: ImageEmbedding, prompts: Prompts,
                     output_size: Tuple[int, int]) -> Prediction:
-    """Plain SAM: a single click is ambiguous, so take the best of 3 masks; otherwise one mask."""
+    """The plain backbone. SAM ViT: a single click is ambiguous, so the best of 3 masks; otherwise one."""
     if prompts.empty:
         raise InputError("vanilla SAM needs prompts (points or a box) on every slice it segments; "
                          "use an adapter for automatic prompts")
-    single_click = prompts.box is None and prompts.points is not None and len(prompts.points) == 1
-    pred = engine.predict(emb, prompts, multimask_output=single_click, output_size=output_size)
+    n_points = 0 if prompts.points is None else len(prompts.points)
+    multimask = engine.spec.vanilla_multimask(n_points, prompts.box is not None)
+    pred = engine.predict(emb, prompts, multimask_output=multimask, output_size=output_size)
     b = pred.best()
     return Prediction(pred.masks[b:b + 1], pred.logits[b:b + 1], pred.iou[b:b + 1], pred.low_res[b:b + 1],
-                      pred.points, pred.labels)
+                      pred.points, pred.labels, prompts.box)
 
 
 def _to_square_prompts(geom, prompts: Prompts) -> Prompts:

@@ -50,10 +50,13 @@ def describe(path) -> str:
         m = header_metadata(path)
     except (OSError, ValueError) as exc:
         return f"not usable: {exc}"
-    parts = [p for p, present in (("APM", m.get("apm")), ("IPS", m.get("ips"))) if present]
+    apm = m.get("apm") or {}
+    parts = [p for p, present in ((f"APM ({'+'.join(apm.get('prompts', ['points']))})", apm),
+                                  ("IPS", m.get("ips"))) if present]
     training = m.get("training") or {}
     dice = training.get("best_val_dice")
-    return (f"{m.get('target', {}).get('name', '?')}: {'+'.join(parts) or 'empty'} for SAM {m.get('sam_variant')}"
+    backbone = (m.get("backbone") or {}).get("name") or f"SAM {m.get('sam_variant')} (old format: retrain)"
+    return (f"{m.get('target', {}).get('name', '?')}: {'+'.join(parts) or 'empty'} for {backbone}"
             + (f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else "")
             + f", intensity {m.get('intensity', {}).get('kind', '?')}")
 

@@ -37,6 +37,7 @@ class ClickSession:
     points: List[Tuple[float, float, float, int]] = field(default_factory=list)  # IJK + label
     box_corners: List[Tuple[float, float, float]] = field(default_factory=list)
     preview_mask: Optional[np.ndarray] = None
+    _press: Optional[Tuple[float, float, float]] = None  # where a box drag started
 
     def clear(self) -> None:
         self.points, self.box_corners, self.preview_mask = [], [], None
@@ -62,6 +63,21 @@ class ClickSession:
         else:
             self.points.append((*ijk, 1 if positive else 0))
 
+    def press(self, volume_node, ras, normal_ras) -> None:
+        """Box mode: the mouse button went down (a drag may start here)."""
+        _, ijk = self.locate(volume_node, ras, normal_ras)
+        self._press = tuple(ijk)
+
+    def release(self, volume_node, ras, normal_ras) -> None:
+        """Box mode: the button came up. A drag gives the box at once; a click without moving adds one
+        corner (two such clicks also make a box)."""
+        if self._press is None:
+            return
+        _, ijk = self.locate(volume_node, ras, normal_ras)
+        start, self._press = self._press, None
+        moved = np.abs(np.round(np.subtract(ijk, start))).max() >= 1
+        self.box_corners = [start, tuple(ijk)] if moved else (self.box_corners + [start])[-2:]
+
     @property
     def ready(self) -> bool:
         if self.volume_node is None:
@@ -81,7 +97,8 @@ class ClickSession:
         Automatic mode: the adapter's APM points alone, or merged with the user's clicks once there are
         any (a negative click removes a leak, a positive one adds a missed part)."""
         if not self.ready:
-            raise InputError("click in a slice view first" if self.mode != "box" else "click two box corners first")
+            raise InputError("click in a slice view first" if self.mode != "box" else
+                             "drag a box in a slice view first (or click two opposite corners)")
         mode = model_args.pop("mode", None)
         if mode is None and self.mode == "automatic":
             mode = "apm+clicks" if self.points else "apm+ips"

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
-from PromiseSegmentLib.checkpoints import load_backbone
+from PromiseSegmentLib.backbone import LoadedBackbone, load_backbone
 from PromiseSegmentLib.cli import ijk_prompts  # IJK voxel prompts, exactly as on the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts
@@ -36,40 +36,50 @@ class PromiseSegmentLogic:
     checkpoint or device is asked for); encoder outputs are cached by slice content, so a repeated run,
     or a click on an already-encoded slice, re-runs the decoder only."""
 
-    def __init__(self, embeddingCacheBytes: int = 1 << 30):
+    def __init__(self, embeddingCacheBytes: int = 1 << 30, backbone: Optional[str] = None):
+        """``backbone``: used when a call names none and its adapter does not say (default LiteMedSAM)."""
+        self.defaultBackbone = backbone
         self.embeddingCache = EmbeddingCache(embeddingCacheBytes)
-        self._backbone: Optional[Tuple[tuple, object, str, str]] = None  # (key, sam, variant, identity)
+        self._backbone: Optional[LoadedBackbone] = None
+        self._backboneKey: Optional[tuple] = None
         self._adapters: Dict[tuple, Adapter] = {}
         self._value_ranges: Dict[tuple, Tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ models
-    def loadModel(self, samCheckpoint: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
-                  device: Optional[str] = None, allowMismatch: bool = False) -> ProMISeModel:
-        """SAM (``None``/"default" = the embedded backbone, "vit_b"/... = official, or a path) plus an
-        optional adapter (file path or an ``Adapter``)."""
-        variant = None
-        if isinstance(adapter, (str, os.PathLike)):
-            variant = read_metadata(adapter)["sam_variant"]  # a mismatch is reported before loading SAM
-        elif isinstance(adapter, Adapter):
-            variant = adapter.sam_variant
-        key = (str(samCheckpoint or "default"), str(device))
-        if self._backbone is None or self._backbone[0] != key or (variant and self._backbone[2] != variant):
-            self._backbone = None  # release the old SAM before loading a new one
+    def loadBackbone(self, backbone: Optional[str] = None, expected: Optional[str] = None,
+                     device: Optional[str] = None) -> LoadedBackbone:
+        """The frozen backbone (registry name, e.g. "lite_medsam" - the default - or "sam_vit_b", or a
+        checkpoint path), kept in memory until another one is asked for."""
+        backbone = backbone or (None if expected else self.defaultBackbone)
+        key = (str(backbone or expected or "default"), str(device))
+        if self._backbone is None or self._backboneKey != key or (
+                expected and self._backbone.spec.family != load_family(expected)):
+            self._backbone = None  # release the old model before loading a new one
             self.embeddingCache.clear()
-            sam, v, identity = load_backbone(samCheckpoint, variant)
-            self._backbone = (key, sam, v, identity)
-        _, sam, variant, identity = self._backbone
-        loaded = None
+            self._backbone, self._backboneKey = load_backbone(backbone or expected, expected), key
+        return self._backbone
+
+    def loadModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
+                  device: Optional[str] = None, allowMismatch: bool = False) -> ProMISeModel:
+        """Backbone (``None``: the adapter's, else LiteMedSAM; a registry name or a checkpoint path) plus an
+        optional adapter (file path or an ``Adapter``). An adapter's metadata is checked before any
+        weights are loaded."""
+        expected = None
+        if isinstance(adapter, (str, os.PathLike)):
+            expected = read_metadata(adapter)["backbone"]["name"]
+        elif isinstance(adapter, Adapter):
+            expected = adapter.backbone.name
+        loaded = self.loadBackbone(backbone, expected, device)
+        adapterObject = None
         if isinstance(adapter, Adapter):
-            loaded = adapter
+            adapterObject = adapter
         elif adapter:
             path = Path(adapter)
-            akey = (str(path.resolve()), path.stat().st_mtime_ns, variant, identity, allowMismatch)
+            akey = (str(path.resolve()), path.stat().st_mtime_ns, loaded.name, loaded.identity, allowMismatch)
             if akey not in self._adapters:
-                self._adapters = {akey: load_adapter(path, variant, identity, allowMismatch)}
-            loaded = self._adapters[akey]
-        engine = engine_for(sam, variant, loaded, device, cache=self.embeddingCache)
-        return ProMISeModel(engine, variant, identity, loaded)
+                self._adapters = {akey: load_adapter(path, loaded, allowMismatch)}
+            adapterObject = self._adapters[akey]
+        return ProMISeModel(engine_for(loaded, adapterObject, device, cache=self.embeddingCache), adapterObject)
 
     def _model(self, model: Optional[ProMISeModel], **kwargs) -> ProMISeModel:
         return model if model is not None else self.loadModel(**kwargs)
@@ -124,7 +134,7 @@ class PromiseSegmentLogic:
                                     progress=progress, cancel=cancel, value_range=vr)
 
     def segmentVolume(self, volumeNode, segmentationNode, segmentId: Optional[str] = None,
-                      adapter: Union[None, str, Adapter] = None, samCheckpoint: Optional[str] = None,
+                      adapter: Union[None, str, Adapter] = None, backbone: Optional[str] = None,
                       axis: Union[int, str] = "K", sliceRange: Optional[Tuple[int, int]] = None,
                       points: PointList = (), boxes: Sequence[Sequence[float]] = (), mode: str = "auto",
                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
@@ -139,7 +149,7 @@ class PromiseSegmentLogic:
         """
         if segmentationNode is None:
             raise InputError("no segmentation node given")
-        model = self.loadModel(samCheckpoint, adapter, device)
+        model = self.loadModel(backbone, adapter, device)
         if segmentId and segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
             raise InputError(f"segment {segmentId!r} is not in {segmentationNode.GetName()}")
         if segmentId and not overwrite and not mrml.segment_is_empty(segmentationNode, segmentId):
@@ -242,10 +252,11 @@ class PromiseSegmentLogic:
                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                   **modelArgs) -> Dict[int, np.ndarray]:
         """From an accepted slice, segment neighbours one after another: each uses the previous slice's
-        mask as box and mask prompt (plus APM points when the adapter has an APM) and stops where the
-        object vanishes (area below ``minAreaFraction`` of the previous slice). ``direction`` +1/-1, or
-        0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative points.
-        Returns {slice index: mask}; nothing is written."""
+        bounding box as the box prompt (SAM ViT: with the mask as mask prompt; box-only backbones such as
+        LiteMedSAM follow their reference: box + 3 px, no mask prompt) with the adapter's IPS, and stops
+        where the object vanishes (area below ``minAreaFraction`` of the previous slice). ``direction``
+        +1/-1, or 0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative
+        points on backbones that take points. Returns {slice index: mask}; nothing is written."""
         from PromiseSegmentLib.engine import Cancelled
 
         model = self._model(model, **modelArgs)
@@ -256,7 +267,9 @@ class PromiseSegmentLogic:
         slice_indices(n, (startIndex, startIndex))
         if not startMask.any():
             raise InputError("the accepted slice is empty; nothing to propagate")
-        mode = "apm+clicks" if model.has_apm else ("ips" if model.adapter is not None else "vanilla")
+        mode = "auto"  # with a box: IPS when there is an adapter, else the plain backbone (promise.resolve_mode)
+        box_only = model.backbone.spec.box_only
+        margin = 3 if box_only else 1
         vr = self.valueRange(volumeNode, array, model.intensity)
         steps = [d for d in ((1, -1) if direction == 0 else (int(np.sign(direction)),))]
         limit = maxSlices or n
@@ -270,13 +283,14 @@ class PromiseSegmentLogic:
                 if cancel is not None and cancel():
                     raise Cancelled()
                 pts, labels = None, None
-                if negativeMask is not None:
+                if negativeMask is not None and not box_only:
                     neg = np.argwhere(take_slice(negativeMask, ax, index) > 0)
                     if len(neg):
                         pick = neg[rng.choice(len(neg), min(3, len(neg)), replace=False)]
                         pts, labels = pick[:, ::-1].astype(float), np.zeros(len(pick), int)
-                prompts = Prompts(pts, labels, mask_bbox(previous, 1))
-                mask = model.segment_slice(array, ijk_to_ras, ax, index, prompts, previous, mode, vr).masks[0]
+                prompts = Prompts(pts, labels, mask_bbox(previous, margin))
+                mask = model.segment_slice(array, ijk_to_ras, ax, index, prompts, None if box_only else previous, mode,
+                                           vr).masks[0]
                 done += 1
                 if progress:
                     progress(done, total)
@@ -303,11 +317,11 @@ class PromiseSegmentLogic:
         return cases
 
     def trainAdapter(self, pairs: Sequence[Tuple[object, object, str]], output: Union[str, os.PathLike],
-                     samCheckpoint: Optional[str] = None, config=None, axis: Union[int, str] = "K",
+                     backbone: Optional[str] = None, config=None, axis: Union[int, str] = "K",
                      valFraction: float = 0.15, emptyShare: float = 0.1, resume: bool = False,
                      progress: Optional[Callable[[int, int, dict], None]] = None,
                      cancel: Optional[CancelFn] = None, device: Optional[str] = None):
-        """Train an APM+IPS adapter from segmentations already in the scene; SAM stays frozen.
+        """Train an APM+IPS adapter from segmentations already in the scene; the backbone stays frozen.
         ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output``."""
         from PromiseSegmentLib.training import TrainConfig, train_adapter
 
@@ -316,10 +330,15 @@ class PromiseSegmentLogic:
         order = np.random.default_rng(config.seed).permutation(len(cases))
         n_val = max(1, int(round(valFraction * len(cases)))) if len(cases) > 1 else 0
         val, train = [cases[i] for i in order[:n_val]], [cases[i] for i in order[n_val:]]
-        self.loadModel(samCheckpoint, None, device)
-        _, sam, variant, identity = self._backbone
-        engine = engine_for(sam, variant, None, device)
-        return train_adapter(engine, variant, identity, train, val, config, Path(output), resume, progress, cancel)
+        config.check()
+        engine = engine_for(self.loadBackbone(backbone, None, device), None, device)
+        return train_adapter(engine, train, val, config, Path(output), resume, progress, cancel)
+
+
+def load_family(name: str) -> str:
+    from PromiseSegmentLib.backbone import BACKBONES
+
+    return BACKBONES[name].family if name in BACKBONES else ""
 
 
 def training_pairs_in_scene(scene, segmentName: str, fallbackVolumes: Optional[Dict[str, object]] = None):

@@ -12,9 +12,11 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+from PromiseSegmentLib.names import USER_BACKBONES  # torch-free: the registry itself needs torch
+
 SCOPES = ("current slice", "slice range", "whole volume")
-MODE_LABELS = {"automatic": "automatic (adapter's APM; clicks refine)", "clicks": "clicks (left +, Shift/right -)",
-               "box": "box (two corner clicks)"}
+MODE_LABELS = {"box": "box (drag in a slice view)", "automatic": "automatic (adapter's APM; clicks refine)",
+               "clicks": "clicks (left +, Shift/right -; SAM ViT backbones)"}
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -65,9 +67,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return self.session
 
     def modelArgs(self):
-        checkpoint = self.scriptedEffect.parameter("Checkpoint")
+        backbone = self.scriptedEffect.parameter("Backbone")
         device = self.scriptedEffect.parameter("Device")
-        return {"samCheckpoint": None if checkpoint in ("", "default") else checkpoint,
+        return {"backbone": backbone or None,
                 "adapter": self.scriptedEffect.parameter("Adapter") or None,
                 "device": None if device in ("", "auto") else device}
 
@@ -82,9 +84,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     # ------------------------------------------------------------------ GUI
     def setupOptionsFrame(self):
         self.checkpointCombo = qt.QComboBox()
-        self.checkpointCombo.addItems(["default", "vit_b", "vit_l", "vit_h", "medsam"])
-        self.checkpointCombo.toolTip = "SAM checkpoint (default = embedded backbone, not SAM)"
-        self.scriptedEffect.addLabeledOptionsWidget("SAM:", self.checkpointCombo)
+        self.checkpointCombo.addItems(list(USER_BACKBONES))
+        self.checkpointCombo.toolTip = ("frozen backbone: lite_medsam (default, offline, box prompts) or SAM ViT "
+                                        "(downloaded once; point prompts)")
+        self.scriptedEffect.addLabeledOptionsWidget("Backbone:", self.checkpointCombo)
         self.adapterCombo = qt.QComboBox()  # installed adapters; editable so any file path can be typed
         self.adapterCombo.editable = True
         self.adapterCombo.toolTip = "adapter file (.safetensors); import or train adapters in the PromiseSegment module"
@@ -161,7 +164,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.fillAdapters()  # adapters imported or trained since the effect was set up
 
     def setMRMLDefaults(self):
-        for name, value in (("Checkpoint", "default"), ("Adapter", ""), ("Mode", "clicks"), ("Scope", SCOPES[0]),
+        for name, value in (("Backbone", USER_BACKBONES[0]), ("Adapter", ""), ("Mode", "box"), ("Scope", SCOPES[0]),
                             ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40),
                             ("WindowWidth", 400), ("Device", "auto"), ("NegativeOthers", 0)):
             self.scriptedEffect.setParameterDefault(name, value)
@@ -172,7 +175,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                    self.rangeLast, self.customWindow, self.windowCenter, self.windowWidth, self.deviceCombo,
                    self.negativeOthers]
         blocked = [w.blockSignals(True) for w in widgets]
-        self.checkpointCombo.currentText = p.parameter("Checkpoint")
+        self.checkpointCombo.currentText = p.parameter("Backbone")
         self.adapterCombo.currentText = p.parameter("Adapter")
         self.modeCombo.currentIndex = max(0, self.modeCombo.findData(p.parameter("Mode")))
         self.scopeCombo.currentText = p.parameter("Scope")
@@ -187,7 +190,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def updateMRMLFromGUI(self, *_):
         p = self.scriptedEffect
-        p.setParameter("Checkpoint", self.checkpointCombo.currentText)
+        p.setParameter("Backbone", self.checkpointCombo.currentText)
         adapter = self.adapterCombo.currentText.strip()
         if adapter != p.parameter("Adapter") and not self.customWindow.checked:
             blocked = [w.blockSignals(True) for w in (self.windowCenter, self.windowWidth)]
@@ -227,6 +230,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
+        if eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent:
+            return True  # consumed: Slicer would maximize the view
+        if self.scriptedEffect.parameter("Mode") == "box" and eventId in (vtk.vtkCommand.LeftButtonPressEvent,
+                                                                        vtk.vtkCommand.LeftButtonReleaseEvent):
+            xy = callerInteractor.GetEventPosition()
+            self.boxEvent(self.xyToRas(xy, viewWidget), sliceNormal(viewWidget),
+                          eventId == vtk.vtkCommand.LeftButtonPressEvent)
+            return True  # consumed: no window/level while dragging a box
         press = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent
         if eventId not in press:
             return False
@@ -240,6 +251,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         with slicer.util.tryWithErrorDisplay("ProMISe could not use this click.", waitCursor=True):
             session = self._session()
             session.click(self.sourceVolume(), ras, normal, positive)
+            if session.ready:
+                self.onPreview()
+
+    def boxEvent(self, ras, normal, pressed):
+        """Box mode: button down starts a drag, button up ends it (then previews)."""
+        with slicer.util.tryWithErrorDisplay("ProMISe could not use this box.", waitCursor=not pressed):
+            session = self._session()
+            if pressed:
+                session.press(self.sourceVolume(), ras, normal)
+                return
+            session.release(self.sourceVolume(), ras, normal)
             if session.ready:
                 self.onPreview()
 

