@@ -216,8 +216,10 @@ def test_nan_weights_are_refused(trained, tmp_path, tiny_backbone):
 
 
 def test_resume_after_an_interruption_restores_the_exact_state(trained, tiny_backbone, tmp_path):
+    from PromiseSegmentLib.embedding_cache import EmbeddingCache
+
     _, _, cases, cfg = trained
-    engine = engine_for(tiny_backbone, None, "cpu")
+    engine = engine_for(tiny_backbone, None, "cpu", cache=EmbeddingCache())  # the three runs encode once
     full = train_adapter(engine, cases[2:], cases[:2], cfg, tmp_path / "full.safetensors")
     epochs_done = []
 
@@ -244,3 +246,21 @@ def test_a_training_set_of_empty_masks_is_refused(tiny_backbone):
 def test_bad_training_options_are_refused_before_any_work(bad):
     with pytest.raises(InputError):
         TrainConfig(**bad).check()
+
+
+def test_warm_up_flips_keep_taps_target_and_boxes_consistent():
+    from PromiseSegmentLib.training import Batch, flip_batch
+
+    target = torch.zeros(1, 256, 256)
+    target[0, 40:100, 10:60] = 1  # rows 40..99, cols 10..59 of the padded input square (size 256 here)
+    taps = [target[:, None, ::4, ::4].clone()]  # a 64x64 map of the same object
+    batch = Batch(torch.zeros(1, 1), taps, target, torch.tensor([[10.0, 40.0, 60.0, 100.0]]), torch.tensor([True]))
+    seen = set()
+    for seed in range(12):
+        out = flip_batch(batch, torch.Generator().manual_seed(seed), 256)
+        ys, xs = torch.nonzero(out.target[0], as_tuple=True)
+        assert out.boxes[0].tolist() == [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
+        assert torch.equal(out.taps[0][0, 0], out.target[0, ::4, ::4]) or torch.equal(
+            out.taps[0][0, 0], out.target[0, 3::4, 3::4])  # the taps moved with the target
+        seen.add(tuple(out.boxes[0].tolist()))
+    assert len(seen) == 4 and torch.equal(batch.target, target)  # all four flips occur; the input is untouched

@@ -118,19 +118,19 @@ class Backbone:
 
     def to_input_frame(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
         """(..., 2) pixel coordinates (x, y) of the original image -> the input frame (SAM's apply_coords)."""
-        h, w = original_size
-        nh, nw = self.input_size(original_size)
-        c = np.array(coords, dtype=float, copy=True)
-        c[..., 0] *= nw / w
-        c[..., 1] *= nh / h
-        return c
+        return self._rescale(coords, original_size, inverse=False)
 
     def from_input_frame(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+        """The inverse of ``to_input_frame``."""
+        return self._rescale(coords, original_size, inverse=True)
+
+    def _rescale(self, coords: np.ndarray, original_size: Tuple[int, int], inverse: bool) -> np.ndarray:
         h, w = original_size
         nh, nw = self.input_size(original_size)
+        sx, sy = (w / nw, h / nh) if inverse else (nw / w, nh / h)
         c = np.array(coords, dtype=float, copy=True)
-        c[..., 0] *= w / nw
-        c[..., 1] *= h / nh
+        c[..., 0] *= sx
+        c[..., 1] *= sy
         return c
 
     # ------------------------------------------------------------------ encoding

@@ -175,6 +175,7 @@ class ProMISeModel:
     def segment_volume(self, volume, ijk_to_ras, mode: str = "auto", **kwargs) -> np.ndarray:
         """Volume -> uint8 KJI mask (see ``volume_segmentation.segment_volume`` for the arguments)."""
         kwargs.setdefault("intensity", self.intensity)
+        kwargs.setdefault("box_propagation", self.backbone.spec.box_only)
         return segment_volume(self.engine, volume, ijk_to_ras, automatic=self.is_automatic(mode),
                               predictor=self.predictor(mode), **kwargs)
 

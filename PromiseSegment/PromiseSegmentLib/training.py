@@ -55,6 +55,7 @@ class TrainConfig:
     apm_tap_pool: int = 1  # average-pool the taps before the APM (2: a quarter of the cost)
     box_loss_weight: float = 1.0  # auxiliary APM loss (box, objectness, presence); 0 = the paper's mask loss only
     apm_warmup_epochs: int = 0  # epochs of APM alone on the auxiliary loss before the joint phase
+    flip_warmup: bool = True  # random flips of the encoder taps (and boxes) during the APM warm-up
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = "Segment"
@@ -180,6 +181,18 @@ def collate(items: List[Encoded], device) -> Batch:
                  torch.stack([it.target for it in items]).to(device).float(), boxes, present)
 
 
+def flip_batch(batch: Batch, gen: torch.Generator, image_size: int) -> Batch:
+    """The same random horizontal/vertical flip of a batch's taps, target and boxes, about the padded input
+    square. Only for the APM alone: its head is translation-equivariant, while the frozen decoder never
+    saw flipped embeddings."""
+    taps, target, boxes = list(batch.taps), batch.target, batch.boxes.clone()
+    for axis, (lo, hi) in ((-1, (0, 2)), (-2, (1, 3))):
+        if bool(torch.rand((), generator=gen) < 0.5):
+            taps, target = [t.flip(axis) for t in taps], target.flip(axis)
+            boxes[:, [lo, hi]] = image_size - boxes[:, [hi, lo]]
+    return Batch(batch.features, taps, target, boxes, batch.present)
+
+
 def user_prompts(items: List[Encoded], batch: Batch, kind: str, rng: np.random.Generator, spec,
                  jitter: float = 0.0) -> PromptBatch:
     """Ground-truth prompts in the input frame: the mask's box (optionally jittered) or sampled points."""
@@ -298,6 +311,8 @@ class Trainer:
         use_autocast = dev.type == "cuda" and cfg.bf16
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
             if warmup:
+                if cfg.flip_warmup:
+                    batch = flip_batch(batch, self.gen, spec.image_size)
                 loss = apm_aux_loss(self.adapter.apm(batch.taps, prepared=True), batch, spec.image_size)
             else:
                 user = user_prompts(items, batch, cfg.user_prompt, self.rng, spec, jitter=0.05)

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from .engine import Cancelled, ImageEmbedding, Prediction, Prompts, SamEngine
-from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, is_rgb, resolve_axis,
+from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, is_rgb, mask_bbox, resolve_axis,
                             slice_geometry, take_slice, put_slice, to_uint8_rgb)
 
 SlicePredictor = Callable[[SamEngine, ImageEmbedding, Prompts, Tuple[int, int]], Prediction]
@@ -83,12 +83,16 @@ def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray
                    predictor: Optional[SlicePredictor] = None, automatic: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None,
                    cancel: Optional[Callable[[], bool]] = None,
-                   value_range: Optional[Tuple[float, float]] = None) -> np.ndarray:
+                   value_range: Optional[Tuple[float, float]] = None,
+                   box_propagation: bool = False) -> np.ndarray:
     """Segment ``volume`` (KJI[×3]) slice by slice; returns a uint8 KJI mask on the volume's own grid.
 
     ``prompts`` maps slice index -> prompts in that slice's pixels (x = column, y = row). Without
     ``automatic`` only prompted slices are segmented; with it (an APM predictor) every slice in range.
-    Raises ``Cancelled`` when ``cancel()`` turns true; nothing is returned then.
+    ``box_propagation`` (box-trained backbones, as LiteMedSAM's reference 3D inference): a box given on a
+    run of consecutive slices is used as given on the run's middle slice only; the run is then segmented
+    middle-out, each slice prompted with the previous slice's result box + 3 px (the middle box where
+    that result is empty). Raises ``Cancelled`` when ``cancel()`` turns true; nothing is returned then.
     """
     volume = check_volume(volume)
     ax = resolve_axis(axis, ijk_to_ras)
@@ -100,17 +104,52 @@ def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray
         raise InputError("no slice to segment: give prompts on at least one slice in range, or use an adapter")
     vr = value_range or volume_value_range(volume, intensity)
     out = np.zeros(volume.shape[:3], np.uint8)
+    parents = box_parents(todo, prompts) if box_propagation and not automatic else {}
+    if parents:
+        todo = list(parents)  # middle-out: each slice after the one it takes its box from
+    step = 1 if parents else engine.batch_size
     done = 0
-    for start in range(0, len(todo), engine.batch_size):
+    for start in range(0, len(todo), step):
         if cancel is not None and cancel():
             raise Cancelled()
-        batch = todo[start:start + engine.batch_size]
+        batch = todo[start:start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
         embeddings = engine.encode([image for _, image in prepared], cancel=cancel)
         for s, (g, _), emb in zip(batch, prepared, embeddings):
-            pred = predictor(engine, emb, _to_square_prompts(g, prompts.get(s, Prompts())), g.native_shape)
+            p = prompts.get(s, Prompts())
+            if parents.get(s) is not None:
+                parent, middle = parents[s]
+                p = Prompts(box=mask_bbox(take_slice(out, ax, parent), PROPAGATION_MARGIN)
+                            if take_slice(out, ax, parent).any() else prompts[middle].box)
+            pred = predictor(engine, emb, _to_square_prompts(g, p), g.native_shape)
             put_slice(out, ax, s, pred.masks[0].astype(np.uint8))
             done += 1
             if progress:
                 progress(done, len(todo))
     return out
+
+
+PROPAGATION_MARGIN = 3  # px added around the previous slice's result box (LiteMedSAM's reference)
+
+
+def box_parents(todo, prompts: Dict[int, Prompts]) -> Dict[int, Optional[Tuple[int, int]]]:
+    """Middle-out order for runs of consecutive slices prompted by a box alone: slice -> (the slice its box
+    comes from, the run's middle slice), or None for slices that use their own prompts. Insertion order is
+    the processing order."""
+    boxed = [s for s in todo if s in prompts and prompts[s].box is not None and prompts[s].points is None]
+    runs, order = [], {}
+    for s in boxed:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    for run in runs:
+        m = len(run) // 2
+        order[run[m]] = None
+        for k in range(m + 1, len(run)):
+            order[run[k]] = (run[k - 1], run[m])
+        for k in range(m - 1, -1, -1):
+            order[run[k]] = (run[k + 1], run[m])
+    for s in todo:
+        order.setdefault(s, None)
+    return order

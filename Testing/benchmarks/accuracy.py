@@ -10,7 +10,11 @@ split at full resolution. Each image is encoded once (features cached on disk un
 epoch costs only APM + IPS + decoder.
 
 Splits: kvasir = kvasir-seg train/ (last 10 % for selection) -> val/ (101); ph2 = sorted ids 0-59 fit,
-60-69 select, 70-99 test; ct-spleen = 10 fit, 2 select, 6 test.
+60-69 select, 70-99 test; ct-spleen = 10 fit, 2 select, 6 test. ``mr`` (3D, per-volume Dice): the three
+pyradiomics MR volumes, leave-one-volume-out (adapters trained on the slices of the two others, half as
+many empty slices as labelled ones; selection on those training slices - there is nothing else), rows:
+the backbone with the label's 3D bounding box (middle slice, then middle-out with the previous result's
+box + 3 px, LiteMedSAM's reference 3D inference), IPS with the same box, APM+IPS automatic on every slice.
 """
 import argparse
 import sys
@@ -38,6 +42,9 @@ CONFIGS = {
     "ips+gt-box": dict(use_apm=False, user_prompt="box"),
     "apm+ips": dict(),
     "apm+ips-mask-loss-only": dict(box_loss_weight=0.0, apm_warmup_epochs=0),
+    "apm+ips-box+points": dict(apm_prompts=("box", "points"), apm_head_blocks=(1, 1, 1, 1)),
+    "apm+ips-paper-points-head": dict(apm_prompts=("points",), apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3),
+                                      box_loss_weight=0.0, apm_warmup_epochs=0, apm_tap_pool=1),
 }
 
 
@@ -97,7 +104,13 @@ def evaluate(model, encs, cases, mode, prompt):
             h, w = case.mask.shape
             p = Prompts(points=[[w / 2, h / 2]], labels=[1])
         t = time.time()
-        pred = model.predict(as_embedding(e), p, mode=mode)
+        if mode == "vanilla":  # the raw backbone, even where it refuses such prompts (LiteMedSAM: points)
+            from PromiseSegmentLib.volume_segmentation import vanilla_predict
+
+            emb = as_embedding(e)
+            pred = vanilla_predict(model.engine, emb, p, emb.original_size)
+        else:
+            pred = model.predict(as_embedding(e), p, mode=mode)
         seconds.append(time.time() - t)
         dices.append(dice(pred.masks[0], case.mask))
         ious.append(iou(pred.masks[0], case.mask))
@@ -110,10 +123,52 @@ def evaluate(model, encs, cases, mode, prompt):
     return dices, ious, box_ious, float(np.mean(seconds))
 
 
+def mr_rows(args, backbone):
+    from PromiseSegmentLib.cli import ijk_prompts
+    from PromiseSegmentLib.datasets import volume_cases
+    from PromiseSegmentLib.preprocessing import IntensityRule
+    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+
+    names = ("brain1", "brain2", "breast1")
+    vols = {n: (read_volume(args.data / "mr-volumes" / f"{n}_image.nrrd"),
+                read_labelmap(args.data / "mr-volumes" / f"{n}_label.nrrd").array > 0) for n in names}
+    rule = IntensityRule()
+    cases = {n: volume_cases(n, v.array, lab, v.ijk_to_ras, rule, "K", empty_share=0.5) for n, (v, lab) in vols.items()}
+    results = {"vanilla + box on each slice (2D)": [], "vanilla + 3D box": [], "IPS + 3D box": [],
+               "APM+IPS automatic": []}
+    for test in names:
+        vol, truth = vols[test]
+        train = [c for n in names if n != test for c in cases[n]]
+        k = np.nonzero(truth.any(axis=(1, 2)))[0]
+        j, i = np.nonzero(truth.any(axis=0))
+        box = ijk_prompts(0, [], [[i.min(), j.min(), k.min(), i.max(), j.max(), k.max()]], truth.shape)
+        plain = ProMISeModel(engine_for(backbone, None, "cpu"))
+        per_slice = {int(s): Prompts(box=mask_bbox(truth[s])) for s in k}
+        results["vanilla + box on each slice (2D)"].append(dice(plain.segment_volume(
+            vol.array, vol.ijk_to_ras, prompts=per_slice, box_propagation=False) > 0, truth))
+        results["vanilla + 3D box"].append(dice(plain.segment_volume(vol.array, vol.ijk_to_ras, prompts=box) > 0, truth))
+        for row, extra, mode, prompts in (("IPS + 3D box", dict(use_apm=False, user_prompt="box"), "ips", box),
+                                          ("APM+IPS automatic", dict(), "apm+ips", None)):
+            warmup = args.warmup if extra.get("use_apm", True) else 0
+            cfg = TrainConfig(**{**LIGHT, **extra, "apm_warmup_epochs": warmup, "epochs": warmup + args.epochs,
+                                 "batch_size": 4})
+            from PromiseSegmentLib.training import train_adapter
+
+            result = train_adapter(engine_for(backbone, None, "cpu"), train, train, cfg)
+            model = ProMISeModel(engine_for(backbone, result.adapter, "cpu"), result.adapter)
+            mask = model.segment_volume(vol.array, vol.ijk_to_ras, mode=mode, prompts=prompts)
+            results[row].append(dice(mask > 0, truth))
+        print(f"  {test}: " + ", ".join(f"{r} {v[-1]:.3f}" for r, v in results.items()), flush=True)
+    print(f"\n| mr, per-volume Dice ({backbone.name}, leave one volume out) | " + " | ".join(names) + " | mean |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for row, values in results.items():
+        print(f"| {row} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path, help="the shared data folder (kvasir-seg/, ph2/, ct-spleen-slices/)")
-    ap.add_argument("--sets", default="kvasir", help="comma-separated: kvasir, ph2, ct-spleen")
+    ap.add_argument("--sets", default="kvasir", help="comma-separated: kvasir, ph2, ct-spleen, mr")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows, from: " + ", ".join(CONFIGS))
     ap.add_argument("--backbone", default="lite_medsam")
     ap.add_argument("--epochs", type=int, default=10, help="joint epochs (after the APM warm-up)")
@@ -126,6 +181,9 @@ def main():
     engine = engine_for(backbone, None, "cpu")
     engine.capture_taps = True
     for name in args.sets.split(","):
+        if name == "mr":
+            mr_rows(args, backbone)
+            continue
         fit, select, test = splits(args.data, name)
         print(f"\n## {name}: {len(fit)} fit, {len(select)} select, {len(test)} test; backbone {backbone.name}", flush=True)
         enc = {k: encode_all(engine, cs, args.cache / f"{backbone.name}_{name}_{k}.pt")

@@ -16,7 +16,7 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_click_preview_apply_undo()
+        self.test_box_drag_preview_apply_undo()
         self.setUp()
         self.test_cancelled_run_changes_nothing()
         self.setUp()
@@ -42,20 +42,22 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         editor.show()
         return vol, truth, volume, seg, sid, editor
 
-    def test_click_preview_apply_undo(self):
+    def test_box_drag_preview_apply_undo(self):
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
         vol, truth, volume, seg, sid, editor = self._scene()
         editor.setActiveEffectByName("ProMISe")
         effect = editor.activeEffect()
         self.assertIsNotNone(effect, "the ProMISe effect is registered")
+        effect.setParameter("Mode", "box")  # LiteMedSAM's native prompt, the default backbone
         k = int(np.argmax(truth.sum(axis=(1, 2))))
-        j, i = np.argwhere(truth[k]).mean(0)
-        ras = (vol.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+        (j0, i0), (j1, i1) = np.argwhere(truth[k]).min(0) - 2, np.argwhere(truth[k]).max(0) + 2
         normal = vol.ijk_to_ras[:3, 2] / np.linalg.norm(vol.ijk_to_ras[:3, 2])
-        effect.self().addClick(list(ras), list(normal), True)  # a left click on the lesion
+        for (i, j), pressed in (((i0, j0), True), ((i1, j1), False)):  # drag from corner to corner
+            ras = (vol.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+            effect.self().boxEvent(list(ras), list(normal), pressed)
         preview = effect.self().previewNode
-        self.assertIsNotNone(preview, "a click shows a preview")
+        self.assertIsNotNone(preview, "releasing the drag shows a preview")
         self.assertFalse(segment_mask(seg, sid, volume).any(), "the preview does not touch the segment")
         effect.self().onApply()
         written = segment_mask(seg, sid, volume)
@@ -72,7 +74,7 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         vol, truth, volume, seg, sid, editor = self._scene()
         before = seg.GetSegmentation().GetNumberOfSegments()
         with self.assertRaises(Cancelled):
-            PromiseSegment.sharedLogic().segmentVolume(volume, seg, points=[(40, 40, 8, 1)], mode="vanilla",
+            PromiseSegment.sharedLogic().segmentVolume(volume, seg, boxes=[(30, 30, 8, 50, 50, 8)], mode="vanilla",
                                                        cancel=lambda: True)
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), before)
         self.assertFalse(segment_mask(seg, sid, volume).any())
@@ -81,15 +83,14 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         """Whole-volume scope with an (untrained) adapter; Cancel is pressed in the effect's progress dialog
         while slices are being segmented: the segment stays empty and there is nothing to undo."""
         from PromiseSegmentLib.adapter import save_adapter
-        from PromiseSegmentLib.sam_models import DEFAULT_BACKBONE_IDENTITY
+        from PromiseSegmentLib.backbone import load_backbone
         from PromiseSegmentLib.training import TrainConfig, build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
         vol, truth, volume, seg, sid, editor = self._scene()
         folder = tempfile.mkdtemp()
         adapterPath = os.path.join(folder, "untrained.safetensors")
-        save_adapter(build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1)), "tiny",
-                                   DEFAULT_BACKBONE_IDENTITY), adapterPath)
+        save_adapter(build_adapter(TrainConfig(apm_fusion_dim=16, apm_tap_pool=2), load_backbone()), adapterPath)
         editor.setActiveEffectByName("ProMISe")
         effect = editor.activeEffect()
         effect.setParameter("Adapter", adapterPath)
