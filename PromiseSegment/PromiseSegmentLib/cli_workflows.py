@@ -138,9 +138,7 @@ def cmd_evaluate(args) -> int:
 
 
 def add_workflow_commands(sub) -> None:
-    from .cli import add_backbone_args, add_intensity_args
-    from .names import MODES
-    from .training import TrainConfig
+    from .cli import add_backbone_args
 
     p = sub.add_parser("demo", help="the whole ProMISe workflow offline on bundled real CT (train, segment, report)")
     p.add_argument("--out", default="promise-demo", help="output folder (default promise-demo)")
@@ -150,8 +148,15 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     p.set_defaults(func=cmd_demo)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
 
-    p = sub.add_parser("train", help="train an APM+IPS adapter on a frozen SAM")
+
+def _add_train_command(sub) -> None:
+    from .cli import add_backbone_args, add_intensity_args
+    from .training import TrainConfig
+
+    p = sub.add_parser("train", help="train an APM+IPS adapter on a frozen backbone")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="folder with images/ + masks/ (or train/ and val/ subfolders of those)")
     src.add_argument("--volumes", action="append", metavar="IMAGE,LABELMAP",
@@ -190,6 +195,12 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("--name", default="Segment", help="target structure name stored in the adapter")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.state.pt")
     p.set_defaults(func=cmd_train)
+
+
+
+def _add_evaluate_command(sub) -> None:
+    from .cli import add_backbone_args
+    from .names import MODES
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 per case into a CSV, a summary and a PNG figure")
     p.add_argument("--data", required=True)

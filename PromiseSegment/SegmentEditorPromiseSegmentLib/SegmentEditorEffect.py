@@ -121,7 +121,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceCombo)
         self.negativeOthers = qt.QCheckBox("other visible segments are negative prompts")
         self.scriptedEffect.addOptionsWidget(self.negativeOthers)
+        self.setupButtons()
 
+        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"),
+                          (self.adapterCombo, "currentTextChanged(QString)"),
+                          (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
+                          (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
+                          (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
+                          (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
+                          (self.negativeOthers, "toggled(bool)")):
+            w.connect(signal, self.updateMRMLFromGUI)
+
+    def setupButtons(self):
         buttons = qt.QHBoxLayout()
         self.previewButton = qt.QPushButton("Preview")
         self.propagateButton = qt.QPushButton("Propagate")
@@ -134,15 +145,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
-
-        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"),
-                          (self.adapterCombo, "currentTextChanged(QString)"),
-                          (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
-                          (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
-                          (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
-                          (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
-                          (self.negativeOthers, "toggled(bool)")):
-            w.connect(signal, self.updateMRMLFromGUI)
         self.previewButton.connect("clicked()", self.onPreview)
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.applyButton.connect("clicked()", self.onApply)
