@@ -70,6 +70,7 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
     labelmap, extent = session.labelmap(seg)
     preview = update_preview(app.scene, None, volume, labelmap)
     assert preview.GetName() == PREVIEW_NODE_NAME and preview.GetHideFromEditors()
+    assert not preview.GetSaveWithScene()  # a saved scene never contains the preview
     assert np.array_equal(segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), volume)[4], mask)
     assert not segment_mask(seg, sid, volume).any()  # preview leaves the edited segment alone
 

@@ -158,8 +158,13 @@ def update_preview(scene, preview_node, reference_volume, labelmap, color=(1.0, 
     """Show ``labelmap`` in a separate, editor-hidden segmentation node (created on first use) so the
     user sees the result before Apply; the segment being edited is not touched."""
     if preview_node is None or preview_node.GetScene() is None:
-        preview_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
+        # Flags set before the node enters the scene, so Subject Hierarchy never lists it and a saved
+        # scene never contains it.
+        preview_node = slicer.vtkMRMLSegmentationNode()
+        preview_node.SetName(PREVIEW_NODE_NAME)
         preview_node.SetHideFromEditors(True)
+        preview_node.SetSaveWithScene(False)
+        scene.AddNode(preview_node)
         preview_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         preview_node.CreateDefaultDisplayNodes()
     segmentation = preview_node.GetSegmentation()
