@@ -34,19 +34,106 @@ def test_slicer_only_files_compile():
         py_compile.compile(str(path), doraise=True)
 
 
-def test_cmake_installs_every_python_file_and_registers_the_slicer_tests():
+def cmake_installed_files(cmake_path: Path) -> set:
+    """The files ``slicerMacroBuildScriptedModule`` installs, from the module's CMakeLists.txt: ``file(GLOB
+    [_RECURSE] VAR RELATIVE ... [CONFIGURE_DEPENDS] "pattern")`` evaluated here, then the SCRIPTS and
+    RESOURCES lists with their variables expanded."""
+    text = cmake_path.read_text()
+    folder = cmake_path.parent
+    variables = {"MODULE_NAME": re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1),
+                 "CMAKE_CURRENT_SOURCE_DIR": str(folder)}
+
+    def expand(value):
+        return re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)] if isinstance(variables[m.group(1)], str)
+                      else ";".join(variables[m.group(1)]), value)
+
+    for kind, var, pattern in re.findall(r"file\((GLOB(?:_RECURSE)?) (\w+) RELATIVE \S+ (?:CONFIGURE_DEPENDS )?"
+                                         r"\"([^\"]+)\"\)", text):
+        pattern = expand(pattern)
+        if kind == "GLOB_RECURSE":  # "dir/*" matches every file below dir
+            pattern = pattern.replace("/*", "/**/*")
+        variables[var] = sorted(str(p.relative_to(folder)) for p in folder.glob(pattern) if p.is_file())
+    installed = set()
+    for block in re.findall(r"set\(MODULE_PYTHON_(?:SCRIPTS|RESOURCES)\s+(.*?)\)", text, re.S):
+        for item in block.split():
+            installed.update(v for v in expand(item).split(";") if v)
+    return installed
+
+
+def test_cmake_installs_every_file_the_module_uses_at_runtime():
+    """The classic "works from source, broken from the Extensions Manager" bug: every tracked file of the
+    module (code, icons, requirements, bundled demo data) except tests and build files is installed."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "PromiseSegment"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.fail("needs a git checkout: " + tracked.stderr)
+    runtime = {str(Path(f).relative_to("PromiseSegment")) for f in tracked.stdout.split()
+               if "/Testing/" not in f and not f.endswith("CMakeLists.txt")}
+    installed = cmake_installed_files(MODULE / "CMakeLists.txt")
+    assert runtime - installed == set(), "not installed by PromiseSegment/CMakeLists.txt"
+    assert {p for p in installed if not (MODULE / p).is_file()} == set(), "listed but missing"
+
+
+def test_slicer_tests_are_registered():
     cmake = (MODULE / "CMakeLists.txt").read_text()
-    assert 'file(GLOB MODULE_CORE_SCRIPTS RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} "${MODULE_NAME}Lib/*.py")' in cmake
-    assert '"${MODULE_NAME}SlicerLib/*.py"' in cmake
-    effect_files = {p.name for p in (MODULE / "SegmentEditorPromiseSegmentLib").glob("*.py")}
-    listed = set(re.findall(r"SegmentEditor\$\{MODULE_NAME\}Lib/(\w+\.py)", cmake))
-    assert effect_files == listed
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
     tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
     for script in re.findall(r"slicer_add_python_unittest\(SCRIPT (\S+)\)", tests):
         assert (MODULE / "Testing" / "Python" / script).exists()
     assert {p.name for p in (MODULE / "Testing" / "Python").glob("*Test.py")} <= set(
         re.findall(r"SCRIPT (\S+)\)", tests))
+
+
+# What Slicer/ExtensionsIndex's check_description_files.py checks without network, written here (nothing
+# vendored): JSON format, the catalog-entry schema's keys and types, category, scm_url, names, the top-level
+# CMakeLists.txt (project name, icon and screenshot URLs pointing at committed PNGs), license, size.
+SCHEMA_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+KNOWN_CATEGORIES = {"Segmentation", "Quantification", "Filtering", "Registration", "Examples", "Informatics"}
+
+
+def test_extension_description_passes_the_index_checks():
+    import json
+
+    path = ROOT / "PromiseSegment.json"
+    raw = path.read_bytes()
+    assert b"\r" not in raw, "LF line endings only"
+    entry = json.loads(raw)
+    assert re.search(r"slicer-extension-catalog-entry-schema-v1\.\d+\.\d+\.json", entry["$schema"])
+    assert {"$schema", "category", "scm_url"} <= set(entry) and set(entry) <= set(SCHEMA_TYPES)
+    for key, value in entry.items():
+        assert isinstance(value, SCHEMA_TYPES[key]), key
+    assert all(isinstance(d, str) for d in entry.get("build_dependencies", []))
+    assert entry.get("scm_type", "git") in ("git", "local")
+    assert entry["category"] in KNOWN_CATEGORIES
+    assert entry["scm_url"].split("://")[0] in ("git", "https")
+    name = path.stem
+    assert not name.lower().startswith("slicer")
+    assert entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git").startswith("Slicer")
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"project\s*\(\s*([^\s)]+)", cmake).group(1) == name
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+
+
+@pytest.mark.parametrize("variable", ["EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"])
+def test_catalog_images_are_committed_pngs(variable):
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.search(rf'set\s*\({variable}\s*"([^"]+)"\s*\)', cmake)
+    assert urls, f"{variable} must be set to at least one URL (the index refuses an empty one)"
+    for url in urls.group(1).split():
+        prefix = "https://raw.githubusercontent.com/PromiseSegment/SlicerPromiseSegment/main/"
+        assert url.startswith(prefix), url
+        image = ROOT / url[len(prefix):]
+        assert image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+
+
+def test_license_and_repository_size():
+    import subprocess
+
+    assert (ROOT / "LICENSE.txt").is_file()
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file()) < 100 * 2 ** 20
 
 
 def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():

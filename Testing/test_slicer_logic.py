@@ -6,7 +6,7 @@ import pytest
 from PromiseSegmentLib.engine import Cancelled
 from PromiseSegmentLib.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
 from PromiseSegmentLib.training import TrainConfig, build_adapter
-from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix
+from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix, write_mask
 
 SHAPE = (9, 40, 44)  # K, J, I
 
@@ -51,7 +51,7 @@ def test_written_mask_lands_on_the_truth_voxels_of_an_oblique_anisotropic_volume
     volume = add_volume(app.scene, image, m)
     seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # no reference geometry yet
     sid = seg.GetSegmentation().AddEmptySegment("t", "t")
-    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+    write_mask(truth, volume_ijk_to_ras(volume), seg, sid)
     assert np.array_equal(segment_mask(seg, sid, volume), truth)
     # and in world coordinates: the stored labelmap's voxel centres are the truth's RAS points
     stored = slicer.vtkOrientedImageData()
@@ -120,7 +120,7 @@ def test_slice_range_changes_only_those_slices_of_an_existing_segment(app, logic
     volume = add_volume(app.scene, image, oblique_matrix())
     seg = add_segmentation(app.scene, volume)
     sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion")
-    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+    write_mask(truth, volume_ijk_to_ras(volume), seg, sid)
     with pytest.raises(InputError, match="already has content"):
         logic.segmentVolume(volume, seg, sid, adapter=adapter, sliceRange=(2, 3))
     assert np.array_equal(segment_mask(seg, sid, volume), truth)  # refused: nothing changed
@@ -161,7 +161,7 @@ def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adap
     volume = add_volume(app.scene, image, oblique_matrix())
     seg = add_segmentation(app.scene, volume)
     kept = seg.GetSegmentation().AddEmptySegment("kept", "kept")
-    PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, kept)
+    write_mask(truth, volume_ijk_to_ras(volume), seg, kept)
     editor = app.editor(seg, volume, kept)[0] if through_editor else None
     real_write = PromiseSegmentLogic.writeLabelmap
 
@@ -192,7 +192,7 @@ def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(
     m = volume_ijk_to_ras(volume)
     other = np.zeros(SHAPE, np.uint8)
     other[:, :20, :] = 1  # segment b: the upper half of every slice
-    PromiseSegmentLogic.writeMask(other, m, seg, b)
+    write_mask(other, m, seg, b)
     editor, node = app.editor(seg, volume, a)
     predicted = logic.loadModel(adapter=adapter).segment_volume(image, m)
     assert (predicted & other).any() and (predicted & (1 - other)).any()
@@ -279,7 +279,7 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
         volume = add_volume(app.scene, image, oblique_matrix(), f"v{seed}")
         seg = add_segmentation(app.scene, volume)
         sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion")
-        PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+        write_mask(truth, volume_ijk_to_ras(volume), seg, sid)
         pairs.append((volume, seg, sid))
     cases = logic.trainingCases(pairs, IntensityRule(), emptyShare=0.0)
     assert len(cases) == 2 * int(truth.any(axis=(1, 2)).sum())
@@ -306,13 +306,13 @@ def test_training_pairs_are_found_across_the_scene(app):
         volume = add_volume(app.scene, image, oblique_matrix(), f"case{n}")
         seg = add_segmentation(app.scene, volume, f"seg{n}")
         sid = seg.GetSegmentation().AddEmptySegment("", name)
-        PromiseSegmentLogic.writeMask(truth, volume_ijk_to_ras(volume), seg, sid)
+        write_mask(truth, volume_ijk_to_ras(volume), seg, sid)
         volumes.append(volume)
     empty = add_segmentation(app.scene, volumes[0], "empty")
     empty.GetSegmentation().AddEmptySegment("", "Lesion")
     orphan = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")  # loaded from a file, no volume
     sid = orphan.GetSegmentation().AddEmptySegment("", "Lesion")
-    PromiseSegmentLogic.writeMask(phantom()[1], volume_ijk_to_ras(volumes[2]), orphan, sid)
+    write_mask(phantom()[1], volume_ijk_to_ras(volumes[2]), orphan, sid)
 
     pairs, skipped = training_pairs_in_scene(app.scene, "LESION")
     assert [(v.GetName(), s.GetName()) for v, s, _ in pairs] == [("case0", "seg0"), ("case1", "seg1")]

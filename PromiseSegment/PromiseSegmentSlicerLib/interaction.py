@@ -1,9 +1,9 @@
 """What the Segment Editor effect remembers between mouse events, without Qt: the volume, slice axis and
 index under the mouse, the clicks (positive/negative) or box corners, and the previewed result.
 
-The effect converts a mouse position to RAS (``xyToRas``) and hands it here; everything else - which
-slice, which IJK voxel, running the model, building the labelmap for Apply - happens in this class
-and the logic, so plain pytest covers it.
+The effect converts a mouse position to world RAS (``xyToRas``) and hands it here; everything else -
+which slice, which IJK voxel (through the volume's parent transform), running the model, building the
+labelmap for Apply - happens in this class and the logic, so plain pytest covers it.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.prompts import voxel
 
 from . import mrml
 
@@ -20,10 +21,11 @@ MODES = ("automatic", "clicks", "box")
 
 
 def axis_for_normal(volume_node, normal_ras: Sequence[float]) -> int:
-    """KJI array axis of the volume most aligned with a slice view's normal (RAS)."""
+    """KJI array axis of the volume most aligned with a slice view's normal (world RAS)."""
     ijk_to_ras = mrml.volume_ijk_to_ras(volume_node)
     directions = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
-    ijk = int(np.argmax(np.abs(directions.T @ np.asarray(normal_ras, float))))
+    normal = mrml.world_direction_to_node(volume_node, normal_ras)
+    ijk = int(np.argmax(np.abs(directions.T @ normal)))
     return 2 - ijk
 
 
@@ -43,14 +45,16 @@ class ClickSession:
         self.points, self.box_corners, self.preview_mask = [], [], None
 
     def locate(self, volume_node, ras: Sequence[float], normal_ras: Sequence[float]) -> Tuple[int, np.ndarray]:
-        """(slice index, IJK) under the mouse; moving to another slice or volume starts over."""
+        """(slice index, continuous IJK) under the mouse at world RAS ``ras``; moving to another slice or
+        volume starts over."""
         axis = axis_for_normal(volume_node, normal_ras)
-        ijk = mrml.ras_to_ijk(volume_node, ras)
+        ijk = mrml.world_to_ijk(volume_node, ras)
         shape = mrml.volume_array(volume_node).shape[:3]
-        voxel = np.round(ijk).astype(int)
-        if np.any(voxel < 0) or np.any(voxel >= np.array(shape[::-1])):
+        under = np.array(voxel(ijk))  # the same rounding rule as the logic's prompts
+        if np.any(under < 0) or np.any(under >= np.array(shape[::-1])):
             raise InputError("the click is outside the source volume")
-        index = int(voxel[2 - axis])
+        index = int(under[2 - axis])
+        ijk[2 - axis] = index  # a click is on the slice shown, whatever the rounding error of xyToRas
         if (volume_node, axis, index) != (self.volume_node, self.axis, self.index):
             self.clear()
             self.volume_node, self.axis, self.index = volume_node, axis, index
@@ -73,8 +77,13 @@ class ClickSession:
         corner (two such clicks also make a box)."""
         if self._press is None:
             return
-        _, ijk = self.locate(volume_node, ras, normal_ras)
         start, self._press = self._press, None
+        # A drag stays on the slice where it started (the view cannot change slice under a held button);
+        # only the in-plane position is read here, clipped to the volume like the view's own display.
+        ijk = mrml.world_to_ijk(volume_node, ras)
+        size = np.array(mrml.volume_array(volume_node).shape[:3][::-1])
+        ijk = np.clip(ijk, -0.5, size - 0.5)
+        ijk[2 - self.axis] = self.index
         moved = np.abs(np.round(np.subtract(ijk, start))).max() >= 1
         self.box_corners = [start, tuple(ijk)] if moved else (self.box_corners + [start])[-2:]
 
@@ -111,5 +120,5 @@ class ClickSession:
         """The previewed slice as (``vtkOrientedImageData``, extent) for ``modifySelectedSegmentByLabelmap``."""
         if self.preview_mask is None:
             raise InputError("nothing to apply: preview a result first")
-        return self.logic.sliceLabelmap(self.volume_node, self.axis, self.index, self.preview_mask,
-                                        segmentation_node)
+        return self.logic.slicesLabelmap(self.volume_node, self.axis, {self.index: self.preview_mask},
+                                         segmentation_node)

@@ -6,6 +6,8 @@ cancelled or failed run leaves every segment as it was.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -19,6 +21,7 @@ from PromiseSegmentLib.cli import ijk_prompts  # IJK voxel prompts, exactly as o
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts
 from PromiseSegmentLib.preprocessing import InputError, IntensityRule, mask_bbox, resolve_axis, take_slice
+from PromiseSegmentLib.prompts import check_ijk_prompts
 from PromiseSegmentLib.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.volume_segmentation import slice_indices, volume_value_range
 
@@ -29,6 +32,33 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 PointList = Sequence[Sequence[float]]  # IJK voxels (i, j, k[, label]); boxes are (i0, j0, k0, i1, j1, k1)
+
+
+def exclusive(method):
+    """Refuse a call made while another run of this logic is waiting in one of its progress / cancel
+    callbacks. Those callbacks process GUI events, so without this a click or a second Apply during a
+    run would start a nested run on the same model and scene."""
+
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self._yielding:
+            raise InputError(f"ProMISe is still running ({self._running}); wait for it to finish or cancel it")
+        bound = signature.bind(self, *args, **kwargs)
+        for name in ("progress", "cancel"):
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = self._yieldingCallback(bound.arguments[name])
+        outer = self._running is None
+        if outer:
+            self._running = method.__name__
+        try:
+            return method(*bound.args, **bound.kwargs)
+        finally:
+            if outer:
+                self._running = None
+
+    return call
 
 
 class PromiseSegmentLogic:
@@ -44,42 +74,87 @@ class PromiseSegmentLogic:
         self._backboneKey: Optional[tuple] = None
         self._adapters: Dict[tuple, Adapter] = {}
         self._value_ranges: Dict[tuple, Tuple[float, float]] = {}
+        self._running: Optional[str] = None  # the outermost public call in progress
+        self._yielding = 0  # > 0 while a caller's progress/cancel callback runs (GUI events are processed)
+
+    def _yieldingCallback(self, callback):
+        if getattr(callback, "_promiseYielding", False):
+            return callback
+
+        def call(*args):
+            self._yielding += 1
+            try:
+                return callback(*args)
+            finally:
+                self._yielding -= 1
+
+        call._promiseYielding = True
+        return call
 
     # ------------------------------------------------------------------ models
+    @exclusive
     def loadBackbone(self, backbone: Optional[str] = None, expected: Optional[str] = None,
-                     device: Optional[str] = None) -> LoadedBackbone:
+                     device: Optional[str] = None, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelFn] = None) -> LoadedBackbone:
         """The frozen backbone (registry name, e.g. "lite_medsam" - the default - or "sam_vit_b", or a
-        checkpoint path), kept in memory until another one is asked for."""
-        backbone = backbone or (None if expected else self.defaultBackbone)
-        key = (str(backbone or expected or "default"), str(device))
-        if self._backbone is None or self._backboneKey != key or (
-                expected and self._backbone.spec.family != load_family(expected)):
+        checkpoint path), kept in memory until another one is asked for. ``expected``: the backbone an
+        adapter was trained on (used when ``backbone`` is not given). ``progress(bytes, total)`` and
+        ``cancel()`` follow a first-time checkpoint download."""
+        if not self._holds(backbone, expected, device):
             self._backbone = None  # release the old model before loading a new one
             self.embeddingCache.clear()
-            self._backbone, self._backboneKey = load_backbone(backbone or expected, expected), key
+            spec = backbone or (None if expected else self.defaultBackbone)
+            self._backbone = load_backbone(spec or expected, expected, progress=progress, cancel=cancel)
+            self._backboneKey = self._keyFor(backbone, expected, device)
         return self._backbone
 
+    def _keyFor(self, backbone, expected, device) -> tuple:
+        backbone = backbone or (None if expected else self.defaultBackbone)
+        return str(backbone or expected or "default"), str(device)
+
+    def _holds(self, backbone, expected, device) -> bool:
+        return self._backbone is not None and self._backboneKey == self._keyFor(backbone, expected, device) and not (
+            expected and self._backbone.spec.family != load_family(expected))
+
+    @staticmethod
+    def _adapterBackbone(adapter) -> Optional[str]:
+        """The backbone an adapter (file or object) was trained on, from its metadata only."""
+        if isinstance(adapter, Adapter):
+            return adapter.backbone.name
+        return read_metadata(adapter)["backbone"]["name"] if adapter else None
+
+    def _adapterKey(self, path: Path, loaded: LoadedBackbone, allowMismatch: bool) -> tuple:
+        return str(path.resolve()), path.stat().st_mtime_ns, loaded.name, loaded.identity, allowMismatch
+
+    @exclusive
     def loadModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
-                  device: Optional[str] = None, allowMismatch: bool = False) -> ProMISeModel:
+                  device: Optional[str] = None, allowMismatch: bool = False, progress: Optional[ProgressFn] = None,
+                  cancel: Optional[CancelFn] = None) -> ProMISeModel:
         """Backbone (``None``: the adapter's, else LiteMedSAM; a registry name or a checkpoint path) plus an
         optional adapter (file path or an ``Adapter``). An adapter's metadata is checked before any
-        weights are loaded."""
-        expected = None
-        if isinstance(adapter, (str, os.PathLike)):
-            expected = read_metadata(adapter)["backbone"]["name"]
-        elif isinstance(adapter, Adapter):
-            expected = adapter.backbone.name
-        loaded = self.loadBackbone(backbone, expected, device)
-        adapterObject = None
-        if isinstance(adapter, Adapter):
-            adapterObject = adapter
-        elif adapter:
+        weights are loaded; ``progress``/``cancel`` follow a first-time checkpoint download."""
+        loaded = self.loadBackbone(backbone, self._adapterBackbone(adapter), device, progress, cancel)
+        adapterObject = adapter if isinstance(adapter, Adapter) else None
+        if adapter and adapterObject is None:
             path = Path(adapter)
-            akey = (str(path.resolve()), path.stat().st_mtime_ns, loaded.name, loaded.identity, allowMismatch)
-            if akey not in self._adapters:
-                self._adapters = {akey: load_adapter(path, loaded, allowMismatch)}
-            adapterObject = self._adapters[akey]
+            key = self._adapterKey(path, loaded, allowMismatch)
+            if key not in self._adapters:
+                self._adapters = {key: load_adapter(path, loaded, allowMismatch)}
+            adapterObject = self._adapters[key]
         return ProMISeModel(engine_for(loaded, adapterObject, device, cache=self.embeddingCache), adapterObject)
+
+    def hasModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
+                 device: Optional[str] = None, allowMismatch: bool = False) -> bool:
+        """True when ``loadModel`` with these arguments would load nothing (no install, no download, no
+        weights read): the effect accepts clicks only then, so a mouse handler never does the set-up."""
+        try:
+            expected = self._adapterBackbone(adapter)
+            if not self._holds(backbone, expected, device):
+                return False
+            return isinstance(adapter, Adapter) or not adapter or (
+                self._adapterKey(Path(adapter), self._backbone, allowMismatch) in self._adapters)
+        except (OSError, ValueError):
+            return False  # an unreadable adapter: loadModel will say why
 
     def _model(self, model: Optional[ProMISeModel], **kwargs) -> ProMISeModel:
         return model if model is not None else self.loadModel(**kwargs)
@@ -95,6 +170,7 @@ class PromiseSegmentLogic:
         return self._value_ranges[key]
 
     # ------------------------------------------------------------------ inference
+    @exclusive
     def segmentSlice(self, volumeNode, sliceIndex: int, axis: Union[int, str] = "K", points: PointList = (),
                      box: Optional[Sequence[float]] = None, previousMask: Optional[np.ndarray] = None,
                      mode: str = "auto", model: Optional[ProMISeModel] = None,
@@ -103,20 +179,28 @@ class PromiseSegmentLogic:
 
         ``points`` are IJK voxels (i, j, k[, label]) on this slice (label 1 positive, 0 negative);
         ``box`` is (i0, j0, k0, i1, j1, k1); ``previousMask`` a neighbouring slice's result used as a
-        mask prompt (propagation)."""
-        model = self._model(model, **modelArgs)
+        mask prompt (propagation). ``intensity`` overrides the adapter's intensity rule."""
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
         ax = resolve_axis(axis, ijk_to_ras)
-        per_slice = ijk_prompts(ax, [p for p in points], [box] if box is not None else [], array.shape)
+        per_slice = self._prompts(ax, points, [box] if box is not None else [], array.shape)
         stray = sorted(set(per_slice) - {sliceIndex})
         if stray:
             raise InputError(f"prompts on slice(s) {stray}, not on slice {sliceIndex}")
+        slice_indices(array.shape[ax], (sliceIndex, sliceIndex))
+        model = self._model(model, **modelArgs)
         vr = self.valueRange(volumeNode, array, intensity or model.intensity)
         pred = model.segment_slice(array, ijk_to_ras, ax, sliceIndex, per_slice.get(sliceIndex), previousMask,
                                    mode, vr)
         return pred.masks[0].astype(bool)
 
+    @staticmethod
+    def _prompts(ax: int, points: PointList, boxes, shape) -> dict:
+        """Checked IJK prompts -> per-slice prompts (refused with one sentence before any model work)."""
+        check_ijk_prompts(points, boxes, shape, ax)
+        return ijk_prompts(ax, list(points), list(boxes), shape)
+
+    @exclusive
     def predictVolume(self, volumeNode, axis: Union[int, str] = "K", sliceRange: Optional[Tuple[int, int]] = None,
                       points: PointList = (), boxes: Sequence[Sequence[float]] = (), mode: str = "auto",
                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
@@ -124,15 +208,29 @@ class PromiseSegmentLogic:
                       segmentationNode=None, **modelArgs) -> np.ndarray:
         """The whole (or ``sliceRange`` of the) volume -> KJI uint8 mask; the scene is not touched.
         Slices are streamed, so memory is the volume plus one mask, not a stack of embeddings."""
-        model = self._model(model, **modelArgs)
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
         ax = resolve_axis(axis, ijk_to_ras)
-        prompts = ijk_prompts(ax, points, boxes, array.shape)
+        prompts = self._prompts(ax, points, boxes, array.shape)
+        if sliceRange is not None:
+            slice_indices(array.shape[ax], sliceRange)
+        model = self._model(model, **modelArgs)
         vr = self.valueRange(volumeNode, array, intensity or model.intensity)
         return model.segment_volume(array, ijk_to_ras, mode=mode, axis=ax, slice_range=sliceRange, prompts=prompts,
                                     progress=progress, cancel=cancel, value_range=vr)
 
+    def segmentScope(self, volumeNode, segmentationNode, axis: Union[int, str] = "K",
+                     sliceRange: Optional[Tuple[int, int]] = None, **predictArgs):
+        """What the effect's "slice range" / "whole volume" scopes write: the predicted slices as
+        (``vtkOrientedImageData`` in the segmentation's frame, its IJK extent), ready for
+        ``writeLabelmap`` or ``modifySelectedSegmentByLabelmap``. ``predictArgs`` go to ``predictVolume``."""
+        mask = self.predictVolume(volumeNode, axis, sliceRange, segmentationNode=segmentationNode, **predictArgs)
+        ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
+        ax = resolve_axis(axis, ijk_to_ras)
+        extent = mrml.slice_extent(mask.shape, ax, *(sliceRange or (0, mask.shape[ax] - 1)))
+        return mrml.labelmap_from_mask(mask, ijk_to_ras, extent), extent
+
+    @exclusive
     def segmentVolume(self, volumeNode, segmentationNode, segmentId: Optional[str] = None,
                       adapter: Union[None, str, Adapter] = None, backbone: Optional[str] = None,
                       axis: Union[int, str] = "K", sliceRange: Optional[Tuple[int, int]] = None,
@@ -147,14 +245,8 @@ class PromiseSegmentLogic:
         slices of it change. With ``editorLogic`` (a ``vtkSlicerSegmentEditorLogic``) the write goes
         through the Segment Editor: its masking settings apply and one ``Undo()`` reverts it.
         """
-        if segmentationNode is None:
-            raise InputError("no segmentation node given")
+        checkTarget(segmentationNode, segmentId, overwrite)
         model = self.loadModel(backbone, adapter, device)
-        if segmentId and segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            raise InputError(f"segment {segmentId!r} is not in {segmentationNode.GetName()}")
-        if segmentId and not overwrite and not mrml.segment_is_empty(segmentationNode, segmentId):
-            raise InputError(f"segment {segmentId!r} already has content; pass overwrite=True to replace it "
-                             "or leave segmentId empty to add a new segment")
         mask = self.predictVolume(volumeNode, axis, sliceRange, points, boxes, mode, progress, cancel, model,
                                   intensity, segmentationNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
@@ -170,20 +262,28 @@ class PromiseSegmentLogic:
                 extent = None
         labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)  # allocated before the scene changes
         del mask
-        if editorLogic is not None:
-            editorLogic.SaveStateForUndo()  # one undo step covers the new segment and its voxels
         if not segmentation_has_geometry(segmentationNode):
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        added = None
+        name = segmentName or model.target_name
+        return self._writeNewOrExisting(labelmap, segmentationNode, segmentId, (name, model.target_color), extent,
+                                        editorLogic)
+
+    def _writeNewOrExisting(self, labelmap, segmentationNode, segmentId: Optional[str], newSegment, extent,
+                            editorLogic) -> str:
+        """Write into ``segmentId``, or a new segment (name, colour) when it is empty; any failure puts the
+        scene back as it was: no half-made segment, no half-replaced one, nothing to undo."""
+        if editorLogic is not None:
+            editorLogic.SaveStateForUndo()  # one undo step covers the new segment and its voxels
         segmentation = segmentationNode.GetSegmentation()
+        added = None
         if not segmentId:
-            name = segmentName or model.target_name
+            name, color = newSegment
             segmentId = added = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name,
-                                                             list(model.target_color))
+                                                             list(color))
         before = mrml.segment_labelmap(segmentationNode, segmentId) if editorLogic is None and not added else None
         try:
             self.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
-        except BaseException:  # leave the scene as it was: no half-made segment, no half-replaced one
+        except BaseException:
             if editorLogic is not None:
                 editorLogic.Undo()  # the state saved above, partial writes included
             elif added:
@@ -195,29 +295,24 @@ class PromiseSegmentLogic:
 
     # ------------------------------------------------------------------ writing
     @staticmethod
-    def writeMask(mask: np.ndarray, ijk_to_ras: np.ndarray, segmentationNode, segmentId: str,
-                  extent: Optional[Sequence[int]] = None, editorLogic=None, saveUndo: bool = True) -> None:
-        """KJI mask at ``ijk_to_ras`` -> the segment. Without an editor logic the segment is replaced
-        (``extent`` only crops the labelmap); through the editor, ``extent`` limits the change to those
-        voxels (e.g. a slice range) and the editor's masking settings apply."""
-        labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)
-        if editorLogic is not None and saveUndo:
-            editorLogic.SaveStateForUndo()
-        PromiseSegmentLogic.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
-
-    @staticmethod
     def writeLabelmap(labelmap, segmentationNode, segmentId: str, extent: Optional[Sequence[int]] = None,
                       editorLogic=None) -> None:
-        """A ``vtkOrientedImageData`` -> the segment (see ``writeMask``); saves no undo state."""
+        """The one way results reach a segment (saves no undo state).
+
+        Without an editor logic the segment is replaced by ``labelmap`` (``extent`` only crops it).
+        Through a ``vtkSlicerSegmentEditorLogic`` the labelmap is first resampled onto the editor's
+        modifier geometry (the segmentation's own grid, which may differ from the volume's), so the
+        editor's masking settings apply; ``extent`` then limits the change to those voxels."""
         import slicer
 
         if editorLogic is not None:
-            mode = slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet
-            if extent is None:
-                editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode, False, False)
-            else:
-                editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode, list(extent), False,
-                                                    False)
+            if not editorLogic.ResetModifierLabelmapToDefault():
+                raise InputError("the segmentation has no geometry yet; select a source volume in the Segment Editor")
+            labelmap, extent = mrml.on_reference_grid(labelmap, extent or labelmap.GetExtent(),
+                                                      editorLogic.GetModifierLabelmap())
+            editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
+                                                slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, list(extent),
+                                                False, False)
             return
         replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
@@ -226,8 +321,9 @@ class PromiseSegmentLogic:
 
     @staticmethod
     def slicesLabelmap(volumeNode, axis: Union[int, str], masks: Dict[int, np.ndarray], segmentationNode=None):
-        """Slice results {index: mask} -> (``vtkOrientedImageData`` spanning those slices, its IJK extent):
-        what the effect hands to ``modifySelectedSegmentByLabelmap`` (slices in between are cleared)."""
+        """Slice results {index: mask} -> (``vtkOrientedImageData`` spanning those slices in the
+        segmentation's frame, its IJK extent): what a preview, Apply or Propagate writes (slices in
+        between are cleared)."""
         from PromiseSegmentLib.preprocessing import put_slice
 
         if not masks:
@@ -241,63 +337,58 @@ class PromiseSegmentLogic:
         extent = mrml.slice_extent(shape, ax, min(masks), max(masks))
         return mrml.labelmap_from_mask(full, ijk_to_ras, extent), extent
 
-    def sliceLabelmap(self, volumeNode, axis: Union[int, str], sliceIndex: int, sliceMask: np.ndarray,
-                      segmentationNode=None):
-        return self.slicesLabelmap(volumeNode, axis, {sliceIndex: sliceMask}, segmentationNode)
-
     # ------------------------------------------------------------------ propagation
+    @exclusive
     def propagate(self, volumeNode, axis: Union[int, str], startIndex: int, startMask: np.ndarray,
                   direction: int = 0, maxSlices: Optional[int] = None, minAreaFraction: float = 0.1,
                   negativeMask: Optional[np.ndarray] = None, model: Optional[ProMISeModel] = None,
                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                  **modelArgs) -> Dict[int, np.ndarray]:
+                  intensity: Optional[IntensityRule] = None, **modelArgs) -> Dict[int, np.ndarray]:
         """From an accepted slice, segment neighbours one after another: each uses the previous slice's
         bounding box as the box prompt (SAM ViT: with the mask as mask prompt; box-only backbones such as
         LiteMedSAM follow their reference: box + 3 px, no mask prompt) with the adapter's IPS, and stops
         where the object vanishes (area below ``minAreaFraction`` of the previous slice). ``direction``
         +1/-1, or 0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative
-        points on backbones that take points. Returns {slice index: mask}; nothing is written."""
+        points on backbones that take points. ``intensity`` overrides the adapter's rule, as it does for
+        the accepted slice's preview. Returns {slice index: mask}; nothing is written."""
         from PromiseSegmentLib.engine import Cancelled
 
-        model = self._model(model, **modelArgs)
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
         ax = resolve_axis(axis, ijk_to_ras)
         n = array.shape[ax]
         slice_indices(n, (startIndex, startIndex))
-        if not startMask.any():
+        if not np.any(startMask):
             raise InputError("the accepted slice is empty; nothing to propagate")
-        mode = "auto"  # with a box: IPS when there is an adapter, else the plain backbone (promise.resolve_mode)
-        box_only = model.backbone.spec.box_only
-        margin = 3 if box_only else 1
-        vr = self.valueRange(volumeNode, array, model.intensity)
-        steps = [d for d in ((1, -1) if direction == 0 else (int(np.sign(direction)),))]
+        model = self._model(model, **modelArgs)
+        vr = self.valueRange(volumeNode, array, intensity or model.intensity)
+        steps = (1, -1) if direction == 0 else (int(np.sign(direction)),)
         limit = maxSlices or n
         total = sum(min(limit, (n - 1 - startIndex) if d > 0 else startIndex) for d in steps)
+        done = []
+
+        def step(index, prompts, previous):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            box_only = model.backbone.spec.box_only
+            mask = model.segment_slice(array, ijk_to_ras, ax, index, prompts, None if box_only else previous,
+                                       "auto", vr).masks[0]  # auto with a box: IPS when there is an adapter
+            done.append(index)
+            if progress:
+                progress(len(done), total)
+            return mask
+
         results: Dict[int, np.ndarray] = {}
-        done = 0
-        rng = np.random.default_rng(0)
         for d in steps:
-            previous, index = startMask.astype(bool), startIndex + d
+            index = startIndex + d
+            previous = np.asarray(startMask).astype(bool)
             while 0 <= index < n and abs(index - startIndex) <= limit:
-                if cancel is not None and cancel():
-                    raise Cancelled()
-                pts, labels = None, None
-                if negativeMask is not None and not box_only:
-                    neg = np.argwhere(take_slice(negativeMask, ax, index) > 0)
-                    if len(neg):
-                        pick = neg[rng.choice(len(neg), min(3, len(neg)), replace=False)]
-                        pts, labels = pick[:, ::-1].astype(float), np.zeros(len(pick), int)
-                prompts = Prompts(pts, labels, mask_bbox(previous, margin))
-                mask = model.segment_slice(array, ijk_to_ras, ax, index, prompts, None if box_only else previous, mode,
-                                           vr).masks[0]
-                done += 1
-                if progress:
-                    progress(done, total)
+                prompts = propagation_prompts(model, previous, negativeMask, ax, index)
+                mask = step(index, prompts, previous)
                 if mask.sum() < minAreaFraction * previous.sum() or not mask.any():
                     break
-                results[index] = mask.astype(bool)
-                previous, index = results[index], index + d
+                results[index] = previous = mask.astype(bool)
+                index += d
         return results
 
     # ------------------------------------------------------------------ training
@@ -316,23 +407,56 @@ class PromiseSegmentLogic:
                                   emptyShare, seed)
         return cases
 
+    @exclusive
     def trainAdapter(self, pairs: Sequence[Tuple[object, object, str]], output: Union[str, os.PathLike],
                      backbone: Optional[str] = None, config=None, axis: Union[int, str] = "K",
                      valFraction: float = 0.15, emptyShare: float = 0.1, resume: bool = False,
                      progress: Optional[Callable[[int, int, dict], None]] = None,
                      cancel: Optional[CancelFn] = None, device: Optional[str] = None):
         """Train an APM+IPS adapter from segmentations already in the scene; the backbone stays frozen.
-        ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output``."""
+        ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output`` (a new file: an
+        existing one is refused before any work unless ``resume`` continues its interrupted run)."""
         from PromiseSegmentLib.training import TrainConfig, train_adapter
 
         config = config or TrainConfig()
+        config.check()
+        output = Path(output)
+        if output.exists() and not resume:
+            raise InputError(f"{output} already exists; choose another file name (an adapter is never replaced)")
+        if not pairs:
+            raise InputError("no (volume, segmentation, segment) to train on")
         cases = self.trainingCases(pairs, IntensityRule.from_dict(config.intensity), axis, emptyShare, config.seed)
         order = np.random.default_rng(config.seed).permutation(len(cases))
         n_val = max(1, int(round(valFraction * len(cases)))) if len(cases) > 1 else 0
         val, train = [cases[i] for i in order[:n_val]], [cases[i] for i in order[n_val:]]
-        config.check()
         engine = engine_for(self.loadBackbone(backbone, None, device), None, device)
-        return train_adapter(engine, train, val, config, Path(output), resume, progress, cancel)
+        return train_adapter(engine, train, val, config, output, resume, progress, cancel)
+
+
+def propagation_prompts(model: ProMISeModel, previous: np.ndarray, negativeMask: Optional[np.ndarray], ax: int,
+                        index: int) -> Prompts:
+    """The previous slice's box (+3 px on box-only backbones, as their reference does; else +1) and, on
+    backbones that take points, up to 3 negative points from ``negativeMask`` on this slice."""
+    box_only = model.backbone.spec.box_only
+    pts = labels = None
+    if negativeMask is not None and not box_only:
+        neg = np.argwhere(take_slice(negativeMask, ax, index) > 0)
+        if len(neg):
+            pick = neg[np.random.default_rng(index).choice(len(neg), min(3, len(neg)), replace=False)]
+            pts, labels = pick[:, ::-1].astype(float), np.zeros(len(pick), int)
+    return Prompts(pts, labels, mask_bbox(previous, 3 if box_only else 1))
+
+
+def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> None:
+    """Refuse a write target before any model work: no node, an unknown segment, or (without
+    ``overwrite``) a segment that already has content."""
+    if segmentationNode is None:
+        raise InputError("no segmentation node given")
+    if segmentId and segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        raise InputError(f"segment {segmentId!r} is not in {segmentationNode.GetName()}")
+    if segmentId and not overwrite and not mrml.segment_is_empty(segmentationNode, segmentId):
+        raise InputError(f"segment {segmentId!r} already has content; pass overwrite=True to replace it "
+                         "or leave segmentId empty to add a new segment")
 
 
 def load_family(name: str) -> str:

@@ -145,18 +145,65 @@ def segment_is_empty(segmentation_node, segment_id: str) -> bool:
     return not np.any(values == segment.GetLabelValue())
 
 
-def ras_to_ijk(volume_node, ras: Sequence[float]) -> np.ndarray:
+def world_to_ijk(volume_node, ras: Sequence[float]) -> np.ndarray:
+    """World RAS (what a slice view's ``xyToRas`` gives) -> continuous IJK of the volume, through the
+    volume's parent transform: under a transform, the volume's own RAS->IJK alone lands elsewhere."""
     m = vtk.vtkMatrix4x4()
     volume_node.GetRASToIJKMatrix(m)
-    return (node_matrix(m) @ np.r_[np.asarray(ras, float)[:3], 1.0])[:3]
+    world_to_node = transform_to(None, volume_node)
+    return (node_matrix(m) @ world_to_node @ np.r_[np.asarray(ras, float)[:3], 1.0])[:3]
+
+
+def world_direction_to_node(volume_node, direction: Sequence[float]) -> np.ndarray:
+    """A world direction (e.g. a slice view's normal) in the volume's own (untransformed) RAS frame."""
+    return transform_to(None, volume_node)[:3, :3] @ np.asarray(direction, float)[:3]
+
+
+def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[object, Tuple[int, ...]]:
+    """``labelmap`` (with its modified ``extent``) resampled, nearest neighbour, onto the grid of
+    ``reference`` (the Segment Editor's modifier labelmap: the segmentation's geometry, which may be
+    oversampled, cropped or follow another volume); returns (image, extent on that grid).
+
+    The editor's masking (editable area, intensity range) only works on modifier labelmaps of that exact
+    geometry: on another grid it silently writes too much or nothing."""
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
+        return labelmap, tuple(int(v) for v in extent)
+    grid = slicer.vtkOrientedImageData()
+    grid.ShallowCopy(reference)
+    to_reference = np.linalg.inv(image_to_world(reference)) @ image_to_world(labelmap)
+    i0, i1, j0, j1, k0, k1 = extent
+    corners = np.array([[i, j, k, 1.0] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5)
+                        for k in (k0 - 0.5, k1 + 0.5)])
+    ijk = (to_reference @ corners.T)[:3]
+    # reference voxels whose centres lie inside the modified block, clipped to the reference grid
+    lo, hi = np.ceil(ijk.min(1) - 1e-6).astype(int), np.floor(ijk.max(1) + 1e-6).astype(int)
+    full = reference.GetExtent()
+    new = []
+    for a in range(3):
+        new += [max(lo[a], full[2 * a]), min(hi[a], full[2 * a + 1])]
+    if any(new[2 * a] > new[2 * a + 1] for a in range(3)):
+        raise InputError("the result lies outside the segmentation's geometry; nothing would be written")
+    grid.SetExtent(*new)
+    out = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, grid, out, False):
+        raise RuntimeError("could not resample the result onto the segmentation's geometry")
+    return out, tuple(new)
+
+
+def image_to_world(image) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return node_matrix(m)
 
 
 PREVIEW_NODE_NAME = "ProMISe preview"
 
 
-def update_preview(scene, preview_node, reference_volume, labelmap, color=(1.0, 1.0, 0.0)):
+def update_preview(scene, preview_node, reference_volume, labelmap, segmentation_node=None, color=(1.0, 1.0, 0.0)):
     """Show ``labelmap`` in a separate, editor-hidden segmentation node (created on first use) so the
-    user sees the result before Apply; the segment being edited is not touched."""
+    user sees the result before Apply; the segment being edited is not touched. ``labelmap`` is in the
+    frame of ``segmentation_node``, so the preview follows that node's parent transform."""
     if preview_node is None or preview_node.GetScene() is None:
         # Flags set before the node enters the scene, so Subject Hierarchy never lists it and a saved
         # scene never contains it.
@@ -167,6 +214,9 @@ def update_preview(scene, preview_node, reference_volume, labelmap, color=(1.0, 
         scene.AddNode(preview_node)
         preview_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         preview_node.CreateDefaultDisplayNodes()
+    transform_id = segmentation_node.GetTransformNodeID() if segmentation_node is not None else None
+    if preview_node.GetTransformNodeID() != transform_id:
+        preview_node.SetAndObserveTransformNodeID(transform_id)
     segmentation = preview_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         segmentation.AddEmptySegment("preview", "preview", list(color))

@@ -1,33 +1,47 @@
-"""Segment Editor effect "ProMISe": automatic prompts or the user's clicks, refined by the model.
+"""Segment Editor effect "ProMISe": automatic prompts or the user's clicks/box, refined by the model.
 
-Thin on purpose: mouse events become RAS positions handed to ``ClickSession``; Preview, Propagate and
-Apply are logic calls; results are written only through ``modifySelectedSegmentByLabelmap`` (so the
-editor's masking and overwrite settings apply and one Ctrl+Z reverts an Apply).
+Thin on purpose: mouse events become world RAS positions handed to ``ClickSession`` (which converts them
+through the volume's parent transform); Preview, Propagate and Apply are logic calls; results are
+resampled onto the editor's modifier geometry and written only through
+``modifySelectedSegmentByLabelmap`` (so the editor's masking and overwrite settings apply and one Ctrl+Z
+reverts an Apply). The model is loaded by an explicit action (or on activation when that is cheap), never
+inside a mouse handler; every handler reports an error once and never lets it escape into Slicer.
 """
+import contextlib
 import logging
 import os
 
 import qt
 import slicer
 import vtk
+from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from PromiseSegmentLib.names import USER_BACKBONES  # torch-free: the registry itself needs torch
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, USER_BACKBONES  # torch-free: the registry needs torch
 
 SCOPES = ("current slice", "slice range", "whole volume")
 MODE_LABELS = {"box": "box (drag in a slice view)", "automatic": "automatic (adapter's APM; clicks refine)",
                "clicks": "clicks (left +, Shift/right -; SAM ViT backbones)"}
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DEFAULTS = (("Backbone", DEFAULT_BACKBONE), ("Adapter", ""), ("Mode", "box"), ("Scope", SCOPES[0]),
+            ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40), ("WindowWidth", 400),
+            ("Device", DEVICES[0]), ("NegativeOthers", 0))
+BOX_EVENTS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent)
+CLICK_EVENTS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
-        scriptedEffect.name = "ProMISe"
+        scriptedEffect.name = "ProMISe"  # the registry key: never translated
+        if hasattr(scriptedEffect, "title"):  # translatable title: Slicer >= 5.4
+            scriptedEffect.title = _("ProMISe")
         scriptedEffect.perSegment = True
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.session = None
         self.previewNode = None
         self.progress = None
+        self._writingParameters = False  # updateMRMLFromGUI in progress: updateGUIFromMRML must not run
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -41,35 +55,40 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
 
     def helpText(self):
-        return ("<html>ProMISe: SAM with an adapter's automatic prompts, or your clicks refined by the model."
-                "<p><b>Left-click</b>: positive point, <b>Shift+click</b> or <b>right-click</b>: negative point "
-                "on the slice under the mouse. A preview appears; <b>Apply</b> writes it into the selected "
-                "segment (one undo step). <b>Propagate</b> continues from the accepted slice to its neighbours "
-                "until the object vanishes.</html>")
+        return "<html>" + _(
+            "ProMISe: a frozen medical SAM with an adapter's automatic prompts, or your box/clicks refined by "
+            "the model.<p>Press <b>Load model</b> once. <b>Box</b>: drag over the object in a slice view. "
+            "<b>Clicks</b>: left-click positive, Shift+click or right-click negative. A preview appears; "
+            "<b>Apply</b> writes it into the selected segment (one undo step). <b>Propagate</b> continues from "
+            "the previewed slice to its neighbours until the object vanishes.") + "</html>"
 
     # ------------------------------------------------------------------ logic access
     @property
     def logic(self):
-        """The shared logic; its first use installs torch & co. (after asking), so every action asks for
-        the logic before importing anything from ``PromiseSegmentLib``."""
+        """The shared Qt-free logic; its first use installs torch & co. (after asking), so every action asks
+        for it before importing anything from ``PromiseSegmentLib`` beyond the torch-free names."""
         import PromiseSegment
 
-        logic = PromiseSegment.sharedLogic()
-        logic.core  # noqa: B018
-        return logic
+        return PromiseSegment.sharedLogic().core
+
+    def loadedLogic(self):
+        """The core logic if it holds the model the current parameters ask for, else None (no set-up)."""
+        import PromiseSegment
+
+        core = PromiseSegment.sharedLogic().coreIfInstalled
+        return core if core is not None and core.hasModel(**self.modelArgs()) else None
 
     def _session(self):
         if self.session is None:
             from PromiseSegmentSlicerLib.interaction import ClickSession
 
             self.session = ClickSession(self.logic)
-        self.session.mode = self.scriptedEffect.parameter("Mode") or "clicks"
+        self.session.mode = self.scriptedEffect.parameter("Mode") or "box"
         return self.session
 
     def modelArgs(self):
-        backbone = self.scriptedEffect.parameter("Backbone")
         device = self.scriptedEffect.parameter("Device")
-        return {"backbone": backbone or None,
+        return {"backbone": self.scriptedEffect.parameter("Backbone") or None,
                 "adapter": self.scriptedEffect.parameter("Adapter") or None,
                 "device": None if device in ("", "auto") else device}
 
@@ -81,74 +100,83 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return IntensityRule.ct(self.scriptedEffect.doubleParameter("WindowCenter"),
                                 self.scriptedEffect.doubleParameter("WindowWidth"))
 
+    def guarded(self, message, call, *args):
+        """Run a handler; an error is shown once (one dialog, also in the status line) and logged, and never
+        escapes into Qt or VTK (an escaped error would leave a mouse press half-handled)."""
+        try:
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+                return call(*args)
+        except Exception as error:  # already displayed by tryWithErrorDisplay
+            logging.error("%s %s", message, error, exc_info=True)
+            self.statusLabel.text = f"{message} {error}"
+            return None
+
     # ------------------------------------------------------------------ GUI
     def setupOptionsFrame(self):
-        self.checkpointCombo = qt.QComboBox()
-        self.checkpointCombo.addItems(list(USER_BACKBONES))
-        self.checkpointCombo.toolTip = ("frozen backbone: lite_medsam (default, offline, box prompts) or SAM ViT "
-                                        "(downloaded once; point prompts)")
-        self.scriptedEffect.addLabeledOptionsWidget("Backbone:", self.checkpointCombo)
+        self.backboneCombo = self.addCombo(_("Backbone:"), USER_BACKBONES, _(
+            "frozen backbone: lite_medsam (default, offline, box prompts) or SAM ViT (downloaded once; points)"))
         self.adapterCombo = qt.QComboBox()  # installed adapters; editable so any file path can be typed
         self.adapterCombo.editable = True
-        self.adapterCombo.toolTip = "adapter file (.safetensors); import or train adapters in the PromiseSegment module"
+        self.adapterCombo.toolTip = _("adapter file (.safetensors); import or train adapters in the "
+                                      "PromiseSegment module")
         self.fillAdapters()
-        self.scriptedEffect.addLabeledOptionsWidget("Adapter:", self.adapterCombo)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Adapter:"), self.adapterCombo)
         self.modeCombo = qt.QComboBox()
         for key, label in MODE_LABELS.items():
-            self.modeCombo.addItem(label, key)
-        self.scriptedEffect.addLabeledOptionsWidget("Prompts:", self.modeCombo)
-        self.scopeCombo = qt.QComboBox()
-        self.scopeCombo.addItems(list(SCOPES))
-        self.scriptedEffect.addLabeledOptionsWidget("Scope:", self.scopeCombo)
+            self.modeCombo.addItem(_(label), key)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.modeCombo)
+        self.scopeCombo = self.addCombo(_("Scope:"), SCOPES, _("what Apply writes"))
         self.rangeFirst, self.rangeLast = qt.QSpinBox(), qt.QSpinBox()
         for box in (self.rangeFirst, self.rangeLast):
             box.maximum = 100000
-        rangeRow = qt.QHBoxLayout()
-        rangeRow.addWidget(self.rangeFirst)
-        rangeRow.addWidget(self.rangeLast)
-        self.scriptedEffect.addLabeledOptionsWidget("Slices (first, last):", rangeRow)
-        self.customWindow = qt.QCheckBox("custom window (center, width)")
-        self.customWindow.toolTip = "off: the adapter's intensity rule"
+        self.scriptedEffect.addLabeledOptionsWidget(_("Slices (first, last):"), row(self.rangeFirst, self.rangeLast))
+        self.customWindow = qt.QCheckBox(_("custom window (center, width)"))
         self.windowCenter, self.windowWidth = qt.QDoubleSpinBox(), qt.QDoubleSpinBox()
         for box in (self.windowCenter, self.windowWidth):
             box.minimum, box.maximum = -100000, 100000
-        windowRow = qt.QHBoxLayout()
-        for w in (self.customWindow, self.windowCenter, self.windowWidth):
-            windowRow.addWidget(w)
-        self.scriptedEffect.addLabeledOptionsWidget("Intensity:", windowRow)
-        self.deviceCombo = qt.QComboBox()
-        self.deviceCombo.addItems(["auto", "cuda", "mps", "cpu"])
-        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceCombo)
-        self.negativeOthers = qt.QCheckBox("other visible segments are negative prompts")
+        self.scriptedEffect.addLabeledOptionsWidget(_("Intensity:"), row(self.customWindow, self.windowCenter,
+                                                                         self.windowWidth))
+        self.deviceCombo = self.addCombo(_("Device:"), DEVICES, _("auto: CUDA, then Apple MPS, then CPU"))
+        self.negativeOthers = qt.QCheckBox(_("other visible segments are negative prompts"))
         self.scriptedEffect.addOptionsWidget(self.negativeOthers)
         self.setupButtons()
+        self.connections = [(self.backboneCombo, "currentIndexChanged(int)"),
+                            (self.adapterCombo, "currentTextChanged(QString)"),
+                            (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
+                            (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
+                            (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
+                            (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
+                            (self.negativeOthers, "toggled(bool)")]
+        for widget, signal in self.connections:
+            widget.connect(signal, self.updateMRMLFromGUI)
 
-        for w, signal in ((self.checkpointCombo, "currentIndexChanged(int)"),
-                          (self.adapterCombo, "currentTextChanged(QString)"),
-                          (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
-                          (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
-                          (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
-                          (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
-                          (self.negativeOthers, "toggled(bool)")):
-            w.connect(signal, self.updateMRMLFromGUI)
+    def addCombo(self, label, items, toolTip):
+        combo = qt.QComboBox()
+        combo.addItems(list(items))
+        combo.toolTip = toolTip
+        self.scriptedEffect.addLabeledOptionsWidget(label, combo)
+        return combo
 
     def setupButtons(self):
-        buttons = qt.QHBoxLayout()
-        self.previewButton = qt.QPushButton("Preview")
-        self.propagateButton = qt.QPushButton("Propagate")
-        self.applyButton = qt.QPushButton("Apply")
-        self.clearButton = qt.QPushButton("Clear")
+        self.loadButton = qt.QPushButton(_("Load model"))
+        self.loadButton.toolTip = _("load the backbone (and adapter) now; the first time may install packages or "
+                                    "download a checkpoint, with progress and Cancel")
+        self.scriptedEffect.addOptionsWidget(self.loadButton)
+        self.previewButton = qt.QPushButton(_("Preview"))
+        self.propagateButton = qt.QPushButton(_("Propagate"))
+        self.applyButton = qt.QPushButton(_("Apply"))
+        self.clearButton = qt.QPushButton(_("Clear"))
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
-        for b in (self.previewButton, self.propagateButton, self.applyButton, self.clearButton):
-            buttons.addWidget(b)
-        self.scriptedEffect.addOptionsWidget(buttons)
+        self.scriptedEffect.addOptionsWidget(row(self.previewButton, self.propagateButton, self.applyButton,
+                                                 self.clearButton))
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
-        self.previewButton.connect("clicked()", self.onPreview)
-        self.propagateButton.connect("clicked()", self.onPropagate)
-        self.applyButton.connect("clicked()", self.onApply)
-        self.clearButton.connect("clicked()", self.onClear)
+        self.buttons = [(self.loadButton, self.onLoadModel), (self.previewButton, self.onPreview),
+                        (self.propagateButton, self.onPropagate), (self.applyButton, self.onApply),
+                        (self.clearButton, self.onClear)]
+        for button, slot in self.buttons:
+            button.connect("clicked()", slot)
 
     def fillAdapters(self):
         from PromiseSegmentSlicerLib.adapters import installed_adapters
@@ -156,7 +184,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         current = self.adapterCombo.currentText
         wasBlocked = self.adapterCombo.blockSignals(True)  # refilling must not change the parameter
         self.adapterCombo.clear()
-        self.adapterCombo.addItem("")  # none: clicks with plain SAM
+        self.adapterCombo.addItem("")  # none: prompts with the plain backbone
         for path in installed_adapters():
             self.adapterCombo.addItem(str(path))
         self.adapterCombo.currentText = current
@@ -164,51 +192,71 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def activate(self):
         self.fillAdapters()  # adapters imported or trained since the effect was set up
+        self.guarded(_("ProMISe could not load its model."), self.loadIfCheap)
+
+    def loadIfCheap(self):
+        """On activation, load the default offline backbone at once when its packages are installed (about
+        a second); anything that would install packages or download waits for Load model."""
+        from PromiseSegmentSlicerLib import dependencies
+
+        if self.loadedLogic() is not None:
+            self.showModelStatus()
+        elif not dependencies.missing() and (self.modelArgs()["backbone"] or DEFAULT_BACKBONE) == DEFAULT_BACKBONE:
+            self.onLoadModel()
+        else:
+            self.showModelStatus()
+
+    def showModelStatus(self):
+        ready = self.loadedLogic() is not None
+        self.statusLabel.text = _("model loaded: drag a box or click in a slice view") if ready else _(
+            "press Load model first")
 
     def setMRMLDefaults(self):
-        for name, value in (("Backbone", USER_BACKBONES[0]), ("Adapter", ""), ("Mode", "box"), ("Scope", SCOPES[0]),
-                            ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40),
-                            ("WindowWidth", 400), ("Device", "auto"), ("NegativeOthers", 0)):
+        for name, value in DEFAULTS:
             self.scriptedEffect.setParameterDefault(name, value)
 
     def updateGUIFromMRML(self):
+        if self._writingParameters:
+            return  # our own write: the widgets already show these values (and may be mid-typing)
         p = self.scriptedEffect
-        widgets = [self.checkpointCombo, self.adapterCombo, self.modeCombo, self.scopeCombo, self.rangeFirst,
-                   self.rangeLast, self.customWindow, self.windowCenter, self.windowWidth, self.deviceCombo,
-                   self.negativeOthers]
+        widgets = [w for w, _signal in self.connections]
         blocked = [w.blockSignals(True) for w in widgets]
-        self.checkpointCombo.currentText = p.parameter("Backbone")
-        self.adapterCombo.currentText = p.parameter("Adapter")
-        self.modeCombo.currentIndex = max(0, self.modeCombo.findData(p.parameter("Mode")))
-        self.scopeCombo.currentText = p.parameter("Scope")
-        self.rangeFirst.value, self.rangeLast.value = p.integerParameter("RangeFirst"), p.integerParameter("RangeLast")
-        self.customWindow.checked = bool(p.integerParameter("CustomWindow"))
-        self.windowCenter.value, self.windowWidth.value = p.doubleParameter("WindowCenter"), p.doubleParameter(
-            "WindowWidth")
-        self.deviceCombo.currentText = p.parameter("Device")
-        self.negativeOthers.checked = bool(p.integerParameter("NegativeOthers"))
-        for w, b in zip(widgets, blocked):
-            w.blockSignals(b)
+        try:
+            setIfChanged(self.backboneCombo, "currentText", p.parameter("Backbone"))
+            setIfChanged(self.adapterCombo, "currentText", p.parameter("Adapter"))
+            setIfChanged(self.modeCombo, "currentIndex", max(0, self.modeCombo.findData(p.parameter("Mode"))))
+            setIfChanged(self.scopeCombo, "currentText", p.parameter("Scope"))
+            setIfChanged(self.rangeFirst, "value", p.integerParameter("RangeFirst"))
+            setIfChanged(self.rangeLast, "value", p.integerParameter("RangeLast"))
+            setIfChanged(self.customWindow, "checked", bool(p.integerParameter("CustomWindow")))
+            setIfChanged(self.windowCenter, "value", p.doubleParameter("WindowCenter"))
+            setIfChanged(self.windowWidth, "value", p.doubleParameter("WindowWidth"))
+            setIfChanged(self.deviceCombo, "currentText", p.parameter("Device"))
+            setIfChanged(self.negativeOthers, "checked", bool(p.integerParameter("NegativeOthers")))
+        finally:
+            for w, b in zip(widgets, blocked):
+                w.blockSignals(b)
 
-    def updateMRMLFromGUI(self, *_):
+    def updateMRMLFromGUI(self, *_args):
+        """Each ``setParameter`` fires EffectParameterModified -> ``updateGUIFromMRML`` at once; the guard keeps
+        those half-written states from being pushed back into the widgets."""
         p = self.scriptedEffect
-        p.setParameter("Backbone", self.checkpointCombo.currentText)
         adapter = self.adapterCombo.currentText.strip()
         if adapter != p.parameter("Adapter") and not self.customWindow.checked:
-            blocked = [w.blockSignals(True) for w in (self.windowCenter, self.windowWidth)]
-            self.showAdapterWindow(adapter)  # the window fields start from the new adapter's own rule
-            for w, b in zip((self.windowCenter, self.windowWidth), blocked):
-                w.blockSignals(b)
-        p.setParameter("Adapter", adapter)
-        p.setParameter("Mode", self.modeCombo.currentData)
-        p.setParameter("Scope", self.scopeCombo.currentText)
-        p.setParameter("RangeFirst", self.rangeFirst.value)
-        p.setParameter("RangeLast", self.rangeLast.value)
-        p.setParameter("CustomWindow", int(self.customWindow.checked))
-        p.setParameter("WindowCenter", self.windowCenter.value)
-        p.setParameter("WindowWidth", self.windowWidth.value)
-        p.setParameter("Device", self.deviceCombo.currentText)
-        p.setParameter("NegativeOthers", int(self.negativeOthers.checked))
+            with blockedSignals(self.windowCenter, self.windowWidth):
+                self.showAdapterWindow(adapter)  # the window fields start from the new adapter's own rule
+        self._writingParameters = True
+        try:
+            for name, value in (("Backbone", self.backboneCombo.currentText), ("Adapter", adapter),
+                                ("Mode", self.modeCombo.currentData), ("Scope", self.scopeCombo.currentText),
+                                ("RangeFirst", self.rangeFirst.value), ("RangeLast", self.rangeLast.value),
+                                ("CustomWindow", int(self.customWindow.checked)),
+                                ("WindowCenter", self.windowCenter.value), ("WindowWidth", self.windowWidth.value),
+                                ("Device", self.deviceCombo.currentText),
+                                ("NegativeOthers", int(self.negativeOthers.checked))):
+                p.setParameter(name, value)
+        finally:
+            self._writingParameters = False
 
     def showAdapterWindow(self, adapterPath):
         from PromiseSegmentSlicerLib.adapters import header_metadata
@@ -219,76 +267,95 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             rule = {}  # not (yet) a readable adapter: the error comes when it is used
         if rule.get("kind") == "window":
             self.windowCenter.value, self.windowWidth.value = rule["center"], rule["width"]
-            self.customWindow.toolTip = f"off: the adapter's window {rule['center']:g}/{rule['width']:g}"
+            self.customWindow.toolTip = _("off: the adapter's window {c}/{w}").format(c=f"{rule['center']:g}",
+                                                                                     w=f"{rule['width']:g}")
         elif rule:
-            self.customWindow.toolTip = f"off: the adapter's rule ({rule.get('kind')})"
+            self.customWindow.toolTip = _("off: the adapter's rule ({kind})").format(kind=rule.get("kind"))
         else:
-            self.customWindow.toolTip = "off: percentiles 0.5-99.5 of the volume (no adapter)"
+            self.customWindow.toolTip = _("off: percentiles 0.5-99.5 of the volume (no adapter)")
 
     # ------------------------------------------------------------------ interaction
     def sourceVolume(self):
         return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+
+    def segmentationNode(self):
+        return self.scriptedEffect.parameterSetNode().GetSegmentationNode()
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         if eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent:
             return True  # consumed: Slicer would maximize the view
-        if self.scriptedEffect.parameter("Mode") == "box" and eventId in (vtk.vtkCommand.LeftButtonPressEvent,
-                                                                        vtk.vtkCommand.LeftButtonReleaseEvent):
-            xy = callerInteractor.GetEventPosition()
-            self.boxEvent(self.xyToRas(xy, viewWidget), sliceNormal(viewWidget),
-                          eventId == vtk.vtkCommand.LeftButtonPressEvent)
-            return True  # consumed: no window/level while dragging a box
-        press = vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent
-        if eventId not in press:
+        box = self.scriptedEffect.parameter("Mode") == "box"
+        if eventId not in (BOX_EVENTS if box else CLICK_EVENTS):
             return False
-        positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
-        xy = callerInteractor.GetEventPosition()
-        self.addClick(self.xyToRas(xy, viewWidget), sliceNormal(viewWidget), positive)
-        return True  # consumed: no window/level or menu on these clicks
+        if self.loadedLogic() is None:
+            self.showModelStatus()  # no set-up inside a mouse handler
+            return True
+        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)  # world RAS
+        normal = sliceNormal(viewWidget)
+        if box:
+            self.guarded(_("ProMISe could not use this box."), self.boxEvent, ras, normal,
+                         eventId == vtk.vtkCommand.LeftButtonPressEvent)
+        else:
+            positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
+            self.guarded(_("ProMISe could not use this click."), self.addClick, ras, normal, positive)
+        return True  # consumed, also after an error: no window/level or menu on these presses
 
     def addClick(self, ras, normal, positive=True):
-        """One click (RAS, slice-view normal); also the entry point of the Slicer-hosted tests."""
-        with slicer.util.tryWithErrorDisplay("ProMISe could not use this click.", waitCursor=True):
-            session = self._session()
-            session.click(self.sourceVolume(), ras, normal, positive)
-            if session.ready:
-                self.onPreview()
+        """One click (world RAS, slice-view normal); errors propagate (the caller reports them once)."""
+        session = self._session()
+        session.click(self.sourceVolume(), ras, normal, positive)
+        if session.ready:
+            self.preview()
 
     def boxEvent(self, ras, normal, pressed):
         """Box mode: button down starts a drag, button up ends it (then previews)."""
-        with slicer.util.tryWithErrorDisplay("ProMISe could not use this box.", waitCursor=not pressed):
-            session = self._session()
-            if pressed:
-                session.press(self.sourceVolume(), ras, normal)
+        session = self._session()
+        if pressed:
+            session.press(self.sourceVolume(), ras, normal)
+            return
+        session.release(self.sourceVolume(), ras, normal)
+        if session.ready:
+            self.preview()
+
+    # ------------------------------------------------------------------ buttons
+    def onLoadModel(self):
+        def load():
+            from PromiseSegmentLib.errors import Cancelled
+
+            try:
+                self.withProgress(_("ProMISe: loading the model"), lambda progress, cancel: self.logic.loadModel(
+                    progress=progress, cancel=cancel, **self.modelArgs()))
+            except Cancelled:
+                self.statusLabel.text = _("loading cancelled; nothing was kept")
                 return
-            session.release(self.sourceVolume(), ras, normal)
-            if session.ready:
-                self.onPreview()
+            self.showModelStatus()
+
+        self.guarded(_("ProMISe could not load its model."), load)
 
     def onPreview(self):
+        self.guarded(_("ProMISe preview failed."), self.preview)
+
+    def preview(self):
         from PromiseSegmentSlicerLib.mrml import update_preview
 
-        with slicer.util.tryWithErrorDisplay("ProMISe preview failed.", waitCursor=True):
-            session = self._session()
-            if session.volume_node is None and session.mode == "automatic":
-                self.locateCurrentSlice(session)
-            mask = session.preview(intensity=self.intensity(), **self.modelArgs())
-            labelmap, _ = session.labelmap(self.segmentationNode())
-            self.previewNode = update_preview(slicer.mrmlScene, self.previewNode, self.sourceVolume(), labelmap)
-            self.statusLabel.text = f"preview on slice {session.index}: {int(mask.sum())} pixels; Apply to keep it"
+        session = self._session()
+        if session.volume_node is None and session.mode == "automatic":
+            self.locateCurrentSlice(session)
+        mask = session.preview(intensity=self.intensity(), **self.modelArgs())
+        labelmap, _extent = session.labelmap(self.segmentationNode())
+        self.previewNode = update_preview(slicer.mrmlScene, self.previewNode, self.sourceVolume(), labelmap,
+                                          self.segmentationNode())
+        self.statusLabel.text = _("preview on slice {index}: {pixels} pixels; Apply to keep it").format(
+            index=session.index, pixels=int(mask.sum()))
 
     def locateCurrentSlice(self, session):
         """Automatic mode without a click: the slice shown in the red view."""
         sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
-        sliceNode = sliceWidget.mrmlSliceNode()
-        sliceToRas = sliceNode.GetSliceToRAS()
+        sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
         ras = [sliceToRas.GetElement(r, 3) for r in range(3)]
         session.locate(self.sourceVolume(), ras, sliceNormal(sliceWidget))
-
-    def segmentationNode(self):
-        return self.scriptedEffect.parameterSetNode().GetSegmentationNode()
 
     def onClear(self):
         from PromiseSegmentSlicerLib.mrml import remove_preview
@@ -300,54 +367,54 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.text = ""
 
     def onApply(self):
-        """Writes the preview (current slice) or runs the chosen scope, then one modify call = one undo step."""
+        """Writes the preview (current slice) or runs the chosen scope: one modify call = one undo step."""
         if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return
+        self.guarded(_("ProMISe failed; the segment was not changed."), self.apply)
+
+    def apply(self):
+        from PromiseSegmentLib.errors import Cancelled
+
         scope = self.scriptedEffect.parameter("Scope")
-        with slicer.util.tryWithErrorDisplay("ProMISe failed; the segment was not changed.", waitCursor=True):
-            if scope == SCOPES[0]:
-                labelmap, extent = self._session().labelmap(self.segmentationNode())
-            else:
+        if scope == SCOPES[0]:
+            labelmap, extent = self._session().labelmap(self.segmentationNode())
+        else:
+            try:
                 labelmap, extent = self.runScope(scope)
-                if labelmap is None:
-                    return  # cancelled: nothing changed
-            self.modify(labelmap, extent)
-            self.onClear()
+            except Cancelled:
+                self.statusLabel.text = _("cancelled: the segment was not changed")
+                return
+        self.modify(labelmap, extent)
+        self.onClear()
 
     def modify(self, labelmap, extent):
+        """Resample onto the editor's modifier geometry (the segmentation's grid, which may be oversampled or
+        follow another volume) so the editor's masking applies, then one undo step and one write."""
+        from PromiseSegmentSlicerLib.mrml import on_reference_grid
+
+        reference = self.scriptedEffect.defaultModifierLabelmap()
+        if reference is None:
+            raise ValueError(_("the segmentation has no geometry; select a source volume"))
+        labelmap, extent = on_reference_grid(labelmap, extent, reference)
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet, list(extent))
 
     def runScope(self, scope):
-        from PromiseSegmentLib.errors import Cancelled
-        from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, slice_extent, volume_ijk_to_ras
-
-        volume, segmentation = self.sourceVolume(), self.segmentationNode()
         session = self._session()
         axis = session.axis if session.axis is not None else "axial"
         sliceRange = None
         if scope == SCOPES[1]:
             sliceRange = (self.scriptedEffect.integerParameter("RangeFirst"),
                           self.scriptedEffect.integerParameter("RangeLast"))
-        try:
-            mask = self.withProgress(
-                f"ProMISe: segmenting ({scope})", lambda progress, cancel: self.logic.predictVolume(
-                    volume, axis, sliceRange, mode="auto", intensity=self.intensity(), segmentationNode=segmentation,
-                    progress=progress, cancel=cancel, **self.modelArgs()))
-        except Cancelled:
-            logging.info("ProMISe: cancelled, segment unchanged")
-            return None, None
-        from PromiseSegmentLib.preprocessing import resolve_axis
-
-        m = volume_ijk_to_ras(volume, segmentation)
-        ax = resolve_axis(axis, m)
-        extent = slice_extent(mask.shape, ax, *(sliceRange or (0, mask.shape[ax] - 1)))
-        return labelmap_from_mask(mask, m, extent), extent
+        return self.withProgress(
+            _("ProMISe: segmenting ({scope})").format(scope=scope), lambda progress, cancel: self.logic.segmentScope(
+                self.sourceVolume(), self.segmentationNode(), axis, sliceRange, mode="auto", intensity=self.intensity(),
+                progress=progress, cancel=cancel, **self.modelArgs()))
 
     def withProgress(self, title, call):
-        """``call(progress, cancel)`` under the module's progress dialog; ``self.progress`` while it runs
-        (the Slicer-hosted test presses its Cancel)."""
+        """``call(progress, cancel)`` under the module's window-modal progress dialog; ``self.progress`` while
+        it runs (the Slicer-hosted test presses its Cancel)."""
         import PromiseSegment
 
         with PromiseSegment.ProgressWithCancel(title) as self.progress:
@@ -357,42 +424,73 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.progress = None
 
     def onPropagate(self):
-        """From the previewed (accepted) slice to its neighbours, then Apply-able as one step."""
+        """From the previewed (accepted) slice to its neighbours, written as one undo step."""
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
+        self.guarded(_("ProMISe propagation failed; the segment was not changed."), self.propagate)
+
+    def propagate(self):
         from PromiseSegmentLib.errors import Cancelled
 
         session = self._session()
-        with slicer.util.tryWithErrorDisplay("ProMISe propagation failed; the segment was not changed.",
-                                             waitCursor=True):
-            if session.preview_mask is None:
-                raise ValueError("preview and accept a slice first (click, then Propagate)")
-            volume = self.sourceVolume()
-            negative = None
-            if self.scriptedEffect.integerParameter("NegativeOthers"):
-                from PromiseSegmentSlicerLib.logic import visible_other_segments_mask
+        if session.preview_mask is None:
+            raise ValueError(_("preview a slice first (box or clicks), then Propagate"))
+        volume, segmentation = self.sourceVolume(), self.segmentationNode()
+        negative = None
+        if self.scriptedEffect.integerParameter("NegativeOthers"):
+            from PromiseSegmentSlicerLib.logic import visible_other_segments_mask
 
-                negative = visible_other_segments_mask(self.segmentationNode(), volume,
-                                                       self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
-            model = self.logic.loadModel(**self.modelArgs())
-            try:
-                results = self.withProgress("ProMISe: propagating", lambda progress, cancel: self.logic.propagate(
-                    volume, session.axis, session.index, session.preview_mask, negativeMask=negative, model=model,
-                    progress=progress, cancel=cancel))
-            except Cancelled:
-                return
-            results[session.index] = session.preview_mask
-            labelmap, extent = self.logic.slicesLabelmap(volume, session.axis, results, self.segmentationNode())
-            self.modify(labelmap, extent)
-            self.statusLabel.text = f"propagated to slices {min(results)}..{max(results)}"
-            self.onClear()
+            negative = visible_other_segments_mask(segmentation, volume,
+                                                   self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
+        try:
+            results = self.withProgress(_("ProMISe: propagating"), lambda progress, cancel: self.logic.propagate(
+                volume, session.axis, session.index, session.preview_mask, negativeMask=negative,
+                intensity=self.intensity(), progress=progress, cancel=cancel, **self.modelArgs()))
+        except Cancelled:
+            self.statusLabel.text = _("cancelled: the segment was not changed")
+            return
+        results[session.index] = session.preview_mask
+        labelmap, extent = self.logic.slicesLabelmap(volume, session.axis, results, segmentation)
+        self.modify(labelmap, extent)
+        self.onClear()  # clears the status line too: the summary comes after it
+        self.statusLabel.text = _("propagated to slices {first}..{last}").format(first=min(results), last=max(results))
 
     def deactivate(self):
         self.onClear()
 
     def cleanup(self):
+        """Disconnect what setupOptionsFrame connected (Slicer issue 7392: otherwise the effect leaks)."""
         self.onClear()
+        for widget, signal in getattr(self, "connections", []):
+            widget.disconnect(signal, self.updateMRMLFromGUI)
+        for button, slot in getattr(self, "buttons", []):
+            button.disconnect("clicked()", slot)
         AbstractScriptedSegmentEditorEffect.cleanup(self)
 
 
 def sliceNormal(sliceWidget):
     sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
     return [sliceToRas.GetElement(r, 2) for r in range(3)]
+
+
+def row(*widgets):
+    layout = qt.QHBoxLayout()
+    for w in widgets:
+        layout.addWidget(w)
+    return layout
+
+
+def setIfChanged(widget, prop, value):
+    """Only write differing values: re-setting an editable combo's text moves the user's cursor."""
+    if getattr(widget, prop) != value:
+        setattr(widget, prop, value)
+
+
+@contextlib.contextmanager
+def blockedSignals(*widgets):
+    blocked = [w.blockSignals(True) for w in widgets]
+    try:
+        yield
+    finally:
+        for w, b in zip(widgets, blocked):
+            w.blockSignals(b)

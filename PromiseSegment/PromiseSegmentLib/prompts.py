@@ -1,0 +1,60 @@
+"""Prompts given as IJK voxel coordinates: the one rounding rule for every IJK coordinate.
+
+A continuous IJK position (a click converted from RAS, a box corner) belongs to the voxel whose centre is
+nearest, halves rounding up: ``floor(v + 0.5)``. numpy's ``round`` rounds halves to even, so a corner at
+k = 12.5 would land on slice 12 in one place and 13 in another; every caller uses ``voxel_index``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+
+def voxel_index(value: float) -> int:
+    """Index of the voxel containing the continuous IJK coordinate ``value``."""
+    return int(np.floor(float(value) + 0.5))
+
+
+def voxel(ijk: Sequence[float]) -> Tuple[int, int, int]:
+    """(i, j, k) of the voxel containing a continuous IJK position."""
+    return tuple(voxel_index(v) for v in ijk[:3])
+
+
+def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
+                      shape: Sequence[int], axis: int) -> None:
+    """Refuse, with one sentence, prompts no model could use: coordinates that are not finite numbers,
+    labels other than 0/1, voxels outside a KJI volume of ``shape``, boxes with no area in the slice
+    plane of KJI ``axis``. Called before any model is loaded."""
+    from .errors import InputError
+
+    size = np.array(shape[:3][::-1])  # I, J, K extents
+    for p in points:
+        if len(p) not in (3, 4):
+            raise InputError(f"a point is i,j,k or i,j,k,label; got {list(p)}")
+        ijk = _finite(p[:3], "point")
+        if len(p) == 4 and p[3] not in (0, 1):
+            raise InputError(f"point labels are 1 (positive) or 0 (negative); got {p[3]!r}")
+        if np.any(np.floor(ijk + 0.5) < 0) or np.any(np.floor(ijk + 0.5) >= size):
+            raise InputError(f"point {tuple(ijk)} is outside the volume (IJK size {tuple(size)})")
+    for b in boxes:
+        if len(b) != 6:
+            raise InputError(f"a box is i0,j0,k0,i1,j1,k1; got {list(b)}")
+        corners = _finite(b, "box").reshape(2, 3)
+        if np.any(np.floor(corners.max(0) + 0.5) < 0) or np.any(np.floor(corners.min(0) + 0.5) >= size):
+            raise InputError(f"box {tuple(b)} does not overlap the volume (IJK size {tuple(size)})")
+        in_plane = [a for a in range(3) if a != 2 - axis]
+        if np.any(np.abs(corners[1, in_plane] - corners[0, in_plane]) < 1):
+            raise InputError(f"box {tuple(b)} has no area in the slice plane: give two opposite corners")
+
+
+def _finite(values, what: str) -> np.ndarray:
+    from .errors import InputError
+
+    try:
+        a = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} coordinates must be numbers; got {list(values)}") from None
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what} coordinates must be finite numbers; got {list(values)}")
+    return a
