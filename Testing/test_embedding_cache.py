@@ -37,10 +37,8 @@ def test_keys_depend_on_pixels_and_captured_blocks():
     assert image_key(image, ()) != image_key(image, (1, 2, 3))
 
 
-def test_cached_predictions_equal_uncached(tiny_backbone, rng):
-    from conftest import realistic_image
-
-    image = realistic_image(rng, 90, 120)
+def test_cached_predictions_equal_uncached(tiny_backbone, make_image, rng):
+    image = make_image(rng, 90, 120)
     cached = SamEngine(tiny_backbone, "cpu", cache=EmbeddingCache())
     plain = SamEngine(tiny_backbone, "cpu")
     prompts = Prompts(points=[[60, 40]], labels=[1])

@@ -3,9 +3,7 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
 
-from conftest import as_backbone, realistic_image
 from PromiseSegmentLib.decoder import decode_masks
 from PromiseSegmentLib.engine import Prompts, SamEngine
 from PromiseSegmentLib.sam_vit import build_seeded_sam
@@ -17,10 +15,11 @@ PROMPTS = {
 }
 
 
-def _compare(sam: Sam, image: np.ndarray, multimask: bool, name: str = "tiny_random"):
+def _compare(backbone, image: np.ndarray, multimask: bool):
+    sam = backbone.sam
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    engine = SamEngine(as_backbone(sam, name), device="cpu")
+    engine = SamEngine(backbone, device="cpu")
     emb = engine.encode([image])[0]
     assert torch.equal(emb.features, predictor.features)
     for name, kw in PROMPTS.items():
@@ -40,17 +39,17 @@ def _compare(sam: Sam, image: np.ndarray, multimask: bool, name: str = "tiny_ran
 
 
 @pytest.mark.parametrize("multimask", [True, False])
-def test_tiny_architecture_matches_sam_predictor(tiny_sam, rng, multimask):
-    _compare(tiny_sam, realistic_image(rng, 211, 187), multimask)  # odd, non-square size
+def test_tiny_architecture_matches_sam_predictor(tiny_backbone, make_image, rng, multimask):
+    _compare(tiny_backbone, make_image(rng, 211, 187), multimask)  # odd, non-square size
 
 
-def test_vit_b_architecture_matches_sam_predictor(rng):
+def test_vit_b_architecture_matches_sam_predictor(make_backbone, make_image, rng):
     sam = build_seeded_sam("vit_b", 3)  # the real ViT-B layout, random weights
-    _compare(sam, realistic_image(rng, 190, 240), multimask=True, name="sam_vit_b")
+    _compare(make_backbone(sam, "sam_vit_b"), make_image(rng, 190, 240), multimask=True)
 
 
-def test_batched_encoding_equals_one_by_one(tiny_backbone, rng):
-    images = [realistic_image(rng, 120, 150), realistic_image(rng, 200, 90), realistic_image(rng, 64, 64)]
+def test_batched_encoding_equals_one_by_one(tiny_backbone, make_image, rng):
+    images = [make_image(rng, 120, 150), make_image(rng, 200, 90), make_image(rng, 64, 64)]
     single = SamEngine(tiny_backbone, device="cpu", batch_size=1).encode(images)
     batched = SamEngine(tiny_backbone, device="cpu", batch_size=3).encode(images)
     for a, b in zip(single, batched):

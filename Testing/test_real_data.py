@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from conftest import DATA
 from PromiseSegmentLib.cli import main
 from PromiseSegmentLib.datasets import load_volume_pairs
 from PromiseSegmentLib.preprocessing import IntensityRule
@@ -10,9 +9,9 @@ from PromiseSegmentLib.preprocessing import IntensityRule
 pytestmark = pytest.mark.data
 
 
-def test_evaluate_on_kvasir_writes_csv_and_figure(tmp_path, capsys):
+def test_evaluate_on_kvasir_writes_csv_and_figure(tmp_path, capsys, data_dir):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--data", str(DATA / "kvasir-seg"), "--split", "val", "--limit", "4",
+    assert main(["evaluate", "--data", str(data_dir / "kvasir-seg"), "--split", "val", "--limit", "4",
                  "--mode", "vanilla", "--prompt", "gt-box", "--out", str(out)]) == 0
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0] == "id,dice,iou,hd95_px" and len(lines) == 5
@@ -22,10 +21,25 @@ def test_evaluate_on_kvasir_writes_csv_and_figure(tmp_path, capsys):
     assert "Dice" in capsys.readouterr().out
 
 
-def test_mr_volume_label_slices_are_square_pixel_cases():
-    pairs = [(DATA / "mr-volumes" / "brain1_image.nrrd", DATA / "mr-volumes" / "brain1_label.nrrd")]
-    cases = load_volume_pairs(pairs, IntensityRule(), axis="K", empty_share=0.2)
+@pytest.mark.parametrize("axis", ["K", "J"])
+def test_mr_volume_label_slices_are_square_pixel_cases(data_dir, axis):
+    """brain1 is 0.78 x 0.78 x 6.5 mm: axial (K) slices are square already, coronal (J) slices are
+    stretched 8x along the slice direction to square pixels, the expert mask with them."""
+    from PromiseSegmentLib.preprocessing import in_plane_spacing, take_slice
+    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+
+    image, label = data_dir / "mr-volumes" / "brain1_image.nrrd", data_dir / "mr-volumes" / "brain1_label.nrrd"
+    cases = load_volume_pairs([(image, label)], IntensityRule(), axis=axis, empty_share=0.2)
     assert len(cases) >= 3
     assert sum(c.mask.any() for c in cases) < len(cases)  # some empty slices were included
+    vol, truth = read_volume(image), read_labelmap(label).array > 0
+    ax = "KJI".index(axis)
+    native_shape = take_slice(truth, ax, 0).shape
+    mm = np.array(native_shape) * np.array(in_plane_spacing(vol.ijk_to_ras, ax))  # rows, cols in mm
     for c in cases:
         assert c.rgb.dtype == np.uint8 and c.rgb.shape[:2] == c.mask.shape
+        size = np.array(c.rgb.shape[:2])
+        assert np.allclose(size / size.max(), mm / mm.max(), atol=2 / size.min()), "pixels are not square"
+        index = int(c.id.rsplit("_", 1)[1])
+        native = take_slice(truth, ax, index)
+        assert abs(c.mask.mean() - native.mean()) <= 0.01 + 0.05 * native.mean(), "mask not resampled with it"

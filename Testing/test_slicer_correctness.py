@@ -210,7 +210,7 @@ def test_propagation_sees_the_image_through_the_effects_window(logic, adapter):
     window = IntensityRule.ct(250, 100)
     start = truth[4].astype(bool)
     got = logic.propagate(volume, 0, 4, start, direction=1, maxSlices=1, model=model, intensity=window,
-                          minAreaFraction=0)
+                          minAreaFraction=0, minIntensityAgreement=0)
     m = volume_ijk_to_ras(volume)
     prompts = propagation_prompts(model, start, None, 0, 5)
 
@@ -323,3 +323,66 @@ def test_a_full_disk_while_saving_an_adapter_leaves_no_partial_file(logic, tmp_p
         assert sorted(p.name for p in disk.iterdir()) == [], "no adapter, no state file, no temp file"
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def segment_with_content(scene):
+    from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
+
+    image, truth = phantom()
+    volume = add_volume(scene, image, oblique_matrix())
+    seg = add_segmentation(scene, volume)
+    a = seg.GetSegmentation().AddEmptySegment("a", "a")
+    b = seg.GetSegmentation().AddEmptySegment("b", "b")  # shares a's labelmap layer
+    m = volume_ijk_to_ras(volume)
+    existing = np.zeros(SHAPE, np.uint8)
+    existing[:, 5:15, 5:15] = 1
+    other = np.zeros(SHAPE, np.uint8)
+    other[:, 25:35, 25:35] = 1
+    write_mask(existing, m, seg, a)
+    write_mask(other, m, seg, b)
+    return volume, seg, a, b, m, existing, other
+
+
+def test_writing_one_slice_through_the_editor_keeps_the_rest_of_the_segment():
+    """Set mode replaces a whole segment by its modifier: a one-slice result must not erase the segment's
+    other slices (Apply on the current slice, Propagate, slice ranges)."""
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, segment_mask, slice_extent
+
+    app = make_app()
+    volume, seg, a, b, m, existing, other = segment_with_content(app.scene)
+    editor, node = app.editor(seg, volume, a)
+    node.SetOverwriteMode(node.OverwriteNone)
+    result = np.zeros(SHAPE, np.uint8)
+    result[4, 8:22, 8:22] = 1
+    extent = slice_extent(SHAPE, 0, 4)
+    assert editor.SaveStateForUndo()
+    PromiseSegmentLogic.writeLabelmap(labelmap_from_mask(result, m, extent), seg, a, extent, editor)
+    expected = existing.copy()
+    expected[4] = result[4]
+    assert np.array_equal(segment_mask(seg, a, volume), expected)
+    assert np.array_equal(segment_mask(seg, b, volume), other)
+    editor.Undo()
+    assert np.array_equal(segment_mask(seg, a, volume), existing)
+
+
+def test_a_failed_write_restores_a_segment_that_shares_its_layer(monkeypatch):
+    """The backup is this segment alone (0/1), not its shared layer: restoring it must not absorb the
+    other segment's voxels."""
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, segment_mask
+
+    app = make_app()
+    volume, seg, a, b, m, existing, other = segment_with_content(app.scene)
+    real_write = PromiseSegmentLogic.writeLabelmap
+
+    def write_then_fail(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(PromiseSegmentLogic, "writeLabelmap", staticmethod(write_then_fail))
+    with pytest.raises(OSError):
+        PromiseSegmentLogic()._writeNewOrExisting(labelmap_from_mask(np.ones(SHAPE, np.uint8), m), seg, a,
+                                                  ("x", (1, 0, 0)), None, None)
+    assert np.array_equal(segment_mask(seg, a, volume), existing)
+    assert np.array_equal(segment_mask(seg, b, volume), other)

@@ -216,10 +216,8 @@ def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(
     assert not segment_mask(seg, a, volume).any()
 
 
-def test_rgb_photo_as_single_slice_vector_volume(app, logic):
-    from conftest import realistic_image
-
-    rgb = realistic_image(np.random.default_rng(0), 60, 80)
+def test_rgb_photo_as_single_slice_vector_volume(app, logic, make_image):
+    rgb = make_image(np.random.default_rng(0), 60, 80)
     volume = add_volume(app.scene, rgb[None], np.diag([0.5, 0.5, 1.0, 1.0]), "photo", vector=True)
     seg = add_segmentation(app.scene, volume)
     mask = logic.segmentSlice(volume, 0, points=[(44, 27, 0, 1)], mode="vanilla")
@@ -260,12 +258,31 @@ def test_propagation_walks_neighbours_and_stops_at_the_volume_end(app, logic, ad
     with pytest.raises(InputError, match="empty"):
         logic.propagate(volume, "K", 4, np.zeros_like(start), model=model)
     steps = []
-    out = logic.propagate(volume, "K", 4, start, direction=1, minAreaFraction=0.0, model=model,
-                          progress=lambda d, t: steps.append((d, t)))
-    assert steps[-1] == (len(steps), 4) and len(steps) <= 4
-    assert sorted(out) == list(range(5, 5 + len(out)))  # contiguous from the accepted slice
+    out = logic.propagate(volume, "K", 4, start, direction=1, minAreaFraction=0.0, minIntensityAgreement=0.0,
+                          model=model, progress=lambda d, t: steps.append((d, t)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert sorted(out) == [5, 6, 7, 8]  # with no stop rule it walks to the volume's end
     with pytest.raises(Cancelled):
         logic.propagate(volume, "K", 4, start, model=model, minAreaFraction=0.0, cancel=lambda: True)
+
+
+def test_propagation_with_the_default_backbone_follows_the_object_to_its_ends(app):
+    """LiteMedSAM (the real default) from the middle slice of a bright ellipsoid: both directions reach
+    the object's last slices with good overlap, and nothing is written beyond them."""
+    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+
+    shape = (13, 64, 64)
+    truth = ellipsoid(shape, (6, 32, 30), (5, 18, 20))
+    image = (100 + 400.0 * truth + np.random.default_rng(0).normal(0, 20, shape)).astype(np.int16)
+    volume = add_volume(app.scene, image, np.diag([0.8, 0.8, 2.0, 1.0]))
+    present = [k for k in range(shape[0]) if truth[k].sum() >= 20]
+    out = PromiseSegmentLogic().propagate(volume, "K", 6, truth[6].astype(bool))
+    assert set(present) - {6} <= set(out), f"stopped early: reached {sorted(out)} of {present}"
+    assert set(out) <= set(range(present[0] - 1, present[-1] + 2)), "ran past the object's ends"
+    for k in present:
+        if k != 6:
+            got = out[k]
+            assert 2 * (got & (truth[k] > 0)).sum() / (got.sum() + truth[k].sum()) > 0.85, k
 
 
 def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
@@ -323,19 +340,18 @@ def test_training_pairs_are_found_across_the_scene(app):
 
 
 @pytest.mark.data
-def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path):
+def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data_dir):
     """brain1 (MR, 0.78x0.78x6.5 mm): label map -> segment (exact), train an adapter from the segmentation
     node, segment the tumour slices automatically into a new segmentation, save .seg.nrrd, read it back
     with the core on the volume's own geometry."""
     import slicer
 
-    from conftest import DATA
     from PromiseSegmentLib.volume_io import read_labelmap, read_volume
     from PromiseSegmentSlicerLib.mrml import segment_mask
     from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
     from slicer_scene import load_nrrd, save_segmentation
 
-    folder = DATA / "mr-volumes"
+    folder = data_dir / "mr-volumes"
     volume = load_nrrd(app.scene, folder / "brain1_image.nrrd")
     label = load_nrrd(app.scene, folder / "brain1_label.nrrd", labelmap=True)
     truth = slicer.util.arrayFromVolume(label) > 0

@@ -6,7 +6,7 @@ from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Cancelled, Prompts, SamEngine
 from PromiseSegmentLib.preprocessing import InputError, mask_bbox, take_slice
 from PromiseSegmentLib.sample_data import make_sample_volume
-from PromiseSegmentLib.volume_segmentation import segment_volume
+from PromiseSegmentLib.volume_segmentation import segment_slice, segment_volume, vanilla_predict
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,10 @@ def test_only_prompted_slices_in_range_are_written(tiny_backbone, sample, axis):
                          progress=lambda d, t: calls.append((d, t)))
     assert out.shape == truth.shape and out.dtype == np.uint8
     written = [s for s in range(out.shape[ax]) if take_slice(out, ax, s).any()]
-    assert set(written) <= set(present)
+    assert written and set(written) <= set(present)
+    for s in present:  # each written slice is that slice's own result, on the right slice
+        alone = segment_slice(engine, vol.array, vol.ijk_to_ras, ax, s, prompts[s], predictor=vanilla_predict)
+        np.testing.assert_array_equal(take_slice(out, ax, s), alone.masks[0])
     assert calls[-1] == (len(present), len(present))
     first, last = present[0], present[0] + 1
     ranged = segment_volume(engine, vol.array, vol.ijk_to_ras, axis=axis, prompts=prompts, slice_range=(first, last))

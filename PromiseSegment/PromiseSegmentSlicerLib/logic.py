@@ -272,19 +272,19 @@ class PromiseSegmentLogic:
                             editorLogic) -> str:
         """Write into ``segmentId``, or a new segment (name, colour) when it is empty; any failure puts the
         scene back as it was: no half-made segment, no half-replaced one, nothing to undo."""
-        if editorLogic is not None:
-            editorLogic.SaveStateForUndo()  # one undo step covers the new segment and its voxels
+        # one undo step covers the new segment and its voxels (False: the editor keeps no history)
+        saved = editorLogic is not None and editorLogic.SaveStateForUndo()
         segmentation = segmentationNode.GetSegmentation()
         added = None
         if not segmentId:
             name, color = newSegment
             segmentId = added = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name,
                                                              list(color))
-        before = mrml.segment_labelmap(segmentationNode, segmentId) if editorLogic is None and not added else None
+        before = mrml.segment_labelmap(segmentationNode, segmentId) if not (saved or added) else None
         try:
             self.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
         except BaseException:
-            if editorLogic is not None:
+            if saved:
                 editorLogic.Undo()  # the state saved above, partial writes included
             elif added:
                 segmentation.RemoveSegment(added)
@@ -300,19 +300,19 @@ class PromiseSegmentLogic:
         """The one way results reach a segment (saves no undo state).
 
         Without an editor logic the segment is replaced by ``labelmap`` (``extent`` only crops it).
-        Through a ``vtkSlicerSegmentEditorLogic`` the labelmap is first resampled onto the editor's
-        modifier geometry (the segmentation's own grid, which may differ from the volume's), so the
-        editor's masking settings apply; ``extent`` then limits the change to those voxels."""
+        Through a ``vtkSlicerSegmentEditorLogic`` only the voxels inside ``extent`` change: the modifier is
+        the segment as it is with that block replaced (``mrml.slab_modifier``), on the editor's modifier
+        geometry (the segmentation's own grid, which may differ from the volume's), so the editor's
+        masking and overwrite settings apply."""
         import slicer
 
         if editorLogic is not None:
             if not editorLogic.ResetModifierLabelmapToDefault():
                 raise InputError("the segmentation has no geometry yet; select a source volume in the Segment Editor")
-            labelmap, extent = mrml.on_reference_grid(labelmap, extent or labelmap.GetExtent(),
-                                                      editorLogic.GetModifierLabelmap())
-            editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
-                                                slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, list(extent),
-                                                False, False)
+            modifier = mrml.slab_modifier(segmentationNode, segmentId, labelmap, extent or labelmap.GetExtent(),
+                                          editorLogic.GetModifierLabelmap())
+            editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier,
+                                                slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
             return
         replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
@@ -343,11 +343,15 @@ class PromiseSegmentLogic:
                   direction: int = 0, maxSlices: Optional[int] = None, minAreaFraction: float = 0.1,
                   negativeMask: Optional[np.ndarray] = None, model: Optional[ProMISeModel] = None,
                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                  intensity: Optional[IntensityRule] = None, **modelArgs) -> Dict[int, np.ndarray]:
+                  intensity: Optional[IntensityRule] = None, minIntensityAgreement: float = 0.5,
+                  **modelArgs) -> Dict[int, np.ndarray]:
         """From an accepted slice, segment neighbours one after another: each uses the previous slice's
         bounding box as the box prompt (SAM ViT: with the mask as mask prompt; box-only backbones such as
         LiteMedSAM follow their reference: box + 3 px, no mask prompt) with the adapter's IPS, and stops
-        where the object vanishes (area below ``minAreaFraction`` of the previous slice). ``direction``
+        where the object vanishes: area below ``minAreaFraction`` of the previous slice, or fewer than
+        ``minIntensityAgreement`` of its pixels inside the accepted object's intensity band (2nd-98th
+        percentile) - a box-prompted model always finds *something* in its box, so past the object's end it
+        returns background, which this catches. ``direction``
         +1/-1, or 0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative
         points on backbones that take points. ``intensity`` overrides the adapter's rule, as it does for
         the accepted slice's preview. Returns {slice index: mask}; nothing is written."""
@@ -378,6 +382,7 @@ class PromiseSegmentLogic:
                 progress(len(done), total)
             return mask
 
+        band = intensity_band(take_slice(array, ax, startIndex), startMask)
         results: Dict[int, np.ndarray] = {}
         for d in steps:
             index = startIndex + d
@@ -385,7 +390,8 @@ class PromiseSegmentLogic:
             while 0 <= index < n and abs(index - startIndex) <= limit:
                 prompts = propagation_prompts(model, previous, negativeMask, ax, index)
                 mask = step(index, prompts, previous)
-                if mask.sum() < minAreaFraction * previous.sum() or not mask.any():
+                if mask.sum() < minAreaFraction * previous.sum() or not mask.any() or (
+                        band_agreement(take_slice(array, ax, index), mask, band) < minIntensityAgreement):
                     break
                 results[index] = previous = mask.astype(bool)
                 index += d
@@ -431,6 +437,20 @@ class PromiseSegmentLogic:
         val, train = [cases[i] for i in order[:n_val]], [cases[i] for i in order[n_val:]]
         engine = engine_for(self.loadBackbone(backbone, None, device), None, device)
         return train_adapter(engine, train, val, config, output, resume, progress, cancel)
+
+
+def intensity_band(image: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
+    """2nd-98th percentile of the voxel values (mean over colour channels) inside ``mask``."""
+    values = np.asarray(image, float)
+    values = values.mean(axis=-1) if values.ndim == 3 else values
+    return tuple(np.percentile(values[np.asarray(mask, bool)], [2, 98]))
+
+
+def band_agreement(image: np.ndarray, mask: np.ndarray, band: Tuple[float, float]) -> float:
+    """Fraction of ``mask`` whose values lie in ``band`` (0 for an empty mask)."""
+    values = np.asarray(image, float)
+    values = (values.mean(axis=-1) if values.ndim == 3 else values)[np.asarray(mask, bool)]
+    return float(np.mean((values >= band[0]) & (values <= band[1]))) if values.size else 0.0
 
 
 def propagation_prompts(model: ProMISeModel, previous: np.ndarray, negativeMask: Optional[np.ndarray], ax: int,

@@ -118,17 +118,21 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
 
 
 def segment_labelmap(segmentation_node, segment_id: str) -> "slicer.vtkOrientedImageData":
-    """A copy of the segment's own voxels (a binary labelmap at its stored geometry)."""
+    """A 0/1 copy of this segment alone, in the segmentation node's own frame (segments share labelmap
+    layers, so the layer itself would carry the other segments' labels too)."""
     image = slicer.vtkOrientedImageData()
-    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id,
-                                                                                      image)
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
     return image
 
 
 def restore_segment(segmentation_node, segment_id: str, labelmap) -> None:
-    """Put back what ``segment_labelmap`` copied."""
-    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    """Put back what ``segment_labelmap`` copied (an empty copy clears the segment)."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if labelmap.GetPointData().GetScalars() is None or labelmap.GetScalarRange()[1] <= 0:
+        logic.ClearSegment(segmentation_node, segment_id)
+        return
+    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise RuntimeError(f"could not restore segment {segment_id!r}")
 
 
 def segment_is_empty(segmentation_node, segment_id: str) -> bool:
@@ -166,8 +170,6 @@ def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[objec
 
     The editor's masking (editable area, intensity range) only works on modifier labelmaps of that exact
     geometry: on another grid it silently writes too much or nothing."""
-    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
-        return labelmap, tuple(int(v) for v in extent)
     grid = slicer.vtkOrientedImageData()
     grid.ShallowCopy(reference)
     to_reference = np.linalg.inv(image_to_world(reference)) @ image_to_world(labelmap)
@@ -181,14 +183,45 @@ def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[objec
     new = []
     for a in range(3):
         new += [max(lo[a], full[2 * a]), min(hi[a], full[2 * a + 1])]
+    new = [int(v) for v in new]
     if any(new[2 * a] > new[2 * a + 1] for a in range(3)):
-        raise InputError("the result lies outside the segmentation's geometry; nothing would be written")
+        raise InputError("the result does not cover any voxel of the segmentation's geometry (outside it, or "
+                         "thinner than one of its voxels); nothing would be written")
     grid.SetExtent(*new)
     out = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             labelmap, grid, out, False):
         raise RuntimeError("could not resample the result onto the segmentation's geometry")
     return out, tuple(new)
+
+
+def slab_modifier(segmentation_node, segment_id: str, labelmap, extent: Sequence[int], reference):
+    """The editor's modifier for "replace this block of the segment with ``labelmap``": the segment's
+    current voxels everywhere, ``labelmap`` (resampled onto ``reference``'s grid) inside ``extent``.
+
+    The Segment Editor's Set mode replaces the *whole* segment by its modifier - its extent only limits
+    where new voxels are written - so writing one slice must carry the rest of the segment along."""
+    block, block_extent = on_reference_grid(labelmap, extent, reference)
+    full = slicer.vtkOrientedImageData()
+    full.SetExtent(reference.GetExtent())
+    full.SetImageToWorldMatrix(vtk_matrix(image_to_world(reference)))
+    full.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    values = numpy_support.vtk_to_numpy(full.GetPointData().GetScalars())
+    values[:] = 0
+    current = segment_labelmap(segmentation_node, segment_id)
+    if current.GetPointData().GetScalars() is not None and current.GetScalarRange()[1] > 0:
+        on_grid = slicer.vtkOrientedImageData()
+        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                current, full, on_grid, False):
+            raise RuntimeError("could not resample the segment onto its segmentation's geometry")
+        values[:] = numpy_support.vtk_to_numpy(on_grid.GetPointData().GetScalars()) > 0
+    e = reference.GetExtent()
+    grid = values.reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)  # KJI view of ``full``
+    i0, i1, j0, j1, k0, k1 = (v - e[2 * (a // 2)] for a, v in enumerate(block_extent))
+    grid[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = numpy_support.vtk_to_numpy(
+        block.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) > 0
+    full.Modified()
+    return full
 
 
 def image_to_world(image) -> np.ndarray:

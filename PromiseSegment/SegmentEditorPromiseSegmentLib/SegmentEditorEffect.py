@@ -20,20 +20,27 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from PromiseSegmentLib.names import DEFAULT_BACKBONE, USER_BACKBONES  # torch-free: the registry needs torch
 
 SCOPES = ("current slice", "slice range", "whole volume")
-MODE_LABELS = {"box": "box (drag in a slice view)", "automatic": "automatic (adapter's APM; clicks refine)",
-               "clicks": "clicks (left +, Shift/right -; SAM ViT backbones)"}
 DEVICES = ("auto", "cuda", "mps", "cpu")
-DEFAULTS = (("Backbone", DEFAULT_BACKBONE), ("Adapter", ""), ("Mode", "box"), ("Scope", SCOPES[0]),
+NO_ADAPTER = "none"  # an empty default would never be stored (Slicer skips empty new values) and reads log errors
+DEFAULTS = (("Backbone", DEFAULT_BACKBONE), ("Adapter", NO_ADAPTER), ("Mode", "box"), ("Scope", SCOPES[0]),
             ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40), ("WindowWidth", 400),
             ("Device", DEVICES[0]), ("NegativeOthers", 0))
-BOX_EVENTS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent)
-CLICK_EVENTS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent)
+# VTK delivers a quick second press as a double-click event *instead of* a press: both count as presses.
+LEFT_PRESS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent)
+RIGHT_PRESS = (vtk.vtkCommand.RightButtonPressEvent, vtk.vtkCommand.RightButtonDoubleClickEvent)
+BOX_EVENTS = LEFT_PRESS + (vtk.vtkCommand.LeftButtonReleaseEvent,)
+CLICK_EVENTS = LEFT_PRESS + RIGHT_PRESS
+
+
+def modeLabels():
+    return {"box": _("box (drag in a slice view)"), "automatic": _("automatic (adapter's APM; clicks refine)"),
+            "clicks": _("clicks (left +, Shift/right -; SAM ViT backbones)")}
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
         scriptedEffect.name = "ProMISe"  # the registry key: never translated
-        if hasattr(scriptedEffect, "title"):  # translatable title: Slicer >= 5.4
+        if hasattr(scriptedEffect, "title"):  # translatable title: Slicer >= 5.6
             scriptedEffect.title = _("ProMISe")
         scriptedEffect.perSegment = True
         scriptedEffect.requireSegments = True
@@ -88,9 +95,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def modelArgs(self):
         device = self.scriptedEffect.parameter("Device")
-        return {"backbone": self.scriptedEffect.parameter("Backbone") or None,
-                "adapter": self.scriptedEffect.parameter("Adapter") or None,
+        return {"backbone": self.scriptedEffect.parameter("Backbone") or None, "adapter": self.adapterPath(),
                 "device": None if device in ("", "auto") else device}
+
+    def adapterPath(self):
+        path = self.scriptedEffect.parameter("Adapter")
+        return None if path in ("", NO_ADAPTER) else path
 
     def intensity(self):
         if not self.scriptedEffect.integerParameter("CustomWindow"):
@@ -122,8 +132,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.fillAdapters()
         self.scriptedEffect.addLabeledOptionsWidget(_("Adapter:"), self.adapterCombo)
         self.modeCombo = qt.QComboBox()
-        for key, label in MODE_LABELS.items():
-            self.modeCombo.addItem(_(label), key)
+        for key, label in modeLabels().items():
+            self.modeCombo.addItem(label, key)
         self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.modeCombo)
         self.scopeCombo = self.addCombo(_("Scope:"), SCOPES, _("what Apply writes"))
         self.rangeFirst, self.rangeLast = qt.QSpinBox(), qt.QSpinBox()
@@ -192,13 +202,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def activate(self):
         self.fillAdapters()  # adapters imported or trained since the effect was set up
-        self.guarded(_("ProMISe could not load its model."), self.loadIfCheap)
+        # after the editor has recorded this effect as active (activate() runs inside its update), and
+        # never with a dialog inside that update
+        qt.QTimer.singleShot(0, lambda: self.guarded(_("ProMISe could not load its model."), self.loadIfCheap))
 
     def loadIfCheap(self):
         """On activation, load the default offline backbone at once when its packages are installed (about
         a second); anything that would install packages or download waits for Load model."""
         from PromiseSegmentSlicerLib import dependencies
 
+        if not self.scriptedEffect.active():
+            return  # another effect was chosen meanwhile
         if self.loadedLogic() is not None:
             self.showModelStatus()
         elif not dependencies.missing() and (self.modelArgs()["backbone"] or DEFAULT_BACKBONE) == DEFAULT_BACKBONE:
@@ -223,7 +237,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         blocked = [w.blockSignals(True) for w in widgets]
         try:
             setIfChanged(self.backboneCombo, "currentText", p.parameter("Backbone"))
-            setIfChanged(self.adapterCombo, "currentText", p.parameter("Adapter"))
+            setIfChanged(self.adapterCombo, "currentText", self.adapterPath() or "")
             setIfChanged(self.modeCombo, "currentIndex", max(0, self.modeCombo.findData(p.parameter("Mode"))))
             setIfChanged(self.scopeCombo, "currentText", p.parameter("Scope"))
             setIfChanged(self.rangeFirst, "value", p.integerParameter("RangeFirst"))
@@ -242,12 +256,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         those half-written states from being pushed back into the widgets."""
         p = self.scriptedEffect
         adapter = self.adapterCombo.currentText.strip()
-        if adapter != p.parameter("Adapter") and not self.customWindow.checked:
+        if adapter != (self.adapterPath() or "") and not self.customWindow.checked:
             with blockedSignals(self.windowCenter, self.windowWidth):
                 self.showAdapterWindow(adapter)  # the window fields start from the new adapter's own rule
         self._writingParameters = True
         try:
-            for name, value in (("Backbone", self.backboneCombo.currentText), ("Adapter", adapter),
+            for name, value in (("Backbone", self.backboneCombo.currentText), ("Adapter", adapter or NO_ADAPTER),
                                 ("Mode", self.modeCombo.currentData), ("Scope", self.scopeCombo.currentText),
                                 ("RangeFirst", self.rangeFirst.value), ("RangeLast", self.rangeLast.value),
                                 ("CustomWindow", int(self.customWindow.checked)),
@@ -284,8 +298,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
-        if eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent:
-            return True  # consumed: Slicer would maximize the view
         box = self.scriptedEffect.parameter("Mode") == "box"
         if eventId not in (BOX_EVENTS if box else CLICK_EVENTS):
             return False
@@ -295,12 +307,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)  # world RAS
         normal = sliceNormal(viewWidget)
         if box:
-            self.guarded(_("ProMISe could not use this box."), self.boxEvent, ras, normal,
-                         eventId == vtk.vtkCommand.LeftButtonPressEvent)
+            self.guarded(_("ProMISe could not use this box."), self.boxEvent, ras, normal, eventId in LEFT_PRESS)
         else:
-            positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
+            positive = eventId in LEFT_PRESS and not callerInteractor.GetShiftKey()
             self.guarded(_("ProMISe could not use this click."), self.addClick, ras, normal, positive)
-        return True  # consumed, also after an error: no window/level or menu on these presses
+        return True  # consumed, also after an error: no window/level, menu or view maximize on these
 
     def addClick(self, ras, normal, positive=True):
         """One click (world RAS, slice-view normal); errors propagate (the caller reports them once)."""
@@ -388,17 +399,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.onClear()
 
     def modify(self, labelmap, extent):
-        """Resample onto the editor's modifier geometry (the segmentation's grid, which may be oversampled or
-        follow another volume) so the editor's masking applies, then one undo step and one write."""
-        from PromiseSegmentSlicerLib.mrml import on_reference_grid
+        """Replace the block ``extent`` of the selected segment, leaving the rest of it as it is: Set mode
+        replaces a whole segment by its modifier, so the modifier is the segment with that block swapped
+        in, on the editor's modifier geometry (the segmentation's grid, which may be oversampled or follow
+        another volume) so the editor's masking applies; then one undo step and one write."""
+        from PromiseSegmentSlicerLib.mrml import slab_modifier
 
         reference = self.scriptedEffect.defaultModifierLabelmap()
         if reference is None:
             raise ValueError(_("the segmentation has no geometry; select a source volume"))
-        labelmap, extent = on_reference_grid(labelmap, extent, reference)
+        segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        modifier = slab_modifier(self.segmentationNode(), segmentId, labelmap, extent, reference)
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
-            labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet, list(extent))
+            modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
     def runScope(self, scope):
         session = self._session()
