@@ -2,7 +2,7 @@
 ``PromiseSegmentLogic`` for the Python console.
 
 Everything the widget and the Segment Editor effect do is a call into
-``PromiseSegmentSlicerLib.logic.PromiseSegmentLogic`` (Qt-free, tested with pytest on slicer-core);
+``PromiseSegmentSlicerLib.logic.SceneLogic`` (Qt-free, tested with pytest on slicer-core);
 the algorithms live in ``PromiseSegmentLib`` (torch/numpy only). Nothing heavy is imported here:
 torch & co. are installed on first use, after asking.
 """
@@ -20,7 +20,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from PromiseSegmentLib.names import USER_BACKBONES
+from PromiseSegmentLib.names import AXES, DEVICES, USER_BACKBONES
 
 BACKBONES = list(USER_BACKBONES)  # from the torch-free names module: the registry needs torch
 
@@ -59,8 +59,8 @@ class PromiseSegmentParameterNode:
     backbone: Annotated[str, Choice(BACKBONES)] = BACKBONES[0]
     backboneFile: str = ""
     adapterFile: str = ""
-    axis: Annotated[str, Choice(["axial", "coronal", "sagittal", "K", "J", "I"])] = "axial"
-    device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
+    axis: Annotated[str, Choice(list(AXES))] = AXES[0]
+    device: Annotated[str, Choice(list(DEVICES))] = DEVICES[0]
     trainSegmentName: str = ""
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 50
     trainOutput: str = ""
@@ -102,9 +102,9 @@ class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
             from PromiseSegmentSlicerLib import dependencies
 
             dependencies.ensure()
-            from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic as CoreLogic
+            from PromiseSegmentSlicerLib.logic import SceneLogic
 
-            self._core = CoreLogic()
+            self._core = SceneLogic()
         return self._core
 
     @property
@@ -298,7 +298,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.segmentButton.enabled = ready
         self.trainButton.enabled = bool(p and p.trainSegmentName and p.trainOutput)
         if p and p.adapterFile and os.path.exists(p.adapterFile):
-            from PromiseSegmentSlicerLib.adapters import describe
+            from PromiseSegmentSlicerLib.adapter_folder import describe
 
             self.adapterInfo.text = describe(p.adapterFile)
         else:
@@ -306,7 +306,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ actions (all logic calls)
     def refreshAdapters(self):
-        from PromiseSegmentSlicerLib.adapters import installed_adapters
+        from PromiseSegmentSlicerLib.adapter_folder import installed_adapters
 
         self.adapterCombo.clear()
         self.adapterCombo.addItem(_("(choose)"), "")
@@ -323,7 +323,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not source:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not import the adapter."), waitCursor=True):
-            from PromiseSegmentSlicerLib.adapters import import_adapter
+            from PromiseSegmentSlicerLib.adapter_folder import import_adapter
 
             self._parameterNode.adapterFile = str(import_adapter(source))
             self.refreshAdapters()

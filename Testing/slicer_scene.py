@@ -99,7 +99,7 @@ def save_segmentation(seg_node, path) -> None:
 def write_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, segmentation_node, segment_id: str) -> None:
     """Replace a segment with a KJI mask at ``ijk_to_ras`` (ground truth for a test), through the logic's
     one writer."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import labelmap_from_mask
 
-    PromiseSegmentLogic.writeLabelmap(labelmap_from_mask(mask, ijk_to_ras), segmentation_node, segment_id)
+    SceneLogic.writeLabelmap(labelmap_from_mask(mask, ijk_to_ras), segmentation_node, segment_id)

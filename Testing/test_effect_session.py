@@ -11,9 +11,9 @@ SHAPE = (9, 40, 44)
 
 @pytest.fixture(scope="module")
 def logic():
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
-    return PromiseSegmentLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
+    return SceneLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
 
 
 def scene():
@@ -124,7 +124,7 @@ def test_box_mode_uses_the_last_two_corners(logic):
 def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path):
     from PromiseSegmentLib.adapter import save_adapter
     from PromiseSegmentLib.training import TrainConfig, build_adapter
-    from PromiseSegmentSlicerLib.adapters import describe, import_adapter, installed_adapters
+    from PromiseSegmentSlicerLib.adapter_folder import describe, import_adapter, installed_adapters
 
     from PromiseSegmentLib.backbone import BACKBONES
 

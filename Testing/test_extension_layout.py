@@ -143,7 +143,7 @@ def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
     import sys
 
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            "import PromiseSegmentLib.errors, PromiseSegmentLib.paths, PromiseSegmentSlicerLib.adapters, "
+            "import PromiseSegmentLib.errors, PromiseSegmentLib.paths, PromiseSegmentSlicerLib.adapter_folder, "
             "PromiseSegmentSlicerLib.dependencies, PromiseSegmentSlicerLib.mrml, PromiseSegmentSlicerLib.interaction; "
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}")
     done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)

@@ -12,9 +12,9 @@ SHAPE = (9, 40, 44)  # K, J, I
 
 @pytest.fixture(scope="module")
 def logic():
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
-    return PromiseSegmentLogic(backbone="tiny_random")
+    return SceneLogic(backbone="tiny_random")
 
 
 @pytest.fixture(scope="module")
@@ -265,19 +265,19 @@ def test_scope_labelmap_is_the_predicted_slice_range(logic, adapter):
     ([], [(100, 100, 40, 120, 120, 50)], "does not overlap"),
 ])
 def test_bad_prompts_are_refused_before_any_model_is_loaded(points, boxes, message):
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
     app = make_app()
     volume = add_volume(app.scene, phantom()[0], oblique_matrix())
-    unloadable = PromiseSegmentLogic(backbone="/no/such/checkpoint.pth")  # loading it would fail differently
+    unloadable = SceneLogic(backbone="/no/such/checkpoint.pth")  # loading it would fail differently
     with pytest.raises(InputError, match=message):
         unloadable.predictVolume(volume, points=points, boxes=boxes, mode="vanilla")
 
 
 def test_has_model_answers_without_loading_anything():
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
-    fresh = PromiseSegmentLogic(backbone="tiny_random")
+    fresh = SceneLogic(backbone="tiny_random")
     assert not fresh.hasModel() and fresh._backbone is None  # a mouse handler may ask: nothing is loaded
     fresh.loadModel()
     assert fresh.hasModel() and fresh.hasModel(backbone="tiny_random")
@@ -346,7 +346,7 @@ def segment_with_content(scene):
 def test_writing_one_slice_through_the_editor_keeps_the_rest_of_the_segment():
     """Set mode replaces a whole segment by its modifier: a one-slice result must not erase the segment's
     other slices (Apply on the current slice, Propagate, slice ranges)."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, segment_mask, slice_extent
 
     app = make_app()
@@ -357,7 +357,7 @@ def test_writing_one_slice_through_the_editor_keeps_the_rest_of_the_segment():
     result[4, 8:22, 8:22] = 1
     extent = slice_extent(SHAPE, 0, 4)
     assert editor.SaveStateForUndo()
-    PromiseSegmentLogic.writeLabelmap(labelmap_from_mask(result, m, extent), seg, a, extent, editor)
+    SceneLogic.writeLabelmap(labelmap_from_mask(result, m, extent), seg, a, extent, editor)
     expected = existing.copy()
     expected[4] = result[4]
     assert np.array_equal(segment_mask(seg, a, volume), expected)
@@ -369,20 +369,20 @@ def test_writing_one_slice_through_the_editor_keeps_the_rest_of_the_segment():
 def test_a_failed_write_restores_a_segment_that_shares_its_layer(monkeypatch):
     """The backup is this segment alone (0/1), not its shared layer: restoring it must not absorb the
     other segment's voxels."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, segment_mask
 
     app = make_app()
     volume, seg, a, b, m, existing, other = segment_with_content(app.scene)
-    real_write = PromiseSegmentLogic.writeLabelmap
+    real_write = SceneLogic.writeLabelmap
 
     def write_then_fail(*args, **kwargs):
         real_write(*args, **kwargs)
         raise OSError("disk gone")
 
-    monkeypatch.setattr(PromiseSegmentLogic, "writeLabelmap", staticmethod(write_then_fail))
+    monkeypatch.setattr(SceneLogic, "writeLabelmap", staticmethod(write_then_fail))
     with pytest.raises(OSError):
-        PromiseSegmentLogic()._writeNewOrExisting(labelmap_from_mask(np.ones(SHAPE, np.uint8), m), seg, a,
+        SceneLogic()._writeNewOrExisting(labelmap_from_mask(np.ones(SHAPE, np.uint8), m), seg, a,
                                                   ("x", (1, 0, 0)), None, None)
     assert np.array_equal(segment_mask(seg, a, volume), existing)
     assert np.array_equal(segment_mask(seg, b, volume), other)

@@ -1,4 +1,4 @@
-"""PromiseSegmentLogic on real Slicer MRML (``slicer-core``): geometry, slice ranges, cancel, the Segment
+"""SceneLogic on real Slicer MRML (``slicer-core``): geometry, slice ranges, cancel, the Segment
 Editor's masking and undo, RGB photos, propagation, training from segmentation nodes."""
 import numpy as np
 import pytest
@@ -18,9 +18,9 @@ def app():
 
 @pytest.fixture(scope="module")
 def logic():
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
-    return PromiseSegmentLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
+    return SceneLogic(backbone="tiny_random")  # the fast fixture; LiteMedSAM has its own tests
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_written_mask_lands_on_the_truth_voxels_of_an_oblique_anisotropic_volume
     import slicer
     import vtk
 
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import node_matrix, segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -113,7 +113,7 @@ def test_second_run_on_the_same_slice_reuses_the_embedding(app, logic):
 
 
 def test_slice_range_changes_only_those_slices_of_an_existing_segment(app, logic, adapter):
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -154,7 +154,7 @@ def test_cancel_leaves_the_segmentation_and_undo_history_unchanged(app, logic, a
 def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adapter, monkeypatch, through_editor):
     """The write itself fails after changing the segment (memory, a VTK error): a new segment is removed,
     a replaced one gets its voxels back, on the editor path the saved state is restored."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -163,13 +163,13 @@ def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adap
     kept = seg.GetSegmentation().AddEmptySegment("kept", "kept")
     write_mask(truth, volume_ijk_to_ras(volume), seg, kept)
     editor = app.editor(seg, volume, kept)[0] if through_editor else None
-    real_write = PromiseSegmentLogic.writeLabelmap
+    real_write = SceneLogic.writeLabelmap
 
     def write_then_fail(labelmap, segmentationNode, segmentId, extent=None, editorLogic=None):
         real_write(labelmap, segmentationNode, segmentId, extent, editorLogic)
         raise MemoryError("simulated failure after the voxels were written")
 
-    monkeypatch.setattr(PromiseSegmentLogic, "writeLabelmap", staticmethod(write_then_fail))
+    monkeypatch.setattr(SceneLogic, "writeLabelmap", staticmethod(write_then_fail))
     for target in (None, kept):  # a new segment, then overwriting the existing one
         with pytest.raises(MemoryError):
             logic.segmentVolume(volume, seg, target, adapter=adapter, overwrite=True, editorLogic=editor)
@@ -180,7 +180,7 @@ def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adap
 def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(app, logic, adapter):
     import slicer
 
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -269,14 +269,14 @@ def test_propagation_walks_neighbours_and_stops_at_the_volume_end(app, logic, ad
 def test_propagation_with_the_default_backbone_follows_the_object_to_its_ends(app):
     """LiteMedSAM (the real default) from the middle slice of a bright ellipsoid: both directions reach
     the object's last slices with good overlap, and nothing is written beyond them."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
 
     shape = (13, 64, 64)
     truth = ellipsoid(shape, (6, 32, 30), (5, 18, 20))
     image = (100 + 400.0 * truth + np.random.default_rng(0).normal(0, 20, shape)).astype(np.int16)
     volume = add_volume(app.scene, image, np.diag([0.8, 0.8, 2.0, 1.0]))
     present = [k for k in range(shape[0]) if truth[k].sum() >= 20]
-    out = PromiseSegmentLogic().propagate(volume, "K", 6, truth[6].astype(bool))
+    out = SceneLogic().propagate(volume, "K", 6, truth[6].astype(bool))
     assert set(present) - {6} <= set(out), f"stopped early: reached {sorted(out)} of {present}"
     assert set(out) <= set(range(present[0] - 1, present[-1] + 2)), "ran past the object's ends"
     for k in present:
@@ -287,7 +287,7 @@ def test_propagation_with_the_default_backbone_follows_the_object_to_its_ends(ap
 
 def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
     from PromiseSegmentLib.adapter import read_metadata
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
     pairs = []
@@ -314,7 +314,7 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
 
 def test_training_pairs_are_found_across_the_scene(app):
     """A cohort in one scene: each segmentation with the named segment, paired with its own volume."""
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic, training_pairs_in_scene
+    from PromiseSegmentSlicerLib.logic import SceneLogic, training_pairs_in_scene
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
     volumes = []
@@ -348,7 +348,7 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
 
     from PromiseSegmentLib.volume_io import read_labelmap, read_volume
     from PromiseSegmentSlicerLib.mrml import segment_mask
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from slicer_scene import load_nrrd, save_segmentation
 
     folder = data_dir / "mr-volumes"
@@ -362,7 +362,7 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
 
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=16,
                       apm_tap_pool=2, target_name="Tumour")
-    default = PromiseSegmentLogic()  # the default backbone, LiteMedSAM
+    default = SceneLogic()  # the default backbone, LiteMedSAM
     result = default.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", config=cfg, emptyShare=0.2)
     assert result.adapter.backbone.name == "lite_medsam" and result.adapter.apm.prompts == ("box",)
     assert result.adapter.training["train_cases"] >= 2

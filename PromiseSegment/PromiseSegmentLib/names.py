@@ -1,6 +1,6 @@
 """Names shared by the command line and Slicer's lists, importable before torch is installed.
 
-``Testing/test_backbones.py`` checks these against the registries they mirror (``backbone.BACKBONES``,
+``Testing/test_checkpoints.py`` checks these against the registries they mirror (``backbone.BACKBONES``,
 ``promise.MODES``), so a new backbone or mode cannot be forgotten here.
 """
 
@@ -8,3 +8,5 @@ DEFAULT_BACKBONE = "lite_medsam"
 USER_BACKBONES = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")  # the default first
 MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
 DEFAULT_COLOR = (0.9, 0.3, 0.2)
+DEVICES = ("auto", "cuda", "mps", "cpu")  # "auto": CUDA, then Apple MPS, then CPU
+AXES = ("axial", "coronal", "sagittal", "K", "J", "I")  # anatomical planes or the volume's own IJK axes

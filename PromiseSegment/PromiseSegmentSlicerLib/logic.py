@@ -1,4 +1,4 @@
-"""``PromiseSegmentLogic``: ProMISe on Slicer's MRML nodes, with no Qt (console, batch scripts, the
+"""``SceneLogic``: ProMISe on Slicer's MRML nodes, with no Qt (console, batch scripts, the
 module widget and the Segment Editor effect all call this; pytest runs it on ``slicer-core``).
 
 Results are computed completely before the scene is touched and then written in one call, so a
@@ -61,7 +61,7 @@ def exclusive(method):
     return call
 
 
-class PromiseSegmentLogic:
+class SceneLogic:
     """Console API. One SAM is kept in memory and reused across calls (re-loaded only when another
     checkpoint or device is asked for); encoder outputs are cached by slice content, so a repeated run,
     or a click on an already-encoded slice, re-runs the decoder only."""

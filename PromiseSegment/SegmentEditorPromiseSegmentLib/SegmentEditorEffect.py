@@ -17,10 +17,9 @@ import vtk
 from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, USER_BACKBONES  # torch-free: the registry needs torch
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, DEVICES, USER_BACKBONES  # torch-free (registries need torch)
 
 SCOPES = ("current slice", "slice range", "whole volume")
-DEVICES = ("auto", "cuda", "mps", "cpu")
 NO_ADAPTER = "none"  # an empty default would never be stored (Slicer skips empty new values) and reads log errors
 DEFAULTS = (("Backbone", DEFAULT_BACKBONE), ("Adapter", NO_ADAPTER), ("Mode", "box"), ("Scope", SCOPES[0]),
             ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40), ("WindowWidth", 400),
@@ -189,7 +188,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             button.connect("clicked()", slot)
 
     def fillAdapters(self):
-        from PromiseSegmentSlicerLib.adapters import installed_adapters
+        from PromiseSegmentSlicerLib.adapter_folder import installed_adapters
 
         current = self.adapterCombo.currentText
         wasBlocked = self.adapterCombo.blockSignals(True)  # refilling must not change the parameter
@@ -273,7 +272,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._writingParameters = False
 
     def showAdapterWindow(self, adapterPath):
-        from PromiseSegmentSlicerLib.adapters import header_metadata
+        from PromiseSegmentSlicerLib.adapter_folder import header_metadata
 
         try:
             rule = header_metadata(adapterPath).get("intensity") or {} if adapterPath else {}

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): peak memory and time of PromiseSegmentLogic.segmentVolume on a large volume
+"""Benchmark (not a test): peak memory and time of SceneLogic.segmentVolume on a large volume
 in a real MRML scene (slicer-core), automatic mode, every slice.
 
     .venv/bin/python Testing/benchmarks/volume_memory.py [--shape 300 512 512] [--slices 10 300] [--cache-mb 0 1024]
@@ -25,7 +25,7 @@ def child(shape, slices, cache_mb):
     sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
     from PromiseSegmentLib.backbone import load_backbone
     from PromiseSegmentLib.training import TrainConfig, build_adapter
-    from PromiseSegmentSlicerLib.logic import PromiseSegmentLogic
+    from PromiseSegmentSlicerLib.logic import SceneLogic
     from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
 
     def rss_mb():
@@ -35,7 +35,7 @@ def child(shape, slices, cache_mb):
     rng = np.random.default_rng(0)
     volume = add_volume(app.scene, rng.integers(-1000, 1000, shape, dtype=np.int16), oblique_matrix())
     seg = add_segmentation(app.scene, volume)
-    logic = PromiseSegmentLogic(embeddingCacheBytes=cache_mb << 20)
+    logic = SceneLogic(embeddingCacheBytes=cache_mb << 20)
     adapter = build_adapter(TrainConfig(apm_fusion_dim=64, apm_tap_pool=2), load_backbone()).eval()
     logic.loadModel(adapter=adapter)
     before = rss_mb()
