@@ -6,7 +6,7 @@ from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Cancelled, Prompts, SamEngine
 from PromiseSegmentLib.preprocessing import InputError, mask_bbox, take_slice
 from PromiseSegmentLib.sample_data import make_sample_volume
-from PromiseSegmentLib.volume_segmentation import segment_slice, segment_volume, vanilla_predict
+from PromiseSegmentLib.volume_segmentation import PlainBackbone, segment_slice, segment_volume
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_only_prompted_slices_in_range_are_written(tiny_backbone, sample, axis):
     written = [s for s in range(out.shape[ax]) if take_slice(out, ax, s).any()]
     assert written and set(written) <= set(present)
     for s in present:  # each written slice is that slice's own result, on the right slice
-        alone = segment_slice(engine, vol.array, vol.ijk_to_ras, ax, s, prompts[s], predictor=vanilla_predict)
+        alone = segment_slice(engine, vol.array, vol.ijk_to_ras, ax, s, prompts[s])
         np.testing.assert_array_equal(take_slice(out, ax, s), alone.masks[0])
     assert calls[-1] == (len(present), len(present))
     first, last = present[0], present[0] + 1
@@ -70,16 +70,17 @@ def test_box_runs_go_middle_out_with_the_previous_result_box(tiny_backbone, samp
     assert list(box_parents(list(range(2, 9)), boxes)) == [5, 6, 7, 8, 4, 3, 2]
     seen = {}
 
-    def shrinking(engine, emb, prompts, size):  # each result is its box shrunk by 4 px; empty on slice 7
-        x0, y0, x1, y1 = (int(v) for v in prompts.box)
-        mask = np.zeros(size, bool)
-        if len(seen) != 2:
-            mask[y0 + 4:y1 - 3, x0 + 4:x1 - 3] = True
-        seen[len(seen)] = list(prompts.box)
-        return Prediction(mask[None], mask[None].astype(np.float32), np.ones(1), np.zeros((1, 256, 256)))
+    class Shrinking(PlainBackbone):  # each result is its box shrunk by 4 px; empty on slice 7
+        def predict(self, emb, prompts, size):
+            x0, y0, x1, y1 = (int(v) for v in prompts.box)
+            mask = np.zeros(size, bool)
+            if len(seen) != 2:
+                mask[y0 + 4:y1 - 3, x0 + 4:x1 - 3] = True
+            seen[len(seen)] = list(prompts.box)
+            return Prediction(mask[None], mask[None].astype(np.float32), np.ones(1), np.zeros((1, 256, 256)))
 
-    engine = SamEngine(tiny_backbone, device="cpu")
-    out = segment_volume(engine, vol.array, vol.ijk_to_ras, prompts=boxes, predictor=shrinking, box_propagation=True)
+    model = Shrinking(SamEngine(tiny_backbone, device="cpu"))
+    out = segment_volume(model, vol.array, vol.ijk_to_ras, prompts=boxes, box_propagation=True)
     order = [seen[i] for i in range(len(seen))]
     assert order[0] == [10, 12, 30, 32]  # slice 5: the user's box
     assert order[1] == [11, 13, 29, 31]  # slice 6: slice 5's result (14..26, 16..28) + 3 px

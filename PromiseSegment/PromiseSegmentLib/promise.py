@@ -172,21 +172,46 @@ class ProMISeModel:
         """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""
         return self.has_apm and mode in ("auto",) + APM_MODES
 
-    def segment_volume(self, volume, ijk_to_ras, mode: str = "auto", **kwargs) -> np.ndarray:
-        """Volume -> uint8 KJI mask (see ``volume_segmentation.segment_volume`` for the arguments)."""
+    def segment_volume(self, volume: np.ndarray, ijk_to_ras: np.ndarray, mode: str = "auto",
+                       **kwargs) -> np.ndarray:
+        """Volume (KJI, or KJI x 3 RGB) at ``ijk_to_ras`` -> uint8 KJI mask on the same grid; see
+        ``volume_segmentation.segment_volume`` for the other arguments (axis, slice_range, prompts in each
+        slice's pixels, progress, cancel). The adapter's intensity rule applies unless one is given."""
         kwargs.setdefault("intensity", self.intensity)
         kwargs.setdefault("box_propagation", self.backbone.spec.box_only)
-        return segment_volume(self.engine, volume, ijk_to_ras, automatic=self.is_automatic(mode),
-                              predictor=self.predictor(mode), **kwargs)
+        return segment_volume(self.in_mode(mode), volume, ijk_to_ras, automatic=self.is_automatic(mode), **kwargs)
 
-    def predictor(self, mode: str = "auto"):
-        """This model as a slice predictor for ``volume_segmentation`` (one mode for every slice)."""
-        return lambda engine, emb, prompts, size: self.predict(emb, prompts, size, mode)
+    def in_mode(self, mode: str = "auto") -> "ModelInMode":
+        """This model fixed to one mode: a ``volume_segmentation.SliceModel`` for the volume loop."""
+        return ModelInMode(self, mode)
 
-    def segment_slice(self, volume, ijk_to_ras, axis, index, prompts=None, previous_mask=None, mode="auto",
-                      value_range=None) -> Prediction:
-        return segment_slice(self.engine, volume, ijk_to_ras, axis, index, prompts, previous_mask,
-                             self.intensity, value_range, self.predictor(mode))
+    def segment_slice(self, volume: np.ndarray, ijk_to_ras: np.ndarray, axis, index: int,
+                      prompts: Optional[Prompts] = None, previous_mask: Optional[np.ndarray] = None,
+                      mode: str = "auto", value_range=None) -> Prediction:
+        """Slice ``index`` along ``axis`` -> ``Prediction`` on that slice's native grid (rows, columns as
+        ``take_slice`` gives them); ``prompts`` in that slice's pixels (x = column, y = row)."""
+        return segment_slice(self.in_mode(mode), volume, ijk_to_ras, axis, index, prompts, previous_mask,
+                             self.intensity, value_range)
+
+
+class ModelInMode:
+    """A ``ProMISeModel`` with its mode fixed: the two calls the volume loop makes (``SliceModel``)."""
+
+    def __init__(self, model: ProMISeModel, mode: str):
+        self.model, self.mode = model, mode
+
+    @property
+    def batch_size(self) -> int:
+        return self.model.engine.batch_size
+
+    def encode(self, images, cancel=None):
+        return self.model.engine.encode(images, cancel=cancel)
+
+    def predict(self, emb: ImageEmbedding, prompts: Prompts, output_size) -> Prediction:
+        return self.model.predict(emb, prompts, output_size, self.mode)
+
+    def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray):
+        return self.model.engine.mask_to_prompt(emb, mask)
 
 
 def engine_for(backbone: LoadedBackbone, adapter: Optional[Adapter], device=None, batch_size=None,

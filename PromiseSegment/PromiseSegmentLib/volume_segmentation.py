@@ -1,7 +1,12 @@
-"""Segment a volume slice by slice, streaming: only ``engine.batch_size`` slices are in flight."""
+"""Segment a volume slice by slice, streaming: only ``model.batch_size`` slices are in flight.
+
+Like MONAI's ``SliceInferer``, the loop takes any 2D model with two calls - ``encode(images)`` and
+``predict(embedding, prompts, output_size)`` (``SliceModel``): the plain backbone (``PlainBackbone``) or a
+ProMISe model fixed to one mode (``promise.ModelInMode``).
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -9,7 +14,42 @@ from .engine import Cancelled, ImageEmbedding, Prediction, Prompts, SamEngine
 from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, is_rgb, mask_bbox, resolve_axis,
                             slice_geometry, take_slice, put_slice, to_uint8_rgb)
 
-SlicePredictor = Callable[[SamEngine, ImageEmbedding, Prompts, Tuple[int, int]], Prediction]
+class SliceModel(Protocol):
+    """What the volume loop needs from a model: images (H, W, 3 uint8, square pixels) -> embeddings, then
+    one embedding + prompts in that image's pixels -> a ``Prediction`` at ``output_size``."""
+
+    batch_size: int
+
+    def encode(self, images: Sequence[np.ndarray], cancel=None) -> List[ImageEmbedding]: ...
+
+    def predict(self, emb: ImageEmbedding, prompts: Prompts, output_size: Tuple[int, int]) -> Prediction: ...
+
+    def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray): ...
+
+
+class PlainBackbone:
+    """The frozen backbone alone as a ``SliceModel`` (no adapter): prompts are required."""
+
+    def __init__(self, engine: SamEngine):
+        self.engine = engine
+
+    @property
+    def batch_size(self) -> int:
+        return self.engine.batch_size
+
+    def encode(self, images, cancel=None):
+        return self.engine.encode(images, cancel=cancel)
+
+    def predict(self, emb, prompts, output_size):
+        return vanilla_predict(self.engine, emb, prompts, output_size)
+
+    def mask_to_prompt(self, emb, mask):
+        return self.engine.mask_to_prompt(emb, mask)
+
+
+def as_slice_model(model: Union[SamEngine, SliceModel]) -> SliceModel:
+    """A bare engine means the plain backbone."""
+    return PlainBackbone(model) if isinstance(model, SamEngine) else model
 
 
 def vanilla_predict(engine: SamEngine, emb: ImageEmbedding, prompts: Prompts,
@@ -57,30 +97,31 @@ def slice_image(volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int,
     return geom, geom.image_to_square(to_uint8_rgb(native, value_range))
 
 
-def segment_slice(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray, axis: Union[int, str],
-                  index: int, prompts: Optional[Prompts] = None, previous_mask: Optional[np.ndarray] = None,
-                  intensity: Optional[IntensityRule] = None, value_range: Optional[Tuple[float, float]] = None,
-                  predictor: Optional[SlicePredictor] = None) -> Prediction:
+def segment_slice(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_to_ras: np.ndarray,
+                  axis: Union[int, str], index: int, prompts: Optional[Prompts] = None,
+                  previous_mask: Optional[np.ndarray] = None, intensity: Optional[IntensityRule] = None,
+                  value_range: Optional[Tuple[float, float]] = None) -> Prediction:
     """One slice. ``prompts`` are in the slice's own pixels; ``previous_mask`` (same grid, e.g. the
     neighbouring slice's result during propagation) is fed to SAM as a mask prompt. The returned
     masks are on the native slice grid; pass ``value_range`` to reuse a per-volume intensity mapping."""
+    model = as_slice_model(model)
     volume = check_volume(volume)
     ax = resolve_axis(axis, ijk_to_ras)
     slice_indices(volume.shape[ax], (index, index))
     vr = value_range or volume_value_range(volume, intensity)
     geom, image = slice_image(volume, ijk_to_ras, ax, index, vr)
-    emb = engine.encode([image])[0]
+    emb = model.encode([image])[0]
     p = _to_square_prompts(geom, prompts or Prompts())
     if previous_mask is not None:
         square = geom.image_to_square(np.repeat(previous_mask.astype(np.uint8)[:, :, None] * 255, 3, 2))[:, :, 0]
-        p = Prompts(p.points, p.labels, p.box, engine.mask_to_prompt(emb, square > 127))
-    return (predictor or vanilla_predict)(engine, emb, p, geom.native_shape)
+        p = Prompts(p.points, p.labels, p.box, model.mask_to_prompt(emb, square > 127))
+    return model.predict(emb, p, geom.native_shape)
 
 
-def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray,
+def segment_volume(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_to_ras: np.ndarray,
                    axis: Union[int, str] = "K", slice_range: Optional[Tuple[int, int]] = None,
                    prompts: Optional[Dict[int, Prompts]] = None, intensity: Optional[IntensityRule] = None,
-                   predictor: Optional[SlicePredictor] = None, automatic: bool = False,
+                   automatic: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None,
                    cancel: Optional[Callable[[], bool]] = None,
                    value_range: Optional[Tuple[float, float]] = None,
@@ -88,15 +129,15 @@ def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray
     """Segment ``volume`` (KJI[×3]) slice by slice; returns a uint8 KJI mask on the volume's own grid.
 
     ``prompts`` maps slice index -> prompts in that slice's pixels (x = column, y = row). Without
-    ``automatic`` only prompted slices are segmented; with it (an APM predictor) every slice in range.
+    ``automatic`` only prompted slices are segmented; with it (a model with an APM) every slice in range.
     ``box_propagation`` (box-trained backbones, as LiteMedSAM's reference 3D inference): a box given on a
     run of consecutive slices is used as given on the run's middle slice only; the run is then segmented
     middle-out, each slice prompted with the previous slice's result box + 3 px (the middle box where
     that result is empty). Raises ``Cancelled`` when ``cancel()`` turns true; nothing is returned then.
     """
+    model = as_slice_model(model)
     volume = check_volume(volume)
     ax = resolve_axis(axis, ijk_to_ras)
-    predictor = predictor or vanilla_predict
     prompts = prompts or {}
     n = volume.shape[ax]
     todo = [s for s in slice_indices(n, slice_range) if automatic or s in prompts]
@@ -107,21 +148,21 @@ def segment_volume(engine: SamEngine, volume: np.ndarray, ijk_to_ras: np.ndarray
     parents = box_parents(todo, prompts) if box_propagation and not automatic else {}
     if parents:
         todo = list(parents)  # middle-out: each slice after the one it takes its box from
-    step = 1 if parents else engine.batch_size
+    step = 1 if parents else model.batch_size
     done = 0
     for start in range(0, len(todo), step):
         if cancel is not None and cancel():
             raise Cancelled()
         batch = todo[start:start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
-        embeddings = engine.encode([image for _, image in prepared], cancel=cancel)
+        embeddings = model.encode([image for _, image in prepared], cancel=cancel)
         for s, (g, _), emb in zip(batch, prepared, embeddings):
             p = prompts.get(s, Prompts())
             if parents.get(s) is not None:
                 parent, middle = parents[s]
                 p = Prompts(box=mask_bbox(take_slice(out, ax, parent), PROPAGATION_MARGIN)
                             if take_slice(out, ax, parent).any() else prompts[middle].box)
-            pred = predictor(engine, emb, _to_square_prompts(g, p), g.native_shape)
+            pred = model.predict(emb, _to_square_prompts(g, p), g.native_shape)
             put_slice(out, ax, s, pred.masks[0].astype(np.uint8))
             done += 1
             if progress:
