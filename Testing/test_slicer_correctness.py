@@ -44,6 +44,19 @@ def linear_transform(scene, degrees=30.0, translation=(20.0, 0.0, 10.0)):
     return node, m
 
 
+def transformed_scene():
+    """Volume and segmentation both under one rotation + translation (what a registration leaves)."""
+    app = make_app()
+    image, truth = phantom()
+    m = oblique_matrix()
+    volume = add_volume(app.scene, image, m)
+    seg = add_segmentation(app.scene, volume)
+    transform, to_world = linear_transform(app.scene)
+    for node in (volume, seg):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    return app, m, volume, seg, transform, to_world
+
+
 def world_of(to_world, m, ijk):
     return (to_world @ m @ np.r_[np.asarray(ijk, float), 1.0])[:3]
 
@@ -67,14 +80,7 @@ def test_clicks_and_results_under_a_rotated_translated_transform(logic, ijk_axis
     from PromiseSegmentSlicerLib.interaction import ClickSession
     from PromiseSegmentSlicerLib.mrml import segment_mask
 
-    app = make_app()
-    image, truth = phantom()
-    m = oblique_matrix()
-    volume = add_volume(app.scene, image, m)
-    seg = add_segmentation(app.scene, volume)
-    transform, to_world = linear_transform(app.scene)
-    for node in (volume, seg):
-        node.SetAndObserveTransformNodeID(transform.GetID())
+    app, m, volume, seg, transform, to_world = transformed_scene()
     sid = seg.GetSegmentation().AddEmptySegment("a", "a")
     normal = to_world[:3, :3] @ m[:3, ijk_axis] / np.linalg.norm(m[:3, ijk_axis])  # the view's normal, world
     target = (24, 18, 4)
@@ -180,14 +186,7 @@ def test_preview_follows_the_segmentation_transform(logic):
     from PromiseSegmentSlicerLib.interaction import ClickSession
     from PromiseSegmentSlicerLib.mrml import update_preview
 
-    app = make_app()
-    image, _ = phantom()
-    m = oblique_matrix()
-    volume = add_volume(app.scene, image, m)
-    seg = add_segmentation(app.scene, volume)
-    transform, to_world = linear_transform(app.scene)
-    for node in (volume, seg):
-        node.SetAndObserveTransformNodeID(transform.GetID())
+    app, m, volume, seg, transform, to_world = transformed_scene()
     session = ClickSession(logic)
     normal = to_world[:3, :3] @ m[:3, 2] / np.linalg.norm(m[:3, 2])
     session.click(volume, world_of(to_world, m, (24, 18, 4)), normal)
