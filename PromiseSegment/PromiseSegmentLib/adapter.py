@@ -15,14 +15,11 @@ from .apm import APM
 from .ips import IPS
 from .paths import write_atomically
 from .preprocessing import IntensityRule
+from .validation import FORMAT_VERSION, METADATA_KEY, AdapterError, read_adapter_metadata, read_safetensors_header
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: backbone-aware (name, family, identity, preprocessing); APM with box head
-METADATA_KEY = "promise_segment"
-
-
-class AdapterError(ValueError):
-    """An adapter file is unreadable or does not fit the chosen backbone."""
+__all__ = ["FORMAT_VERSION", "METADATA_KEY", "AdapterError", "Adapter", "BackboneRecord", "save_adapter",
+           "read_metadata", "load_adapter"]  # FORMAT_VERSION 2: backbone-aware; APM with box head
 
 
 @dataclass
@@ -82,40 +79,21 @@ class Adapter:
 
 
 def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
-    """Write atomically (temporary file + rename) so an interrupted save never leaves a broken adapter.
-    ``states`` (module name -> state dict) is written instead of the modules' current weights."""
+    """Write atomically (temporary file + rename, header read back) so an interrupted or failed save never
+    leaves a broken adapter. ``states`` (module name -> state dict) is written instead of the modules'
+    current weights."""
     path = Path(path)
     states = states or {name: m.state_dict() for name, m in adapter.modules().items()}
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, s in states.items() for k, v in s.items()}
     return write_atomically(path, lambda tmp: save_file(tensors, tmp,
-                                                        metadata={METADATA_KEY: json.dumps(adapter.metadata())}))
+                                                        metadata={METADATA_KEY: json.dumps(adapter.metadata())}),
+                            verify=read_safetensors_header)
 
 
 def read_metadata(path) -> Dict[str, Any]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:
-        raise AdapterError(f"{path} is not a readable adapter file (safetensors): {exc}") from exc
-    if raw is None:
-        raise AdapterError(f"{path} is a safetensors file without PromiseSegment metadata; not an adapter")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise AdapterError(f"{path}: its metadata is not valid JSON ({exc})") from exc
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not isinstance(version, int):
-        raise AdapterError(f"{path}: its metadata has no integer format_version; not a PromiseSegment adapter")
-    if version > FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format {version}; this PromiseSegment reads {FORMAT_VERSION}: "
-                           f"update PromiseSegment")
-    if version < FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format {version} (from before backbones were recorded, SAM ViT "
-                           f"only); this PromiseSegment reads format {FORMAT_VERSION}: retrain the adapter")
-    missing = [k for k in ("backbone", "apm", "ips", "intensity", "target") if k not in meta]
-    if missing or not isinstance(meta["backbone"], dict) or "name" not in meta["backbone"]:
-        raise AdapterError(f"{path}: adapter metadata lacks {', '.join(missing) or 'backbone.name'}")
-    return meta
+    """The adapter's metadata, checked (format, keys, types, intensity rule) without loading a tensor;
+    any problem is an ``AdapterError`` naming the file."""
+    return read_adapter_metadata(path)
 
 
 def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
@@ -141,8 +119,11 @@ def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
         ips = IPS(**meta["ips"]) if meta.get("ips") else None
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path}: APM/IPS configuration in its metadata is invalid: {exc}") from exc
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own error type: a damaged tensor table
+        raise AdapterError(f"{path}: its weights cannot be read ({exc})") from None
     for name, module in (("apm", apm), ("ips", ips)):
         if module is None:
             continue

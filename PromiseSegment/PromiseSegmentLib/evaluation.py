@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from .datasets import Case, sample_points
 from .engine import Prompts
 from .metrics import dice, hd95, iou
+from .paths import write_atomically, write_bytes_atomically
 from .preprocessing import mask_bbox
 
 
@@ -51,19 +53,26 @@ def summary(rows: List[Dict]) -> Dict[str, float]:
             "hd95_undefined": int((~np.isfinite(h)).sum())}
 
 
-def write_report(rows: List[Dict], cases: List[Case], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "dice", "iou", "hd95_px"])
-        for r in rows:
-            w.writerow([r["id"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", f"{r['hd95']:.2f}"])
+def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool = True) -> str:
+    """``metrics.csv`` and ``figure.png`` in ``out`` (each written atomically; existing ones are replaced
+    only with ``overwrite``), and a summary line."""
+    out = Path(out)
+    targets = [out / "metrics.csv", out / "figure.png"]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+    lines = io.StringIO()
+    w = csv.writer(lines)
+    w.writerow(["id", "dice", "iou", "hd95_px"])
+    for r in rows:
+        w.writerow([r["id"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", f"{r['hd95']:.2f}"])
+    write_bytes_atomically(targets[0], lines.getvalue().encode())
     s = summary(rows)
-    _figure(rows, cases, out / "figure.png")
+    _figure(rows, cases, targets[1])
     return (f"cases {s['cases']}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} (median {s['dice_median']:.3f})  "
             f"IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
             f"({s['hd95_undefined']} cases with an empty prediction or truth)\n"
-            f"wrote {out / 'metrics.csv'} and {out / 'figure.png'}")
+            f"wrote {targets[0]} and {targets[1]}")
 
 
 def _figure(rows: List[Dict], cases: List[Case], path: Path) -> None:
@@ -87,5 +96,15 @@ def _figure(rows: List[Dict], cases: List[Case], path: Path) -> None:
         ax.axis("off")
     fig.suptitle("red: prediction, green: ground truth")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), suffix=".png",
+                         verify=_check_png)
+    finally:
+        plt.close(fig)
+
+
+def _check_png(tmp: str) -> None:
+    from PIL import Image
+
+    with Image.open(tmp) as im:
+        im.load()

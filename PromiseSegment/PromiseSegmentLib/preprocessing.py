@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import InputError  # noqa: F401  (re-exported: older imports use this module)
 
@@ -37,9 +35,17 @@ def check_volume(array: np.ndarray) -> np.ndarray:
         raise InputError(f"expected a 2D image or 3D volume, got an array of shape {array.shape}")
     if a.size == 0:
         raise InputError("the volume is empty")
+    if np.iscomplexobj(a):
+        raise InputError(f"complex-valued voxels ({a.dtype}) cannot be segmented; save the magnitude image first")
     if a.ndim == 3 and not np.issubdtype(a.dtype, np.number):
         raise InputError(f"unsupported voxel type {a.dtype}")
     return a
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many voxels are NaN or infinite (0 for integer volumes)."""
+    a = np.asarray(array)
+    return 0 if not np.issubdtype(a.dtype, np.inexact) else int(a.size - np.count_nonzero(np.isfinite(a)))
 
 
 def is_rgb(array: np.ndarray) -> bool:
@@ -83,9 +89,13 @@ def in_plane_spacing(ijk_to_ras: np.ndarray, axis: int) -> Tuple[float, float]:
     return float(sp[r]), float(sp[c])
 
 
+INTENSITY_KINDS = ("window", "percentile", "range", "rgb")
+
+
 @dataclass(frozen=True)
 class IntensityRule:
-    """How scalar voxels become SAM's 0-255 RGB: CT window/level, percentiles, or a fixed range."""
+    """How scalar voxels become SAM's 0-255 RGB: CT window/level, percentiles, or a fixed range.
+    NaN and infinite voxels are ignored when the range is computed and shown as black."""
 
     kind: str = "percentile"  # "window" | "percentile" | "range" | "rgb"
     center: float = 40.0
@@ -102,13 +112,32 @@ class IntensityRule:
 
     @staticmethod
     def from_dict(d: dict) -> "IntensityRule":
-        return IntensityRule(**{k: d[k] for k in ("kind", "center", "width", "low", "high") if k in d})
+        """A rule from its dict (adapter metadata, training options); unknown keys or kinds are refused."""
+        extra = sorted(set(d) - {"kind", "center", "width", "low", "high"})
+        if extra:
+            raise InputError(f"unknown intensity setting(s) {', '.join(extra)}")
+        rule = IntensityRule(**d)
+        rule.check()
+        return rule
+
+    def check(self) -> None:
+        """Refuse a rule that cannot map intensities (unknown kind, non-finite numbers, empty window)."""
+        if self.kind not in INTENSITY_KINDS:
+            raise InputError(f"unknown intensity kind {self.kind!r}; one of {', '.join(INTENSITY_KINDS)}")
+        values = (self.center, self.width, self.low, self.high)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+            raise InputError(f"intensity settings must be finite numbers, got {self.to_dict()}")
+        if self.kind == "window" and self.width <= 0:
+            raise InputError(f"window width must be positive, got {self.width:g}")
+        if self.kind == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.low:g}, {self.high:g}")
+        if self.kind == "range" and not self.low < self.high:
+            raise InputError(f"intensity range must have low < high, got {self.low:g}, {self.high:g}")
 
     def value_range(self, volume: np.ndarray) -> Tuple[float, float]:
         """(lo, hi) intensities mapped to 0 and 255, computed once per volume so slices agree."""
+        self.check()
         if self.kind == "window":
-            if self.width <= 0:
-                raise InputError(f"window width must be positive, got {self.width}")
             return self.center - self.width / 2, self.center + self.width / 2
         if self.kind == "range":
             return self.low, self.high
@@ -117,6 +146,10 @@ class IntensityRule:
         sample = volume.ravel()
         if sample.size > 2_000_000:  # percentiles of a strided sample: same answer, 1/40 of the time
             sample = sample[:: sample.size // 2_000_000]
+        if count_nonfinite(sample):
+            sample = sample[np.isfinite(sample)]
+            if sample.size == 0:
+                raise InputError("the volume has no finite voxel values (all NaN or infinite)")
         lo, hi = np.percentile(sample, [self.low, self.high])
         if hi <= lo:
             hi = lo + 1.0
@@ -129,6 +162,8 @@ def to_uint8_rgb(slice2d: np.ndarray, value_range: Tuple[float, float]) -> np.nd
         return np.ascontiguousarray(slice2d.astype(np.uint8) if slice2d.dtype != np.uint8 else slice2d)
     lo, hi = value_range
     scaled = (slice2d.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    if count_nonfinite(slice2d):
+        scaled = np.where(np.isfinite(slice2d), scaled, 0.0)  # NaN/inf voxels: black
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return np.repeat(out[:, :, None], 3, axis=2)
 
@@ -162,6 +197,9 @@ class SliceGeometry:
         """uint8 (rows, cols, 3) -> uint8 on the square-pixel grid (bilinear)."""
         if self.is_identity:
             return rgb
+        import torch  # here only: the command line validates arguments before torch is imported
+        import torch.nn.functional as F
+
         t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
         t = F.interpolate(t, self.square_shape, mode="bilinear", align_corners=False)
         return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -29,23 +29,24 @@ def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequenc
     from .errors import InputError
 
     size = np.array(shape[:3][::-1])  # I, J, K extents
+    extent = "x".join(str(int(v)) for v in size)
     for p in points:
         if len(p) not in (3, 4):
-            raise InputError(f"a point is i,j,k or i,j,k,label; got {list(p)}")
+            raise InputError(f"a point is i,j,k or i,j,k,label; got {_text(p)}")
         ijk = _finite(p[:3], "point")
         if len(p) == 4 and p[3] not in (0, 1):
-            raise InputError(f"point labels are 1 (positive) or 0 (negative); got {p[3]!r}")
+            raise InputError(f"point labels are 1 (positive) or 0 (negative); got {_text([p[3]])}")
         if np.any(np.floor(ijk + 0.5) < 0) or np.any(np.floor(ijk + 0.5) >= size):
-            raise InputError(f"point {tuple(ijk)} is outside the volume (IJK size {tuple(size)})")
+            raise InputError(f"point {_text(ijk)} is outside the volume (IJK size {extent})")
     for b in boxes:
         if len(b) != 6:
-            raise InputError(f"a box is i0,j0,k0,i1,j1,k1; got {list(b)}")
+            raise InputError(f"a box is i0,j0,k0,i1,j1,k1; got {_text(b)}")
         corners = _finite(b, "box").reshape(2, 3)
         if np.any(np.floor(corners.max(0) + 0.5) < 0) or np.any(np.floor(corners.min(0) + 0.5) >= size):
-            raise InputError(f"box {tuple(b)} does not overlap the volume (IJK size {tuple(size)})")
+            raise InputError(f"box {_text(b)} does not overlap the volume (IJK size {extent})")
         in_plane = [a for a in range(3) if a != 2 - axis]
         if np.any(np.abs(corners[1, in_plane] - corners[0, in_plane]) < 1):
-            raise InputError(f"box {tuple(b)} has no area in the slice plane: give two opposite corners")
+            raise InputError(f"box {_text(b)} has no area in the slice plane: give two opposite corners")
 
 
 def _finite(values, what: str) -> np.ndarray:
@@ -54,7 +55,18 @@ def _finite(values, what: str) -> np.ndarray:
     try:
         a = np.asarray(values, dtype=float)
     except (TypeError, ValueError):
-        raise InputError(f"{what} coordinates must be numbers; got {list(values)}") from None
+        raise InputError(f"{what} coordinates must be numbers; got {_text(values)}") from None
     if not np.all(np.isfinite(a)):
-        raise InputError(f"{what} coordinates must be finite numbers; got {list(values)}")
+        raise InputError(f"{what} coordinates must be finite numbers; got {_text(values)}")
     return a
+
+
+def _text(values) -> str:
+    """Coordinates as the user typed them: ``40,16,3`` (no numpy reprs)."""
+    out = []
+    for v in values:
+        try:
+            out.append(f"{float(v):g}")
+        except (TypeError, ValueError):
+            out.append(str(v))
+    return ",".join(out)

@@ -32,9 +32,12 @@ from .ips import IPS
 from .paths import write_atomically
 from .preprocessing import IntensityRule, mask_bbox
 from .promise import PromptBatch, promise_forward
+from .validation import OPTION_NAMES, USER_PROMPTS, check_train_settings  # noqa: F401  (USER_PROMPTS re-exported)
 
 log = logging.getLogger(__name__)
-USER_PROMPTS = ("none", "box", "points")
+STATE_KEYS = ("modules", "optim", "generator", "history", "best", "epoch", "best_modules", "config", "cases",
+              "backbone")
+RESUMABLE_CHANGES = ("epochs",)  # options that may differ between an interrupted run and its resumption
 
 
 @dataclass
@@ -63,18 +66,10 @@ class TrainConfig:
     intensity: Dict = field(default_factory=lambda: IntensityRule().to_dict())
 
     def check(self) -> None:
-        """Refuse settings that cannot train, before any model work."""
-        for name in ("epochs", "batch_size", "n_points", "apm_fusion_dim", "apm_tap_pool"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.n_positive <= self.n_points:
-            raise InputError(f"positive slots must be between 0 and the number of points ({self.n_points})")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise InputError(f"learning rate must be a positive number, got {self.lr}")
-        if self.user_prompt not in USER_PROMPTS:
-            raise InputError(f"user prompt must be one of {', '.join(USER_PROMPTS)}")
-        if not 0 <= self.apm_warmup_epochs < self.epochs or self.box_loss_weight < 0:
-            raise InputError("apm warm-up must be shorter than training and the box loss weight non-negative")
+        """Refuse settings that cannot train, before any model work (``validation.check_train_settings``,
+        the rule the command line applies to its options)."""
+        check_train_settings(asdict(self))
+        IntensityRule.from_dict(self.intensity)
 
     @property
     def mode(self) -> str:
@@ -268,11 +263,7 @@ class Trainer:
     def __init__(self, engine: SamEngine, train: List[Case], val: List[Case], cfg: TrainConfig,
                  output: Optional[Path]):
         cfg.check()
-        if not train:
-            raise InputError("no training cases")
-        if not any(c.mask.any() for c in train):
-            raise InputError("every training mask is empty: there is nothing to learn (check the label value "
-                             "or the mask files)")
+        check_training_cases(train, val)
         self.engine, self.train, self.val, self.cfg = engine, train, val, cfg
         self.output = Path(output) if output else None
         self.state_path = Path(str(output) + ".state.pt") if output else None
@@ -292,15 +283,18 @@ class Trainer:
     def resume(self) -> None:
         if not (self.state_path and self.state_path.exists()):
             return
+        st = read_resume_state(self.state_path, self.cfg, (len(self.train), len(self.val)))
+        if st["backbone"] != self.engine.backbone.identity:
+            raise InputError(f"{self.state_path} was written on backbone weights {st['backbone']}, now "
+                             f"{self.engine.backbone.identity}: resume with the same --backbone")
         try:
-            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
             for name, m in self.adapter.modules().items():
                 m.load_state_dict(st["modules"][name])
             self.optim.load_state_dict(st["optim"])
+            self.gen.set_state(st["generator"])
         except Exception as exc:
-            raise InputError(f"{self.state_path} is damaged or was written with other options "
-                             f"({type(exc).__name__}); delete it or train without --resume") from exc
-        self.gen.set_state(st["generator"])
+            raise InputError(f"{self.state_path} is damaged ({type(exc).__name__}); delete it or start again "
+                             f"with --overwrite") from None
         self.history, self.best, self.first_epoch = st["history"], st["best"], st["epoch"] + 1
         self.best_state = st["best_modules"]
         log.info("resumed from %s at epoch %d", self.state_path, self.first_epoch)
@@ -373,10 +367,12 @@ class Trainer:
         return a
 
     def save_state(self, epoch: int) -> None:
-        write_atomically(self.state_path, lambda tmp: torch.save(
-            {"modules": {n: m.state_dict() for n, m in self.adapter.modules().items()},
-             "optim": self.optim.state_dict(), "generator": self.gen.get_state(), "history": self.history,
-             "best": self.best, "epoch": epoch, "best_modules": self.best_state}, tmp))
+        state = {"modules": {n: m.state_dict() for n, m in self.adapter.modules().items()},
+                 "optim": self.optim.state_dict(), "generator": self.gen.get_state(), "history": self.history,
+                 "best": self.best, "epoch": epoch, "best_modules": self.best_state,
+                 "config": resume_config(self.cfg), "cases": [len(self.train), len(self.val)],
+                 "backbone": self.engine.backbone.identity}
+        write_atomically(self.state_path, lambda tmp: torch.save(state, tmp), verify=_check_zip)
 
     def run(self, resume: bool, progress, cancel) -> TrainResult:
         start = time.time()
@@ -406,6 +402,57 @@ class Trainer:
             save_adapter(adapter, self.output)
             self.state_path.unlink(missing_ok=True)  # finished: the resumable state is only for interrupted runs
         return TrainResult(adapter, self.history, self.best, time.time() - start)
+
+
+def check_training_cases(train: List[Case], val: List[Case]) -> None:
+    """Refuse a training set nothing can be learnt from (before the backbone is loaded)."""
+    if not train:
+        raise InputError(f"no training cases ({len(val)} went to validation): give more images, or a "
+                         f"smaller --val-fraction")
+    if not any(c.mask.any() for c in train):
+        raise InputError(f"every training mask is empty ({len(train)} cases): there is nothing to learn (check "
+                         f"the label value or the mask files)")
+
+
+def resume_config(cfg: TrainConfig) -> Dict:
+    """The options a resumed run must share with the interrupted one (plain lists, comparable after saving)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+            if k not in RESUMABLE_CHANGES}
+
+
+def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence[int]] = None) -> Dict:
+    """An interrupted run's state; ``InputError`` if it is damaged or was written with other options or
+    (``cases``: training and validation counts) other data; the message says what differs. Needs no
+    backbone: the command line calls it before loading one."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path} is damaged (truncated or not a training state: {type(exc).__name__}); delete "
+                         f"it or start again with --overwrite") from None
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise InputError(f"{path} is damaged or from an older PromiseSegment (it lacks {', '.join(missing)}); "
+                         f"start again with --overwrite")
+    now = resume_config(cfg)
+    diffs = [f"{OPTION_NAMES.get(k, k)} {st['config'].get(k)!r} then, {now.get(k)!r} now"
+             for k in sorted(set(now) | set(st["config"])) if st["config"].get(k) != now.get(k)]
+    if diffs:
+        raise InputError(f"{path} was written with other options ({'; '.join(diffs)}): resume with the same "
+                         f"options, or start again with --overwrite")
+    if cases is not None and list(st["cases"]) != list(cases):
+        raise InputError(f"{path} was written for {st['cases'][0]} training and {st['cases'][1]} validation cases, "
+                         f"now there are {cases[0]} and {cases[1]}: resume with the same data, or start again "
+                         f"with --overwrite")
+    return st
+
+
+def _check_zip(tmp: str) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise OSError(f"{tmp}: {bad} does not read back")
 
 
 def train_adapter(engine: SamEngine, train: List[Case], val: List[Case], cfg: TrainConfig,

@@ -1,0 +1,544 @@
+"""The one validation layer of the command line: every argument, input and output path is checked here
+before any model is loaded. Torch-free on purpose: an argument error comes back in well under a second.
+
+Three kinds of checks:
+- argparse types (``positive_int``, ``window_arg``, ``slices_arg``...): one value, at parse time;
+- ``validate(args)``: paths, existing outputs, adapter metadata, combinations of options - run by
+  ``cli.main`` right after parsing, for every command;
+- helpers commands call once they have read their inputs (``check_segment_volume``) or, where torch is
+  needed but no weights are (``preflight``), just before loading a model.
+All raise ``InputError`` (or ``AdapterError`` for adapter files), which the command line reports as one
+line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import stat
+import struct
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .errors import InputError
+from .names import AXES, DEFAULT_BACKBONE, DEVICES, USER_BACKBONES
+
+TEST_BACKBONES = ("tiny_random",)  # hidden registry entries (test fixtures), accepted but never listed
+SEGMENT_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".png")
+METADATA_KEY = "promise_segment"
+ADAPTER_KEYS = ("format_version", "backbone", "apm", "ips", "intensity", "target", "training")
+FORMAT_VERSION = 2
+MAX_HEADER = 100 << 20
+# TrainConfig's defaults, readable without importing torch (Testing/test_reliability.py keeps them equal).
+TRAIN_DEFAULTS: Dict[str, Any] = dict(epochs=200, batch_size=8, lr=1e-5, seed=0, n_points=16, n_positive=8,
+                                      apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3), apm_tap_pool=1,
+                                      box_loss_weight=1.0, apm_warmup_epochs=0, user_prompt="none")
+USER_PROMPTS = ("none", "box", "points")
+OPTION_NAMES = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "n_points": "--points",
+           "n_positive": "--positive", "apm_fusion_dim": "--apm-width", "apm_tap_pool": "--apm-tap-pool",
+           "apm_head_blocks": "--apm-blocks", "box_loss_weight": "--box-loss-weight",
+           "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts"}
+
+
+class AdapterError(ValueError):
+    """An adapter file is unreadable or does not fit the chosen backbone."""
+
+
+# ---------------------------------------------------------------------------------------- argparse types
+def _bad(message: str):
+    return argparse.ArgumentTypeError(message)
+
+
+def _numbers(text: str, counts: Sequence[int], form: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise _bad(f"expected {form}, got {text!r}") from None
+    if len(values) not in counts:
+        raise _bad(f"expected {form} ({' or '.join(map(str, counts))} numbers), got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise _bad(f"expected finite numbers ({form}), got {text!r}")
+    return values
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _bad(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise _bad(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def any_int(text: str) -> int:
+    return int_at_least(-(1 << 62))(text)
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise _bad(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise _bad(f"must be positive, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise _bad(f"must not be negative, got {value:g}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value < 1:
+        raise _bad(f"must be between 0 and 1 (exclusive), got {value:g}")
+    return value
+
+
+def point_arg(text: str) -> List[float]:
+    values = _numbers(text, (3, 4), "I,J,K[,LABEL]")
+    if len(values) == 4 and values[3] not in (0.0, 1.0):
+        raise _bad(f"the label (4th number) must be 1 (positive) or 0 (negative), got {values[3]:g}")
+    return values
+
+
+def box_arg(text: str) -> List[float]:
+    return _numbers(text, (6,), "I0,J0,K0,I1,J1,K1")
+
+
+def window_arg(text: str) -> List[float]:
+    center, width = _numbers(text, (2,), "CENTER,WIDTH")
+    if width <= 0:
+        raise _bad(f"the window width must be positive, got {width:g}")
+    return [center, width]
+
+
+def percentiles_arg(text: str) -> List[float]:
+    low, high = _numbers(text, (2,), "LOW,HIGH")
+    if not 0 <= low < high <= 100:
+        raise _bad(f"expected 0 <= LOW < HIGH <= 100, got {low:g},{high:g}")
+    return [low, high]
+
+
+def slices_arg(text: str) -> tuple:
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise _bad(f"expected FIRST:LAST, two slice numbers such as 10:20, got {text!r}")
+    first, last = int(m[1]), int(m[2])
+    if first > last:
+        raise _bad(f"the first slice must not come after the last, got {text!r}")
+    return first, last
+
+
+AXIS_CHOICES = f"{', '.join(AXES)} or 0, 1, 2 (array axes K, J, I)"
+
+
+def axis_arg(text: str):
+    t = text.strip()
+    if t in ("0", "1", "2"):
+        return int(t)
+    if t.lower() in (a.lower() for a in AXES):
+        return t
+    raise _bad(f"expected {AXIS_CHOICES}, got {text!r}")
+
+
+def device_arg(text: str) -> str:
+    t = text.strip().lower()
+    if t not in DEVICES and not re.fullmatch(r"cuda:\d+", t):
+        raise _bad(f"expected {', '.join(DEVICES)} or cuda:N, got {text!r}")
+    return t
+
+
+def volume_pair_arg(text: str) -> List[str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise _bad(f"expected IMAGE,LABELMAP (a volume and its label map), got {text!r}")
+    return parts
+
+
+def apm_blocks_arg(text: str) -> tuple:
+    try:
+        blocks = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise _bad(f"expected four whole numbers such as 3,4,6,3, got {text!r}") from None
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise _bad(f"expected four whole numbers of at least 1, such as 3,4,6,3, got {text!r}")
+    return blocks
+
+
+def apm_prompts_arg(text: str) -> List[str]:
+    kinds = [p.strip() for p in text.split(",")]
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= {"box", "points"}:
+        raise _bad(f"expected box, points or box,points, got {text!r}")
+    return kinds
+
+
+def name_arg(text: str) -> str:
+    if not text.strip():
+        raise _bad("must not be empty")
+    return text.strip()
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def check_input(path, what: str, kind: str = "file") -> Path:
+    """An existing, readable input: ``kind`` "file", "folder" or "any" (a file or a DICOM folder)."""
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InputError(f"{what} {p} does not exist") from None
+    except NotADirectoryError:
+        raise InputError(f"{what} {p} does not exist (a part of that path is a file, not a folder)") from None
+    except OSError as exc:
+        raise InputError(f"{what} {p} cannot be read: {exc.strerror.lower()}") from None
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if is_dir and kind == "file":
+        raise InputError(f"{what} {p} is a folder; expected a file")
+    if not is_dir and kind == "folder":
+        raise InputError(f"{what} {p} is a file; expected a folder")
+    if not is_dir and not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{what} {p} is not a regular file")
+    if not os.access(p, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise InputError(f"{what} {p} cannot be read: permission denied")
+    return p
+
+
+def check_output(path, overwrite: bool, what: str, suffixes: Optional[Sequence[str]] = None) -> Path:
+    """An output file that may be written: a known extension, a writable folder, and no existing file
+    unless ``overwrite``."""
+    p = Path(path).expanduser()
+    if suffixes and not any(p.name.lower().endswith(s) for s in suffixes):
+        found = "".join(p.suffixes[-2:]) if p.suffixes else "no extension"
+        raise InputError(f"{what} {p}: unknown output type ({found}); use {', '.join(suffixes)}")
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a folder; give a file name")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise InputError(f"{what} {p} already exists; choose another name or pass --overwrite")
+    check_writable_folder(p.parent, what)
+    return p
+
+
+def check_writable_folder(folder, what: str) -> None:
+    """``folder`` exists and is writable, or can be created (its nearest existing parent is)."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {what} into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {what} into {folder}: {existing} is not writable")
+
+
+def check_distinct(named: Dict[str, Optional[Path]]) -> None:
+    """No two of the given paths (inputs and outputs) are the same file."""
+    seen: Dict[str, str] = {}
+    for label, path in named.items():
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise InputError(f"{seen[key]} and {label} name the same file ({path}); choose another output name")
+        seen[key] = label
+
+
+def check_backbone(spec: Optional[str]) -> None:
+    if spec is None or spec in USER_BACKBONES or spec in TEST_BACKBONES:
+        return
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise InputError(f"--backbone {spec!r} is neither a file nor one of: {', '.join(USER_BACKBONES)}")
+    check_input(p, "backbone checkpoint")
+
+
+# ------------------------------------------------------------------------------------- adapter metadata
+def read_safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (a truncated or padded file
+    is refused). Reads no tensor and needs no torch."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            if not 2 <= n <= min(size - 8, MAX_HEADER):
+                raise ValueError(f"header size {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not a readable adapter file (safetensors): {exc}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path} is not a readable adapter file (safetensors): its header is not a table")
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if 8 + n + max(ends, default=0) != size:
+        raise AdapterError(f"{path} is truncated or damaged: {size} bytes, its header describes "
+                           f"{8 + n + max(ends, default=0)}")
+    return header
+
+
+def read_adapter_metadata(path) -> Dict[str, Any]:
+    """An adapter's metadata, fully checked; every problem is an ``AdapterError`` naming the file."""
+    if not Path(path).is_file():
+        try:
+            check_input(path, "adapter")
+        except InputError as exc:
+            raise AdapterError(str(exc)) from None
+    raw = (read_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise AdapterError(f"{path} is a safetensors file without PromiseSegment metadata; not an adapter")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterError(f"{path}: its metadata is not valid JSON ({exc})") from None
+    _check_format(meta, path)
+    try:
+        _check_adapter_parts(meta)
+    except (InputError, TypeError, ValueError) as exc:
+        raise AdapterError(f"{path}: adapter metadata is invalid: {exc}") from None
+    return meta
+
+
+def _check_format(meta, path) -> None:
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterError(f"{path}: its metadata has no integer format_version; not a PromiseSegment adapter")
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format {version}; this PromiseSegment reads {FORMAT_VERSION}: "
+                           f"update PromiseSegment")
+    if version < FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format {version} (from before backbones were recorded, SAM ViT "
+                           f"only); this PromiseSegment reads format {FORMAT_VERSION}: retrain the adapter")
+    missing = [k for k in ADAPTER_KEYS[:-1] if k not in meta]
+    if missing:
+        raise AdapterError(f"{path}: adapter metadata lacks {', '.join(missing)}")
+    extra = sorted(set(meta) - set(ADAPTER_KEYS))
+    if extra:
+        raise AdapterError(f"{path}: adapter metadata has unknown keys ({', '.join(extra)}); it was edited or "
+                           f"written by another program")
+
+
+def _check_adapter_parts(meta: Dict[str, Any]) -> None:
+    from .preprocessing import IntensityRule
+
+    b = meta["backbone"]
+    types = {"name": str, "family": str, "identity": str, "image_size": int, "tap_channels": list}
+    if not isinstance(b, dict) or "name" not in b:
+        raise ValueError("it lacks backbone.name")
+    bad = [k for k, t in types.items() if k in b and not isinstance(b[k], t)]
+    if bad:
+        raise ValueError(f"backbone {', '.join(bad)} of the wrong type")
+    for part in ("apm", "ips"):
+        if meta[part] is not None and not isinstance(meta[part], dict):
+            raise ValueError(f"{part} must be a table or null")
+    if meta["apm"] is None and meta["ips"] is None:
+        raise ValueError("it has neither an APM nor IPS")
+    if not isinstance(meta["intensity"], dict):
+        raise ValueError("intensity must be a table")
+    IntensityRule.from_dict(meta["intensity"])
+    target = meta["target"]
+    color = target.get("color", [0, 0, 0]) if isinstance(target, dict) else None
+    if (not isinstance(target, dict) or not isinstance(target.get("name", ""), str) or not isinstance(color, list)
+            or len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color)):
+        raise ValueError("target must hold a name and an RGB colour of three numbers in 0..1")
+    if not isinstance(meta.get("training", {}), dict):
+        raise ValueError("training must be a table")
+
+
+# --------------------------------------------------------------------------------------- training options
+def check_train_settings(values: Dict[str, Any]) -> None:
+    """The training options (``TrainConfig`` fields) that cannot train; one sentence, before any work."""
+    for name in ("epochs", "batch_size", "n_points", "apm_fusion_dim", "apm_tap_pool"):
+        if not isinstance(values[name], int) or values[name] < 1:
+            raise InputError(f"{OPTION_NAMES[name]} must be at least 1, got {values[name]}")
+    if not 0 <= values["n_positive"] <= values["n_points"]:
+        raise InputError(f"--positive ({values['n_positive']}) must be between 0 and --points ({values['n_points']})")
+    if not (isinstance(values["lr"], (int, float)) and math.isfinite(values["lr"]) and values["lr"] > 0):
+        raise InputError(f"--lr must be a positive number, got {values['lr']}")
+    if values["user_prompt"] not in USER_PROMPTS:
+        raise InputError(f"--user-prompt must be one of {', '.join(USER_PROMPTS)}, got {values['user_prompt']!r}")
+    if not 0 <= values["apm_warmup_epochs"] < values["epochs"]:
+        raise InputError(f"--apm-warmup ({values['apm_warmup_epochs']}) must be shorter than --epochs "
+                         f"({values['epochs']})")
+    w = values["box_loss_weight"]
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+        raise InputError(f"--box-loss-weight must be a non-negative number, got {w}")
+    blocks = values["apm_head_blocks"]
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise InputError(f"--apm-blocks must be four numbers of at least 1, got {list(blocks)}")
+    prompts = values.get("apm_prompts")
+    if prompts is not None and (not prompts or not set(prompts) <= {"box", "points"}):
+        raise InputError(f"--apm-prompts must be box, points or box,points, got {prompts}")
+
+
+# ------------------------------------------------------------------------------------------- the commands
+def validate(args) -> None:
+    """Everything about a command's arguments that needs no model: run right after parsing. Sets
+    ``args.outputs`` (the files the command may write) and ``args.adapter_meta``."""
+    args.outputs, args.adapter_meta = [], None
+    check = {"segment": _segment, "train": _train, "evaluate": _evaluate, "demo": _demo,
+             "checkpoints": _checkpoints}[args.command]
+    check(args)
+    if getattr(args, "adapter", None):
+        args.adapter_meta = read_adapter_metadata(args.adapter)
+    if hasattr(args, "backbone"):
+        check_backbone(args.backbone)
+
+
+def _segment(args) -> None:
+    inp = check_input(args.input, "input", kind="any")
+    out = check_output(args.output, args.overwrite, "output (-o)", SEGMENT_SUFFIXES)
+    overlay = check_output(args.overlay, args.overwrite, "overlay", (".png",)) if args.overlay else None
+    check_distinct({"the input": inp, "-o": out, "--overlay": overlay,
+                    "--adapter": Path(args.adapter) if args.adapter else None})
+    args.outputs = [p for p in (out, overlay) if p is not None]
+
+
+def _train(args) -> None:
+    if args.data:
+        root = check_input(args.data, "--data", kind="folder")
+        base = root / "train" if (root / "train").is_dir() else root
+        for sub in ("images", "masks"):
+            check_input(base / sub, f"--data needs {sub}/:", kind="folder")
+    else:
+        for image, labels in args.volumes:
+            check_input(image, "volume", kind="any")
+            check_input(labels, "label map", kind="any")
+        if args.label is not None and args.label < 1:
+            raise InputError(f"--label must be a label value of at least 1, got {args.label}")
+    if args.data and args.label is not None:
+        raise InputError("--label applies to --volumes label maps only")
+    out = check_output(args.output, args.overwrite or args.resume, "adapter (-o)", (".safetensors",))
+    state = Path(str(out) + ".state.pt")
+    if args.resume and not state.is_file():
+        raise InputError(f"nothing to resume: {state} does not exist (train without --resume)")
+    if state.exists() and not (args.resume or args.overwrite):
+        raise InputError(f"{state} holds an interrupted run: pass --resume to continue it, or --overwrite to "
+                         f"start again")
+    check_train_settings(train_values(args))
+    if args.cache_features and not args.no_augment:
+        raise InputError("--cache-features needs --no-augment (augmented images are encoded afresh each time)")
+    if args.no_apm and args.no_ips:
+        raise InputError("--no-apm and --no-ips leave nothing to train")
+    args.outputs = [out, state]
+
+
+def train_values(args) -> Dict[str, Any]:
+    """The ``TrainConfig`` fields the train command's options give."""
+    return dict(TRAIN_DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                n_points=args.points, n_positive=args.positive, apm_fusion_dim=args.apm_width,
+                apm_head_blocks=args.apm_blocks, apm_tap_pool=args.apm_tap_pool,
+                box_loss_weight=args.box_loss_weight, apm_warmup_epochs=args.apm_warmup,
+                user_prompt=args.user_prompt, apm_prompts=args.apm_prompts)
+
+
+def _evaluate(args) -> None:
+    root = check_input(args.data, "--data", kind="folder")
+    base = root / args.split if args.split else root
+    for sub in ("images", "masks"):
+        check_input(base / sub, f"--data{'/' + args.split if args.split else ''} needs {sub}/:", kind="folder")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    check_writable_folder(out, "--out")
+    args.outputs = [check_output(out / name, args.overwrite, "output") for name in ("metrics.csv", "figure.png")]
+
+
+def _demo(args) -> None:
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{out} is not empty; choose another --out or pass --overwrite")
+    check_writable_folder(out, "--out")
+    check_train_settings(dict(TRAIN_DEFAULTS, epochs=args.warmup + args.epochs, apm_warmup_epochs=args.warmup,
+                              lr=args.lr))
+    args.outputs = [out]
+
+
+def _checkpoints(args) -> None:
+    if args.action == "list" and args.names:
+        raise InputError("checkpoints list takes no names")
+    if args.action == "verify" and not args.names:
+        raise InputError("checkpoints verify needs backbone names or checkpoint files")
+    for name in args.names:
+        if args.action == "download" and name not in USER_BACKBONES:
+            raise InputError(f"cannot download {name!r}: one of {', '.join(USER_BACKBONES)}")
+        check_backbone(name)
+
+
+# ------------------------------------------------------------------------------ after reading the inputs
+def check_segment_volume(args, shape: Sequence[int], ijk_to_ras) -> int:
+    """Prompts, slice range and output type against the volume read (KJI ``shape``); returns the axis."""
+    from .preprocessing import resolve_axis
+    from .prompts import check_ijk_prompts, voxel_index
+
+    axis = resolve_axis(args.axis, ijk_to_ras)
+    n = shape[axis]
+    first, last = args.slices or (0, n - 1)
+    if last >= n:
+        raise InputError(f"--slices {first}:{last} is outside the volume: {n} slices along axis "
+                         f"{'KJI'[axis]} (0..{n - 1})")
+    points, boxes = args.point or [], args.box or []
+    check_ijk_prompts(points, boxes, shape, axis)
+    normal = 2 - axis  # IJK index of the slicing axis
+    for p in points:
+        if not first <= voxel_index(p[normal]) <= last:
+            raise InputError(f"--point {','.join(f'{v:g}' for v in p)} is on slice {voxel_index(p[normal])}, "
+                             f"outside --slices {first}:{last}")
+    for b in boxes:
+        lo, hi = sorted((voxel_index(b[normal]), voxel_index(b[normal + 3])))
+        if hi < first or lo > last:
+            raise InputError(f"--box {','.join(f'{v:g}' for v in b)} spans slices {lo}..{hi}, outside --slices "
+                             f"{first}:{last}")
+    if args.output.lower().endswith(".png") and shape[0] != 1:
+        raise InputError(f"-o {args.output}: a PNG holds one slice but the result has {shape[0]} (K); use .seg.nrrd")
+    return axis
+
+
+def preflight(device: Optional[str], mode: Optional[str] = None, adapter_meta: Optional[dict] = None,
+              backbone: Optional[str] = None, has_points: bool = False, has_box: bool = False) -> None:
+    """The checks that need torch but no weights: the device exists, and the mode rule
+    (``promise.resolve_mode``, the one place that decides) accepts these prompts with this adapter."""
+    from types import SimpleNamespace
+
+    from .devices import pick_device
+
+    try:
+        dev = pick_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--device {device}: {exc}") from None
+    if dev.type == "cuda" and dev.index is not None:
+        import torch
+
+        if dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..)")
+    if mode is None:
+        return
+    from .backbone import BACKBONES
+    from .promise import resolve_mode
+
+    stand_in = None if adapter_meta is None else SimpleNamespace(apm=adapter_meta.get("apm"))
+    resolved = resolve_mode(mode, stand_in, has_points, has_box)
+    if resolved in ("ips", "vanilla") and not (has_points or has_box):
+        raise InputError("without an adapter that has an APM, give prompts (--point or --box), or pass --adapter")
+    name = backbone or (adapter_meta or {}).get("backbone", {}).get("name") or DEFAULT_BACKBONE
+    spec = BACKBONES.get(name)
+    if spec is not None and spec.box_only and resolved in ("ips", "vanilla") and not has_box:
+        raise InputError(f"{name} was trained with box prompts only (points alone segment nothing): give --box, "
+                         f"or use an adapter with an APM for automatic prompts")
