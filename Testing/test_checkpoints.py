@@ -11,7 +11,7 @@ import torch
 from PromiseSegmentLib import checkpoints
 from PromiseSegmentLib.backbone import BACKBONES, load_backbone, user_backbones
 from PromiseSegmentLib.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
+from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
 from PromiseSegmentLib.sam_vit import build_seeded_sam
 
 
@@ -134,9 +134,16 @@ def test_registry_has_the_design_hashes_and_the_default():
     # the torch-free names the CLI and Slicer lists use are the registries themselves
     assert tuple(user_backbones()) == USER_BACKBONES and DEFAULT_BACKBONE == USER_BACKBONES[0] == "lite_medsam"
     assert "tiny_random" in BACKBONES and "tiny_random" not in USER_BACKBONES  # a test fixture, never offered
+    assert BOX_ONLY_BACKBONES == tuple(n for n, b in BACKBONES.items() if b.box_only)
     from PromiseSegmentLib import promise
+    from PromiseSegmentLib.devices import pick_device
 
     assert promise.MODES == MODES
+    for name in DEVICES[1:]:  # every listed device is one pick_device understands (available here or not)
+        try:
+            pick_device(name)
+        except ValueError as exc:
+            assert "available" in str(exc), name
 
 
 def test_load_round_trip_and_identity(tiny_file):

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PromiseSegmentLib.cli import ijk_prompts, main
+from PromiseSegmentLib.cli import main
+from PromiseSegmentLib.prompts import ijk_prompts
 from PromiseSegmentLib.sample_data import make_sample_volume
 from PromiseSegmentLib.volume_io import Segment, read_volume, write_segmentation
 

@@ -138,7 +138,7 @@ def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path)
     assert describe(first).startswith("Liver: APM (points)+IPS for tiny_random")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 3)
-    with pytest.raises(ValueError, match="not a safetensors"):
+    with pytest.raises(ValueError, match="not a readable adapter file"):
         import_adapter(bad)
     assert "not usable" in describe(bad) and len(installed_adapters()) == 2
 

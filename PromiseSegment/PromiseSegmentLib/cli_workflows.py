@@ -31,7 +31,7 @@ def cmd_demo(args) -> int:
     patients, segment the slices of 3 other patients automatically, write .seg.nrrd files, overlays at
     native resolution and a report with Dice against the expert masks."""
     from .backbone import load_backbone
-    from .cli import progress_bar
+    from .cli_args import progress_bar
     from .datasets import load_image_folder
     from .paths import write_bytes_atomically
     from .promise import ProMISeModel, engine_for
@@ -91,7 +91,7 @@ def _demo_segment(model, test, out: Path):
 
 
 def cmd_train(args) -> int:
-    from .cli import intensity_from_args, progress_bar
+    from .cli_args import intensity_from_args, progress_bar
     from .training import TrainConfig, read_resume_state
 
     rule = intensity_from_args(args)
@@ -143,7 +143,7 @@ def _training_cases(args, rule):
 
 
 def cmd_evaluate(args) -> int:
-    from .cli import progress_bar
+    from .cli_args import progress_bar
     from .datasets import load_image_folder
     from .evaluation import evaluate_cases, write_report
 
@@ -161,7 +161,7 @@ def cmd_evaluate(args) -> int:
 
 
 def add_workflow_commands(sub) -> None:
-    from .cli import add_backbone_args
+    from .cli_args import add_backbone_args
 
     p = sub.add_parser("demo", help="the whole ProMISe workflow offline on bundled real CT (train, segment, report)")
     p.add_argument("--out", default="promise-demo", help="output folder (default promise-demo)")
@@ -176,7 +176,7 @@ def add_workflow_commands(sub) -> None:
 
 
 def _add_train_command(sub) -> None:
-    from .cli import add_backbone_args, add_intensity_args
+    from .cli_args import add_backbone_args, add_intensity_args
 
     d = TRAIN_DEFAULTS
     p = sub.add_parser("train", help="train an APM+IPS adapter on a frozen backbone")
@@ -230,7 +230,7 @@ def _add_apm_options(p, d) -> None:
 
 
 def _add_evaluate_command(sub) -> None:
-    from .cli import add_backbone_args
+    from .cli_args import add_backbone_args
     from .names import MODES
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 per case into a CSV, a summary and a PNG figure")

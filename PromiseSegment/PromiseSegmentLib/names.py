@@ -6,6 +6,7 @@
 
 DEFAULT_BACKBONE = "lite_medsam"
 USER_BACKBONES = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")  # the default first
+BOX_ONLY_BACKBONES = ("lite_medsam",)  # trained on box prompts: points alone segment nothing
 MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
 DEFAULT_COLOR = (0.9, 0.3, 0.2)
 DEVICES = ("auto", "cuda", "mps", "cpu")  # "auto": CUDA, then Apple MPS, then CPU

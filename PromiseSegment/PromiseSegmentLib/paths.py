@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import PromiseError
+
 CACHE_ENV = "PROMISE_SEGMENT_CACHE"
 # Fault injection for the reliability tests: "NAME" or "NAME:N" holds the N-th write of a file called NAME
 # (complete on disk, not yet renamed) for $HOLD_ENV_SECONDS (default 30), touching $HOLD_ENV_MARKER when the
@@ -25,7 +27,7 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.psg(?P<pid>\d+)\.[a-z0-9_]{8}(\.[A-Za
 _holds: dict = {}
 
 
-class WriteError(OSError):
+class WriteError(PromiseError, OSError):
     """A file could not be written completely (a full disk, no permission); nothing was left at its name
     (an existing file there is unchanged). The message says which file and why."""
 

@@ -22,33 +22,12 @@ from .backbone import LoadedBackbone, load_backbone
 from .decoder import decode_masks
 from .engine import ImageEmbedding, Prediction, Prompts, SamEngine
 from .errors import InputError
-from .names import DEFAULT_COLOR, MODES
+from .modes import APM_MODES, MODES, resolve_mode  # noqa: F401  (re-exported)
+from .names import DEFAULT_COLOR
 from .preprocessing import IntensityRule
 from .volume_segmentation import segment_slice, segment_volume, vanilla_predict
 
-APM_MODES = ("apm+ips", "apm+clicks")
 PRESENCE_THRESHOLD = 0.0  # presence logit: below it, an automatic run leaves the image empty
-
-
-def resolve_mode(mode: str, adapter: Optional[Adapter], has_points: bool, has_box: bool) -> str:
-    """The one mode rule: what ``mode`` means given the adapter and the user's prompts."""
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
-    has_apm = adapter is not None and adapter.apm is not None
-    if mode == "auto":
-        if adapter is None:
-            return "vanilla"
-        if not has_points and not has_box:
-            return "apm+ips" if has_apm else "ips"
-        return "apm+clicks" if has_apm and not has_box else "ips"
-    if mode != "vanilla" and adapter is None:
-        raise InputError(f"mode {mode} needs an adapter; load one or use vanilla")
-    if mode in APM_MODES and not has_apm:
-        raise InputError(f"mode {mode} needs an adapter with an APM; this one has IPS only")
-    if mode in ("ips", "vanilla") and not has_points and not has_box:
-        raise InputError(f"mode {mode} needs prompts (points or a box) on every slice it segments; "
-                         f"use an adapter with an APM for automatic prompts")
-    return mode
 
 
 @dataclass

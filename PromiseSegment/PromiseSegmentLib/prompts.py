@@ -6,9 +6,14 @@ k = 12.5 would land on slice 12 in one place and 13 in another; every caller use
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Sequence, Tuple
 
 import numpy as np
+
+from .preprocessing import IN_PLANE_AXES
+
+if TYPE_CHECKING:  # the engine needs torch; this module stays importable without it
+    from .engine import Prompts
 
 
 def voxel_index(value: float) -> int:
@@ -70,3 +75,27 @@ def _text(values) -> str:
         except (TypeError, ValueError):
             out.append(str(v))
     return ",".join(out)
+
+
+def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
+                shape: Sequence[int]) -> Dict[int, "Prompts"]:
+    """IJK voxel prompts -> per-slice prompts in slice pixels. Points are i,j,k[,label]; a box is
+    i0,j0,k0,i1,j1,k1 and applies to every slice it spans along ``axis``."""
+    from .engine import Prompts
+
+    row, col = IN_PLANE_AXES[axis]
+    normal = 2 - axis  # IJK index of the slicing axis
+    per_slice: Dict[int, dict] = {}
+    for p in points:
+        ijk = [voxel_index(v) for v in p[:3]]
+        s = per_slice.setdefault(ijk[normal], {"points": [], "labels": []})
+        s["points"].append((ijk[col], ijk[row]))
+        s["labels"].append(int(p[3]) if len(p) > 3 else 1)
+    for b in boxes:
+        lo, hi = np.minimum(b[:3], b[3:]), np.maximum(b[:3], b[3:])
+        # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
+        for n in range(voxel_index(lo[normal]), voxel_index(hi[normal]) + 1):
+            if 0 <= n < shape[axis]:
+                per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
+    return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
+            for n, d in per_slice.items()}

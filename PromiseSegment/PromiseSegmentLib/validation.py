@@ -22,8 +22,8 @@ import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import InputError
-from .names import AXES, DEFAULT_BACKBONE, DEVICES, USER_BACKBONES
+from .errors import InputError, PromiseError
+from .names import AXES, BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, USER_BACKBONES
 
 TEST_BACKBONES = ("tiny_random",)  # hidden registry entries (test fixtures), accepted but never listed
 SEGMENT_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".png")
@@ -42,7 +42,7 @@ OPTION_NAMES = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr"
            "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts"}
 
 
-class AdapterError(ValueError):
+class AdapterError(PromiseError, ValueError):
     """An adapter file is unreadable or does not fit the chosen backbone."""
 
 
@@ -513,10 +513,11 @@ def check_segment_volume(args, shape: Sequence[int], ijk_to_ras) -> int:
 
 def preflight(device: Optional[str], mode: Optional[str] = None, adapter_meta: Optional[dict] = None,
               backbone: Optional[str] = None, has_points: bool = False, has_box: bool = False) -> None:
-    """The checks that need torch but no weights: the device exists, and the mode rule
-    (``promise.resolve_mode``, the one place that decides) accepts these prompts with this adapter."""
-    from types import SimpleNamespace
-
+    """The checks that need no weights: the mode rule (``modes.resolve_mode``, the one place that
+    decides) accepts these prompts with this adapter - torch-free, so such a mistake is reported at once -
+    then the device exists (that needs torch)."""
+    if mode is not None:
+        _check_mode(mode, adapter_meta, backbone, has_points, has_box)
     from .devices import pick_device
 
     try:
@@ -528,17 +529,19 @@ def preflight(device: Optional[str], mode: Optional[str] = None, adapter_meta: O
 
         if dev.index >= torch.cuda.device_count():
             raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..)")
-    if mode is None:
-        return
-    from .backbone import BACKBONES
-    from .promise import resolve_mode
+
+
+def _check_mode(mode: str, adapter_meta: Optional[dict], backbone: Optional[str], has_points: bool,
+                has_box: bool) -> None:
+    from types import SimpleNamespace
+
+    from .modes import resolve_mode
 
     stand_in = None if adapter_meta is None else SimpleNamespace(apm=adapter_meta.get("apm"))
     resolved = resolve_mode(mode, stand_in, has_points, has_box)
     if resolved in ("ips", "vanilla") and not (has_points or has_box):
         raise InputError("without an adapter that has an APM, give prompts (--point or --box), or pass --adapter")
     name = backbone or (adapter_meta or {}).get("backbone", {}).get("name") or DEFAULT_BACKBONE
-    spec = BACKBONES.get(name)
-    if spec is not None and spec.box_only and resolved in ("ips", "vanilla") and not has_box:
+    if name in BOX_ONLY_BACKBONES and resolved in ("ips", "vanilla") and not has_box:
         raise InputError(f"{name} was trained with box prompts only (points alone segment nothing): give --box, "
                          f"or use an adapter with an APM for automatic prompts")

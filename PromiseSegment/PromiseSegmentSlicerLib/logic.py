@@ -17,11 +17,10 @@ import numpy as np
 
 from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.backbone import LoadedBackbone, load_backbone
-from PromiseSegmentLib.cli import ijk_prompts  # IJK voxel prompts, exactly as on the command line
+from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts
 from PromiseSegmentLib.preprocessing import InputError, IntensityRule, mask_bbox, resolve_axis, take_slice
-from PromiseSegmentLib.prompts import check_ijk_prompts
 from PromiseSegmentLib.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.volume_segmentation import slice_indices, volume_value_range
 

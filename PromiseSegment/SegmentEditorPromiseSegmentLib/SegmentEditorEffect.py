@@ -272,10 +272,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._writingParameters = False
 
     def showAdapterWindow(self, adapterPath):
-        from PromiseSegmentSlicerLib.adapter_folder import header_metadata
+        from PromiseSegmentSlicerLib.adapter_folder import adapter_metadata
 
         try:
-            rule = header_metadata(adapterPath).get("intensity") or {} if adapterPath else {}
+            rule = adapter_metadata(adapterPath).get("intensity") or {} if adapterPath else {}
         except (OSError, ValueError):
             rule = {}  # not (yet) a readable adapter: the error comes when it is used
         if rule.get("kind") == "window":

@@ -124,7 +124,7 @@ def evaluate(model, encs, cases, mode, prompt):
 
 
 def mr_rows(args, backbone):
-    from PromiseSegmentLib.cli import ijk_prompts
+    from PromiseSegmentLib.prompts import ijk_prompts
     from PromiseSegmentLib.datasets import volume_cases
     from PromiseSegmentLib.preprocessing import IntensityRule
     from PromiseSegmentLib.volume_io import read_labelmap, read_volume

@@ -1,0 +1,31 @@
+"""The one mode rule, torch-free: what a mode means given an adapter and the user's prompts (the command
+line checks it before importing torch; ``promise`` decides with it at run time)."""
+from __future__ import annotations
+
+
+from .errors import InputError
+from .names import MODES
+
+APM_MODES = ("apm+ips", "apm+clicks")
+
+
+def resolve_mode(mode: str, adapter, has_points: bool, has_box: bool) -> str:
+    """The one mode rule: what ``mode`` means given the adapter (anything with an ``apm`` attribute, or
+    None) and the user's prompts."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    has_apm = adapter is not None and adapter.apm is not None
+    if mode == "auto":
+        if adapter is None:
+            return "vanilla"
+        if not has_points and not has_box:
+            return "apm+ips" if has_apm else "ips"
+        return "apm+clicks" if has_apm and not has_box else "ips"
+    if mode != "vanilla" and adapter is None:
+        raise InputError(f"mode {mode} needs an adapter; load one or use vanilla")
+    if mode in APM_MODES and not has_apm:
+        raise InputError(f"mode {mode} needs an adapter with an APM; this one has IPS only")
+    if mode in ("ips", "vanilla") and not has_points and not has_box:
+        raise InputError(f"mode {mode} needs prompts (points or a box) on every slice it segments; "
+                         f"use an adapter with an APM for automatic prompts")
+    return mode
