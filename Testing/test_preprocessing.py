@@ -103,3 +103,17 @@ def test_slice_geometry_uses_in_plane_spacing():
     assert slice_geometry(m, 0, (100, 100)).is_identity
     assert slice_geometry(m, 1, (10, 100)).square_shape == (43, 100)
     assert slice_geometry(m, 2, (10, 100)).square_shape == (43, 100)
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 0.7), (0.5, 1.5), (1.0, 1.0)])
+def test_mask_to_square_stays_aligned_with_its_image(spacing):
+    """A mask and its image go to square pixels together: the mask equals the image's bright region."""
+    native = np.zeros((30, 44), bool)
+    native[8:20, 10:31] = True
+    geom = SliceGeometry(native.shape, spacing)
+    mask = geom.mask_to_square(native)
+    image = geom.image_to_square(np.repeat(native.astype(np.uint8)[:, :, None] * 255, 3, 2))
+    assert mask.shape == geom.square_shape and mask.dtype == bool and mask.any()
+    assert np.array_equal(mask, image[:, :, 0] >= 128)
+    scale = np.array(geom.square_shape) / np.array(native.shape)
+    assert abs(mask.sum() - native.sum() * scale.prod()) <= 0.1 * native.sum() * scale.prod()

@@ -64,8 +64,7 @@ def volume_cases(name: str, volume: np.ndarray, labelmap: np.ndarray, ijk_to_ras
         native = take_slice(volume, ax, s)
         geom = slice_geometry(ijk_to_ras, ax, native.shape)
         rgb = geom.image_to_square(to_uint8_rgb(native, vr))
-        m = take_slice(target, ax, s).astype(np.uint8)[:, :, None].repeat(3, 2) * 255
-        cases.append(Case(f"{name}_{s:04d}", rgb, geom.image_to_square(m)[:, :, 0] > 127))
+        cases.append(Case(f"{name}_{s:04d}", rgb, geom.mask_to_square(take_slice(target, ax, s) > 0)))
     return cases
 
 

@@ -204,6 +204,17 @@ class SliceGeometry:
         t = F.interpolate(t, self.square_shape, mode="bilinear", align_corners=False)
         return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
+    def mask_to_square(self, mask: np.ndarray) -> np.ndarray:
+        """bool (rows, cols) -> bool on the square-pixel grid: resampled exactly as the image is (bilinear,
+        then half-way), so a mask and its image stay aligned."""
+        if self.is_identity:
+            return np.asarray(mask, bool)
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        return (F.interpolate(t, self.square_shape, mode="bilinear", align_corners=False)[0, 0] >= 0.5).numpy()
+
     def _scale(self) -> Tuple[float, float]:
         return self.square_shape[1] / self.native_shape[1], self.square_shape[0] / self.native_shape[0]
 

@@ -113,8 +113,7 @@ def segment_slice(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_t
     emb = model.encode([image])[0]
     p = _to_square_prompts(geom, prompts or Prompts())
     if previous_mask is not None:
-        square = geom.image_to_square(np.repeat(previous_mask.astype(np.uint8)[:, :, None] * 255, 3, 2))[:, :, 0]
-        p = Prompts(p.points, p.labels, p.box, model.mask_to_prompt(emb, square > 127))
+        p = Prompts(p.points, p.labels, p.box, model.mask_to_prompt(emb, geom.mask_to_square(previous_mask)))
     return model.predict(emb, p, geom.native_shape)
 
 
