@@ -273,6 +273,21 @@ def test_bad_prompts_are_refused_before_any_model_is_loaded(points, boxes, messa
         unloadable.predictVolume(volume, points=points, boxes=boxes, mode="vanilla")
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda lg, v: lg.predictVolume(v, boxes=[(10, 8, 4, 36, 28, 4)], mode="bogus"), "unknown mode"),
+    (lambda lg, v: lg.segmentSlice(v, 4, box=(10, 8, 4, 36, 28, 4), intensity=IntensityRule.ct(40, 0)), "width"),
+    (lambda lg, v: lg.predictVolume(v, sliceRange=(5, 50), boxes=[(10, 8, 4, 36, 28, 4)]), "outside"),
+    (lambda lg, v: lg.segmentSlice(v, 3, box=(10, 8, 4, 36, 28, 4)), "not on slice 3"),
+])
+def test_bad_options_are_refused_before_any_model_is_loaded(call, message):
+    from PromiseSegmentSlicerLib.logic import SceneLogic
+
+    app = make_app()
+    volume = add_volume(app.scene, phantom()[0], oblique_matrix())
+    with pytest.raises(InputError, match=message):
+        call(SceneLogic(backbone="/no/such/checkpoint.pth"), volume)
+
+
 def test_has_model_answers_without_loading_anything():
     from PromiseSegmentSlicerLib.logic import SceneLogic
 

@@ -59,6 +59,7 @@ class TrainConfig:
     box_loss_weight: float = 1.0  # auxiliary APM loss (box, objectness, presence); 0 = the paper's mask loss only
     apm_warmup_epochs: int = 0  # epochs of APM alone on the auxiliary loss before the joint phase
     flip_warmup: bool = True  # random flips of the encoder taps (and boxes) during the APM warm-up
+    apm_joint_lr: float = 1.0  # the APM's learning rate in the joint phase, as a share of lr (0: kept as warmed up)
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = "Segment"
@@ -271,14 +272,18 @@ class Trainer:
         engine.capture_taps = self.adapter.apm is not None
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.optim = torch.optim.Adam(self.params(), lr=cfg.lr)
+        self.optim = torch.optim.Adam(self.param_groups(), lr=cfg.lr)
         self.history: List[Dict[str, float]] = []
         self.best, self.best_state, self.first_epoch = -1.0, None, 0
         self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm)
         self.val_src = FeatureSource(engine, val, True, self.gen, False, self.adapter.apm)
 
-    def params(self):
-        return [p for m in self.adapter.modules().values() for p in m.parameters()]
+    def param_groups(self):
+        """The APM first (its learning rate changes with the phase), then the other modules."""
+        modules = self.adapter.modules()
+        apm = [p for name, m in modules.items() if name == "apm" for p in m.parameters()]
+        rest = [p for name, m in modules.items() if name != "apm" for p in m.parameters()]
+        return [g for g in ({"params": apm}, {"params": rest}) if g["params"]]
 
     def resume(self) -> None:
         if not (self.state_path and self.state_path.exists()):
@@ -323,6 +328,8 @@ class Trainer:
     def epoch(self, epoch: int, cancel: Optional[Callable[[], bool]]) -> Dict[str, float]:
         started = time.time()
         warmup = self.adapter.apm is not None and epoch < self.cfg.apm_warmup_epochs
+        if self.adapter.apm is not None:  # group 0 is the APM
+            self.optim.param_groups[0]["lr"] = self.cfg.lr * (1.0 if warmup else self.cfg.apm_joint_lr)
         for m in self.adapter.modules().values():
             m.train()
         order = torch.randperm(len(self.train), generator=self.gen).tolist()

@@ -39,7 +39,8 @@ USER_PROMPTS = ("none", "box", "points")
 OPTION_NAMES = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "n_points": "--points",
            "n_positive": "--positive", "apm_fusion_dim": "--apm-width", "apm_tap_pool": "--apm-tap-pool",
            "apm_head_blocks": "--apm-blocks", "box_loss_weight": "--box-loss-weight",
-           "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts"}
+           "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts",
+           "apm_joint_lr": "--apm-joint-lr"}
 
 
 class AdapterError(PromiseError, ValueError):
@@ -375,9 +376,10 @@ def check_train_settings(values: Dict[str, Any]) -> None:
     if not 0 <= values["apm_warmup_epochs"] < values["epochs"]:
         raise InputError(f"--apm-warmup ({values['apm_warmup_epochs']}) must be shorter than --epochs "
                          f"({values['epochs']})")
-    w = values["box_loss_weight"]
-    if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-        raise InputError(f"--box-loss-weight must be a non-negative number, got {w}")
+    for name in ("box_loss_weight", "apm_joint_lr"):
+        w = values.get(name, 0.0)
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise InputError(f"{OPTION_NAMES[name]} must be a non-negative number, got {w}")
     blocks = values["apm_head_blocks"]
     if len(blocks) != 4 or min(blocks) < 1:
         raise InputError(f"--apm-blocks must be four numbers of at least 1, got {list(blocks)}")

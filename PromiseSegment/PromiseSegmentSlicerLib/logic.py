@@ -17,6 +17,7 @@ import numpy as np
 
 from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.backbone import LoadedBackbone, load_backbone
+from PromiseSegmentLib.names import MODES
 from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts
@@ -182,7 +183,7 @@ class SceneLogic:
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
         ax = resolve_axis(axis, ijk_to_ras)
-        per_slice = self._prompts(ax, points, [box] if box is not None else [], array.shape)
+        per_slice = self._checked(ax, points, [box] if box is not None else [], array.shape, mode, intensity)
         stray = sorted(set(per_slice) - {sliceIndex})
         if stray:
             raise InputError(f"prompts on slice(s) {stray}, not on slice {sliceIndex}")
@@ -194,8 +195,13 @@ class SceneLogic:
         return pred.masks[0].astype(bool)
 
     @staticmethod
-    def _prompts(ax: int, points: PointList, boxes, shape) -> dict:
-        """Checked IJK prompts -> per-slice prompts (refused with one sentence before any model work)."""
+    def _checked(ax: int, points: PointList, boxes, shape, mode: str, intensity: Optional[IntensityRule]) -> dict:
+        """Arguments refused with one sentence before any model work (the command line's rules); returns
+        the IJK prompts as per-slice prompts."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        if intensity is not None:
+            intensity.check()
         check_ijk_prompts(points, boxes, shape, ax)
         return ijk_prompts(ax, list(points), list(boxes), shape)
 
@@ -210,7 +216,7 @@ class SceneLogic:
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
         ax = resolve_axis(axis, ijk_to_ras)
-        prompts = self._prompts(ax, points, boxes, array.shape)
+        prompts = self._checked(ax, points, boxes, array.shape, mode, intensity)
         if sliceRange is not None:
             slice_indices(array.shape[ax], sliceRange)
         model = self._model(model, **modelArgs)
