@@ -12,7 +12,7 @@ cover the whole padded square.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -38,6 +38,7 @@ class LoadedBackbone:
     sam: Sam
     identity: str
     path: Optional[Path] = None
+    rewrites: List[str] = field(default_factory=list)  # load-time speed-ups (``Backbone.optimise``), in words
 
     @property
     def name(self) -> str:
@@ -56,6 +57,10 @@ class Backbone:
     tap_channels: Tuple[int, ...] = ()  # channels of the encoder taps the APM reads, each (B, C, 64, 64)
     user_visible: bool = True  # False: a test fixture, never listed for users
     box_only: bool = False  # True: points alone do not segment (trained on boxes only)
+    cpu_bf16: bool = False  # bf16 masks measured to agree with fp32 (Dice >= 0.99): ``auto`` may use bf16 on CPUs
+    channels_last: bool = False  # the encoder is convolutional enough to prefer NHWC inputs
+    encode_bytes_per_image: int = 2 << 30  # estimated device memory per image in the fp32 encoder (batch sizing;
+    # SAM ViT: global attention holds a 64x64-token bias per head)
 
     # ------------------------------------------------------------------ identity and weights
     @property
@@ -78,9 +83,11 @@ class Backbone:
             raise CheckpointError(f"backbone {self.name} has no registered checkpoint; pass a file path")
         return ensure_checkpoint(self.checkpoint, progress, cancel=cancel)
 
-    def load(self, path: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel=None) -> LoadedBackbone:
+    def load(self, path: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel=None,
+             optimise: bool = True) -> LoadedBackbone:
         """Build, load verified weights (``weights_only``), then ``eval()`` - in that order: some encoders
-        (TinyViT) cache derived tensors when switched to eval mode."""
+        (TinyViT) cache derived tensors when switched to eval mode - then ``optimise`` the model in memory
+        (the file is never changed)."""
         from .checkpoints import file_sha256, load_state_dict
 
         path = Path(path) if path is not None else self.locate(progress, cancel)
@@ -93,7 +100,16 @@ class Backbone:
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise CheckpointError(f"{path} does not fit the {self.name} architecture: {first}") from exc
-        return LoadedBackbone(self, freeze(sam.eval()), file_sha256(path), path)
+        sam = freeze(sam.eval())
+        rewrites = self.optimise(sam) if optimise else []
+        return LoadedBackbone(self, sam, file_sha256(path), path, rewrites)
+
+    def optimise(self, sam: Sam) -> List[str]:
+        """Rewrite the frozen, loaded model for speed without changing its fp32 outputs beyond float
+        rounding (e.g. BatchNorm folded into convs); returns what was done, in words."""
+        from .acceleration import optimise_sam_decoder
+
+        return optimise_sam_decoder(sam)
 
     # ------------------------------------------------------------------ geometry
     def input_size(self, original_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -113,7 +129,9 @@ class Backbone:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
         resized = self.resize(image)
-        t = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].to(device)
+        t = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None]
+        pinned = torch.device(device).type == "cuda"  # pinned host memory: the copy overlaps the GPU's work
+        t = (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
         return sam.preprocess(t.float()), (int(resized.shape[0]), int(resized.shape[1]))
 
     def to_input_frame(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
@@ -186,24 +204,25 @@ def identify(state: Mapping[str, torch.Tensor]) -> Backbone:
 
 
 def load_backbone(spec: Optional[str] = None, expected: Optional[str] = None,
-                  progress: Optional[ProgressFn] = None, cancel=None) -> LoadedBackbone:
+                  progress: Optional[ProgressFn] = None, cancel=None, optimise: bool = True) -> LoadedBackbone:
     """A backbone by registry name (``None`` = the default, LiteMedSAM) or by checkpoint path.
 
     ``expected`` (a registry name, e.g. from an adapter's metadata) is checked against what is loaded.
+    ``optimise=False`` keeps the model exactly as built (no load-time rewrites; for comparisons).
     """
     from .checkpoints import load_state_dict
 
     spec = spec or DEFAULT_BACKBONE
     if spec in BACKBONES:
-        loaded = BACKBONES[spec].load(progress=progress, cancel=cancel)
+        loaded = BACKBONES[spec].load(progress=progress, cancel=cancel, optimise=optimise)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise CheckpointError(f"backbone {spec!r} is neither a file nor one of: {', '.join(user_backbones())}")
         if expected in BACKBONES and BACKBONES[expected].recognises(load_state_dict(path)):
-            loaded = BACKBONES[expected].load(path)
+            loaded = BACKBONES[expected].load(path, optimise=optimise)
         else:
-            loaded = identify(load_state_dict(path)).load(path)
+            loaded = identify(load_state_dict(path)).load(path, optimise=optimise)
     if expected and not _compatible(loaded.spec, expected):
         raise CheckpointError(f"the adapter needs backbone {expected} but {spec} is {loaded.name}; "
                               f"choose --backbone {expected}")

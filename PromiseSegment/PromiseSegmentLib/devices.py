@@ -24,4 +24,7 @@ def pick_device(name: Optional[str] = None) -> torch.device:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA/MPS out-of-memory, or the CPU allocator refusing a batch too large for the RAM."""
+    text = str(exc).lower()
+    return (isinstance(exc, (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", ())))
+            or any(s in text for s in ("out of memory", "not enough memory", "can't allocate memory")))

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .acceleration import Precision, after_out_of_memory, auto_batch_size, configure_threads, cpu_clone, \
+    resolve_precision
 from .backbone import LOW_RES, LoadedBackbone
 from .decoder import decode_masks
 from .devices import is_out_of_memory, pick_device
@@ -89,18 +91,56 @@ def mask_to_low_res(mask: np.ndarray, input_size: Tuple[int, int], image_size: i
 
 class SamEngine:
     """A frozen backbone on a device: ``encode`` images (batched, cached) and ``predict`` masks from prompts
-    given in each image's own pixels."""
+    given in each image's own pixels.
+
+    ``precision`` (``acceleration.PRECISIONS``): ``fp32`` (the default: the reference numerics), ``bf16``/
+    ``fp16`` autocast, or ``auto`` (the fastest that is supported and measured to agree; what users should
+    get). ``batch_size`` None: 1 on a CPU, sized from free memory on CUDA. ``threads``: PyTorch's compute
+    threads (None: PyTorch's choice, capped at the CPUs this process may use). ``describe()`` says what runs.
+    """
 
     def __init__(self, backbone: LoadedBackbone, device: Optional[str] = None, batch_size: Optional[int] = None,
-                 capture_taps: bool = False, cache: Optional[EmbeddingCache] = None):
+                 capture_taps: bool = False, cache: Optional[EmbeddingCache] = None, precision: str = "fp32",
+                 threads: Optional[int] = None):
         self.cache = cache  # optional: repeated slices skip the encoder
         self.backbone = backbone
         self.spec = backbone.spec
         self.device = pick_device(device)
         self.sam = backbone.sam.to(self.device)
-        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
+        self.threads = configure_threads(threads)
+        self.requested_precision = precision
+        self.precision = resolve_precision(precision, self.device, self.spec.cpu_bf16)
+        self.batch_size = batch_size or auto_batch_size(self.device, self._bytes_per_image())
         self.capture_taps = capture_taps
         self.mask_threshold = float(backbone.sam.mask_threshold)
+        self._cpu_encoder: Optional[Tuple[torch.nn.Module, Precision]] = None  # after GPU out-of-memory
+        log.info("%s", self.describe())
+
+    # ----------------------------------------------------------------------------- mode
+    @property
+    def mode(self) -> str:
+        """Short: device and precision, e.g. ``cpu bf16``."""
+        return f"{self.device.type} {self.precision.name}"
+
+    def describe(self) -> str:
+        """One line for the user: backbone, device, threads, precision (and why), load-time rewrites, batch."""
+        where = f"{self.device}" + (f", {self.threads} threads" if self.device.type == "cpu" else "")
+        parts = [f"{self.spec.name} on {where}: {self.precision.name} ({self.precision.note})"]
+        if self.backbone.rewrites:
+            parts.append(", ".join(self.backbone.rewrites))
+        parts.append(f"batch {self.batch_size}")
+        if self._cpu_encoder is not None:
+            parts.append(f"encoder on the CPU ({self._cpu_encoder[1].name}) after GPU out-of-memory")
+        return "; ".join(parts)
+
+    def autocast(self):
+        """The engine's precision as a context on its device, for callers that run the mask decoder
+        themselves (``decode_masks``). Keep prompt encoding and the APM's box outside it: bf16 would round
+        box corners to about a pixel."""
+        return self.precision.autocast(self.device)
+
+    def _bytes_per_image(self) -> int:
+        return self.spec.encode_bytes_per_image // (2 if self.precision.dtype is not None else 1)
 
     # ----------------------------------------------------------------------------- encoding
     def _prepare(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
@@ -109,17 +149,27 @@ class SamEngine:
 
     @torch.no_grad()
     def _encode_batch(self, batch: torch.Tensor):
-        return self.spec.encode(self.sam, batch, self.capture_taps)
+        """(features, taps) on the engine's device in fp32, whatever precision the encoder ran in."""
+        sam, device, precision = self.sam, self.device, self.precision
+        if self._cpu_encoder is not None:
+            (sam, precision), device = self._cpu_encoder, torch.device("cpu")
+        x = batch.to(device)
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            feats, taps = self.spec.encode(sam, x, self.capture_taps)
+        back = lambda t: t.to(self.device, torch.float32).contiguous()  # noqa: E731
+        return back(feats), [back(t) for t in taps]
 
     def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,
                cancel: Optional[Callable[[], bool]] = None) -> List[ImageEmbedding]:
-        """Encode uint8 RGB images, ``batch_size`` at a time; on GPU out-of-memory the batch is halved
-        and, at batch 1, the model falls back to the CPU with a warning."""
+        """Encode uint8 RGB images, ``batch_size`` at a time; on out-of-memory the batch is halved and, on a
+        GPU at batch 1, the encoder continues on a CPU copy (the shared model and the decoder stay put)."""
         out: List[Optional[ImageEmbedding]] = [None] * len(images)
         keys: List[Optional[str]] = [None] * len(images)
         todo = []
         for n, image in enumerate(images):
-            keys[n], out[n] = lookup(self.cache, image, (self.spec.name, self.capture_taps))
+            keys[n], out[n] = lookup(self.cache, image, (self.spec.name, self.capture_taps, self.precision.name))
             if out[n] is None:
                 todo.append(n)
         i = 0
@@ -148,17 +198,15 @@ class SamEngine:
     def _shrink_after_oom(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if self.batch_size > 1:
-            self.batch_size //= 2
-            log.warning("GPU out of memory: encoding batch reduced to %d", self.batch_size)
-        elif self.device.type != "cpu":
-            log.warning("GPU out of memory even at batch 1: continuing on the CPU (slower)")
-            self.device = torch.device("cpu")
-            self.sam = self.sam.to(self.device)
-            if self.cache is not None:  # cached embeddings live on the GPU
-                self.cache.clear()
+        on_cpu = self.device.type == "cpu" or self._cpu_encoder is not None
+        self.batch_size, to_cpu = after_out_of_memory(self.batch_size, on_cpu)
+        if to_cpu and not on_cpu:
+            log.warning("GPU out of memory even at batch 1: encoding on the CPU from now on (slower)")
+            cpu = torch.device("cpu")
+            self._cpu_encoder = (cpu_clone(self.sam), resolve_precision(self.requested_precision, cpu,
+                                                                         self.spec.cpu_bf16))
         else:
-            raise MemoryError("out of memory on the CPU while encoding one image")
+            log.warning("out of memory: encoding batch reduced to %d", self.batch_size)
 
     # ----------------------------------------------------------------------------- prompts
     def prompt_tensors(self, emb: ImageEmbedding, prompts: Prompts):
@@ -198,8 +246,10 @@ class SamEngine:
                 output_size: Optional[Tuple[int, int]] = None) -> Prediction:
         prompts = prompts or Prompts()
         points, box, mask = self.prompt_tensors(emb, prompts)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=mask)
-        low_res, iou = decode_masks(self.sam, emb.features, sparse, dense, multimask_output, mask_token_shift)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=mask)  # fp32: exact box positions
+        with self.autocast():
+            low_res, iou = decode_masks(self.sam, emb.features, sparse, dense, multimask_output, mask_token_shift)
+        low_res = low_res.float()
         logits = self.postprocess(low_res, emb, output_size)
         return Prediction(masks=(logits > self.mask_threshold)[0].cpu().numpy(),
                           logits=logits[0].float().cpu().numpy(), iou=iou[0].float().cpu().numpy(),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from .acceleration import ConvGelu, fold_batchnorm, fuse_gelu
 from .backbone import Backbone, pad_to_square
 from .checkpoints import CheckpointError, CheckpointInfo, verify_file
 
@@ -72,6 +73,11 @@ class LiteMedSAM(Backbone):
     apm_prompts = ("box",)
     tap_channels = (160, 160, 320)
     box_only = True
+    # bf16 on CPUs: box-prompted masks agree with fp32 (mean Dice 0.998, test_speed_modes.py, benchmarks/speed.py);
+    # a trained APM's box moves about as much under bf16 as under +-1 grey level of input noise (speed.py).
+    cpu_bf16 = True
+    channels_last = True
+    encode_bytes_per_image = 400 << 20  # estimate: stage 0 holds a few 256x256x256 fp32 activations
 
     @property
     def checkpoint(self) -> CheckpointInfo:
@@ -128,3 +134,33 @@ class LiteMedSAM(Backbone):
 
     def vanilla_multimask(self, n_points: int, has_box: bool) -> bool:
         return False  # trained with the single-mask output only
+
+    def optimise(self, sam: Sam) -> List[str]:
+        return optimise_tinyvit(sam.image_encoder) + super().optimise(sam)
+
+
+def optimise_tinyvit(encoder: torch.nn.Module) -> List[str]:
+    """Load-time rewrites of a frozen, eval-mode TinyViT (fp32 outputs unchanged up to ~1e-5): BatchNorm
+    folded into the convs, conv/linear + GELU fused into one oneDNN kernel on CPUs, NHWC (channels_last)
+    conv weights. (``scaled_dot_product_attention`` for its 7x7/14x14 windows with the learned position
+    bias as mask was measured slower on the CPU, fp32 and bf16, so its attention is left as it is.)"""
+    folded = fold_batchnorm(encoder)
+    fused = 0
+    for m in list(encoder.modules()):  # a snapshot: the loop replaces children
+        kind = type(m).__name__
+        if kind == "MBConv":
+            fused += fuse_gelu(m, "conv1", "act1") + fuse_gelu(m, "conv2", "act2")
+        elif kind == "PatchMerging" and _plain_gelu(m.act) and type(m.conv1) is type(m.conv2) is torch.nn.Conv2d:
+            m.conv1, m.conv2, m.act = ConvGelu(m.conv1), ConvGelu(m.conv2), torch.nn.Identity()  # act follows both
+            fused += 2
+        elif kind == "PatchEmbed":
+            fused += fuse_gelu(m.seq, "0", "1")
+        elif kind == "Mlp":
+            fused += fuse_gelu(m, "fc1", "act")
+    encoder.to(memory_format=torch.channels_last)
+    return [f"BatchNorm folded into {folded} convs", f"{fused} conv/linear+GELU pairs fused",
+            "channels_last"]
+
+
+def _plain_gelu(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.GELU) and m.approximate == "none"

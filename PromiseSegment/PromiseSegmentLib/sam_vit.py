@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention as VitAttention, get_rel_pos
 
 from .backbone import Backbone, LoadedBackbone, freeze
 from .checkpoints import CheckpointInfo
@@ -157,6 +159,36 @@ class SamViT(Backbone):
                 kept.append(x.permute(0, 3, 1, 2))
         return enc.neck(x.permute(0, 3, 1, 2)), kept
 
+    def optimise(self, sam: Sam) -> List[str]:
+        return [f"{sdpa_encoder_attention(sam.image_encoder)} encoder attention layers on SDPA"] + super().optimise(sam)
+
+
+def _sdpa_vit_attention(self, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ViT ``Attention.forward`` with one fused attention kernel: the decomposed relative
+    position terms (from the unscaled queries, as ``add_decomposed_rel_pos``) become the additive mask."""
+    b, h, w, _ = x.shape
+    q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = None
+    if self.use_rel_pos:
+        r_q = q.reshape(b * self.num_heads, h, w, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+_SDPA_VIT = type("SdpaVitAttention", (VitAttention,), {"forward": _sdpa_vit_attention})
+
+
+def sdpa_encoder_attention(encoder: torch.nn.Module) -> int:
+    """Route every attention block of a SAM ViT encoder through ``_sdpa_vit_attention`` (same weights;
+    fp32 outputs equal up to rounding). Returns how many blocks."""
+    blocks = [m for m in encoder.modules() if type(m) is VitAttention]
+    for m in blocks:
+        m.__class__ = _SDPA_VIT
+    return len(blocks)
+
 
 class TinyRandomViT(SamViT):
     """Test fixture: the tiny ViT with seeded random weights (no file) - NOT SAM, never offered to users."""
@@ -166,9 +198,9 @@ class TinyRandomViT(SamViT):
     def __init__(self):
         super().__init__("tiny_random", "tiny", "test fixture: tiny SAM-layout ViT with seeded random weights", None)
 
-    def load(self, path: Optional[Path] = None, progress=None, cancel=None) -> LoadedBackbone:
+    def load(self, path: Optional[Path] = None, progress=None, cancel=None, optimise: bool = True) -> LoadedBackbone:
         if path is not None:
-            return super().load(path)
+            return super().load(path, optimise=optimise)
         sam = build_seeded_sam("tiny", TINY_SEED)
         with torch.no_grad():
             for mlp in sam.mask_decoder.output_hypernetworks_mlps:

@@ -1,6 +1,9 @@
-"""Benchmark (not a test): image-encoding and decoding time per slice, side by side in one run.
+"""Benchmark (not a test): image-encoding and decoding time per slice, side by side in one run, per
+backbone, batch size and precision (``SamEngine(precision=...)``). For LiteMedSAM end to end (reference
+loop, APM + IPS, agreement, prompt latency, memory, training) see ``speed.py``.
 
-    .venv/bin/python Testing/benchmarks/engine_speed.py [--backbones lite_medsam tiny_random vit_b] [--repeats 3]
+    .venv/bin/python Testing/benchmarks/engine_speed.py [--backbones lite_medsam tiny_random vit_b] [--repeats 3] \
+        [--precisions fp32 auto]
 
 ``lite_medsam`` has its real weights; ``vit_b`` is SAM ViT-B's architecture with seeded random weights
 (same cost as the real one); ``tiny_random`` is the test fixture.
@@ -33,6 +36,7 @@ def main():
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="engine precisions to compare")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     images = [(rng.random((512, 512, 3)) * 255).astype(np.uint8) for _ in range(max(args.batch_sizes))]
@@ -40,23 +44,28 @@ def main():
     for variant in args.backbones:
         loaded = backbone(variant)
         for bs in args.batch_sizes:
-            engine = SamEngine(loaded, device=args.device, batch_size=bs)
-            engine.encode(images[:bs])  # warm-up
-            t = time.perf_counter()
-            for _ in range(args.repeats):
-                embs = engine.encode(images[:bs])
-            enc = (time.perf_counter() - t) / (args.repeats * bs)
-            t = time.perf_counter()
-            for _ in range(args.repeats):
-                engine.predict(embs[0], Prompts(box=[150, 150, 350, 350]))
-            dec = (time.perf_counter() - t) / args.repeats
-            rows.append((variant, bs, enc, dec))
-    base = rows[0][2]
-    print(f"device: {engine.device}, "
-          f"torch threads: {torch.get_num_threads()}")
-    print(f"{'backbone':12s} {'batch':>5s} {'encode s/slice':>15s} {'decode s':>9s} {'encode ratio':>13s}")
-    for variant, bs, enc, dec in rows:
-        print(f"{variant:12s} {bs:5d} {enc:15.3f} {dec:9.3f} {enc / base:13.2f}")
+            for precision in args.precisions:
+                engine = SamEngine(loaded, device=args.device, batch_size=bs, precision=precision)
+                rows.append((variant, bs, engine.precision.name, *measure(engine, images[:bs], args.repeats)))
+    base = rows[0][3]
+    print(f"device: {engine.device}, torch threads: {torch.get_num_threads()}")
+    print(f"{'backbone':12s} {'batch':>5s} {'precision':>9s} {'encode s/slice':>15s} {'decode s':>9s} "
+          f"{'encode ratio':>13s}")
+    for variant, bs, precision, enc, dec in rows:
+        print(f"{variant:12s} {bs:5d} {precision:>9s} {enc:15.3f} {dec:9.3f} {enc / base:13.2f}")
+
+
+def measure(engine, images, repeats):
+    """(encode seconds per slice, decode seconds for a box) after one warm-up."""
+    engine.encode(images)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        embs = engine.encode(images)
+    enc = (time.perf_counter() - t) / (repeats * len(images))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        engine.predict(embs[0], Prompts(box=[150, 150, 350, 350]))
+    return enc, (time.perf_counter() - t) / repeats
 
 
 if __name__ == "__main__":

