@@ -333,7 +333,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with ProgressWithCancel(_("Getting / verifying {spec}").format(spec=spec),
                                 _("Checkpoint download or verification failed; nothing was kept.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the import below)
-            from PromiseSegmentLib.backbone import BACKBONES
+            from PromiseSegmentLib.registry import BACKBONES
 
             if spec in BACKBONES:
                 path = BACKBONES[spec].locate(progress=lambda done, total: progress.progress(done, total or 1),

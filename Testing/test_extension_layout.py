@@ -148,3 +148,41 @@ def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}")
     done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def package_imports(folder: Path) -> dict:
+    """module -> the sibling modules it imports (top level or inside functions: a cycle either way)."""
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
+    return graph
+
+
+def test_the_core_has_no_import_cycle():
+    graph = package_imports(MODULE / "PromiseSegmentLib")
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != "open", " -> ".join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_no_function_in_the_extension_is_over_60_lines():
+    long = []
+    for path in sorted(MODULE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.backbone import BACKBONES, load_backbone
+from PromiseSegmentLib.registry import BACKBONES, load_backbone
 from PromiseSegmentLib.checkpoints import CheckpointError
 from PromiseSegmentLib.engine import Prompts, SamEngine
 from PromiseSegmentLib.lite_medsam import CHECKPOINT, TAP_BLOCKS

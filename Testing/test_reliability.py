@@ -173,7 +173,7 @@ def files(tmp_path_factory):
 
 def tiny_record():
     from PromiseSegmentLib.adapter import BackboneRecord
-    from PromiseSegmentLib.backbone import load_backbone
+    from PromiseSegmentLib.registry import load_backbone
 
     return BackboneRecord.of(load_backbone("tiny_random"))
 
@@ -214,7 +214,7 @@ def ws(tmp_path, files):
 @pytest.fixture
 def no_model(monkeypatch):
     """Any backbone load fails the test: the refusals below must come before any model work."""
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
 
     def loaded(*a, **k):
         raise AssertionError("a backbone was loaded before the arguments were refused")
@@ -554,7 +554,7 @@ def _cases(n=3, size=32):
 
 @lru_cache(maxsize=1)
 def _tiny_engine():
-    from PromiseSegmentLib.backbone import load_backbone
+    from PromiseSegmentLib.registry import load_backbone
     from PromiseSegmentLib.promise import engine_for
 
     return engine_for(load_backbone("tiny_random"), None, "cpu")

@@ -19,7 +19,7 @@ def logic():
 
 @pytest.fixture(scope="module")
 def adapter():
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
     from PromiseSegmentLib.training import TrainConfig, build_adapter
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)

@@ -26,7 +26,7 @@ def logic():
 @pytest.fixture(scope="module")
 def adapter():
     """An untrained (but complete) APM+IPS adapter for the embedded backbone: automatic mode on every slice."""
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
     return build_adapter(cfg, BACKBONES["tiny_random"].load()).eval()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from PromiseSegmentLib import acceleration as acc
-from PromiseSegmentLib.backbone import load_backbone
+from PromiseSegmentLib.registry import load_backbone
 from PromiseSegmentLib.checkpoints import file_sha256
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts, SamEngine

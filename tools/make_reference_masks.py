@@ -18,7 +18,7 @@ from reference_cases import CASES, OUT, reference_prediction  # noqa: E402
 
 
 def main() -> None:
-    from PromiseSegmentLib.backbone import load_backbone
+    from PromiseSegmentLib.registry import load_backbone
     from PromiseSegmentLib.engine import SamEngine
 
     engine = SamEngine(load_backbone("lite_medsam"), device="cpu")

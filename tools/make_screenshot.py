@@ -13,7 +13,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))
 
-from PromiseSegmentLib.backbone import load_backbone  # noqa: E402
+from PromiseSegmentLib.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
 from PromiseSegmentLib.metrics import dice  # noqa: E402
 from PromiseSegmentLib.volume_io import overlay_rgb  # noqa: E402

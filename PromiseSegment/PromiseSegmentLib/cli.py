@@ -109,7 +109,7 @@ def checkpoint_state(b) -> str:
 
 
 def cmd_checkpoints(args) -> int:
-    from .backbone import BACKBONES, get_backbone, load_backbone
+    from .registry import BACKBONES, get_backbone, load_backbone
     from .checkpoints import ensure_checkpoint
 
     if args.action == "list":

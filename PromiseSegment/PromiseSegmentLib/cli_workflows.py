@@ -30,7 +30,7 @@ def cmd_demo(args) -> int:
     """The main job on real data, offline: train an APM+IPS adapter on bundled spleen CT slices of 12
     patients, segment the slices of 3 other patients automatically, write .seg.nrrd files, overlays at
     native resolution and a report with Dice against the expert masks."""
-    from .backbone import load_backbone
+    from .registry import load_backbone
     from .cli_args import progress_bar
     from .datasets import load_image_folder
     from .paths import write_bytes_atomically
@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
     train, val = _training_cases(args, rule)
     if args.resume:  # a damaged state, other options or other data: refused before the backbone is loaded
         read_resume_state(Path(str(output) + ".state.pt"), cfg, (len(train), len(val)))
-    from .backbone import load_backbone
+    from .registry import load_backbone
     from .promise import engine_for
     from .training import train_adapter
 

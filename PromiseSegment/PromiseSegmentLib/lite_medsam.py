@@ -15,7 +15,7 @@ import importlib
 import importlib.resources
 import warnings
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """Names shared by the command line and Slicer's lists, importable before torch is installed.
 
-``Testing/test_checkpoints.py`` checks these against the registries they mirror (``backbone.BACKBONES``,
+``Testing/test_checkpoints.py`` checks these against the registries they mirror (``registry.BACKBONES``,
 ``promise.MODES``), so a new backbone or mode cannot be forgotten here.
 """
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, load_adapter, read_metadata
-from .backbone import LoadedBackbone, load_backbone
+from .backbone import LoadedBackbone
+from .registry import load_backbone
 from .decoder import decode_masks
 from .engine import ImageEmbedding, Prediction, Prompts, SamEngine
 from .errors import InputError

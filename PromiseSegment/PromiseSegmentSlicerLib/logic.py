@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
-from PromiseSegmentLib.backbone import LoadedBackbone, load_backbone
+from PromiseSegmentLib.backbone import LoadedBackbone
+from PromiseSegmentLib.registry import load_backbone
 from PromiseSegmentLib.names import MODES
 from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
@@ -485,7 +486,7 @@ def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> 
 
 
 def load_family(name: str) -> str:
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
 
     return BACKBONES[name].family if name in BACKBONES else ""
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
-from PromiseSegmentLib.backbone import load_backbone  # noqa: E402
+from PromiseSegmentLib.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.datasets import load_image_folder  # noqa: E402
 from PromiseSegmentLib.engine import ImageEmbedding, Prompts  # noqa: E402
 from PromiseSegmentLib.metrics import dice, iou  # noqa: E402

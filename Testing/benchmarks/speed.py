@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
 from PromiseSegmentLib import promise  # noqa: E402
-from PromiseSegmentLib.backbone import load_backbone  # noqa: E402
+from PromiseSegmentLib.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.decoder import decode_masks  # noqa: E402
 from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
 from PromiseSegmentLib.metrics import dice  # noqa: E402
@@ -362,7 +362,7 @@ def warm_up(ref, models, engines, vol):
 
 def child_memory(args) -> None:
     """One variant over the whole volume in a fresh process: JSON with RSS before the run, peak, seconds."""
-    from PromiseSegmentLib.backbone import BACKBONES
+    from PromiseSegmentLib.registry import BACKBONES
 
     vol = synthetic_ct(args.slices, args.size)
     if args.child == "a":

@@ -23,7 +23,7 @@ def child(shape, slices, cache_mb):
     import numpy as np
 
     sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
-    from PromiseSegmentLib.backbone import load_backbone
+    from PromiseSegmentLib.registry import load_backbone
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
     from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix

@@ -166,7 +166,7 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         while slices are being segmented: the segment stays empty and there is nothing to undo."""
         self.requirePackages()
         from PromiseSegmentLib.adapter import save_adapter
-        from PromiseSegmentLib.backbone import load_backbone
+        from PromiseSegmentLib.registry import load_backbone
         from PromiseSegmentLib.training import TrainConfig, build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
