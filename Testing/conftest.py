@@ -4,7 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+# Idle OpenMP threads sleep instead of spinning (set before torch is imported): on a shared 2-core machine
+# spinning slowed the encoder several times over (Testing/benchmarks/speed.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))  # works from a plain clone, installed or not

@@ -4,6 +4,7 @@ import pytest
 import SimpleITK as sitk
 
 from PromiseSegmentLib.cli import main
+from PromiseSegmentLib.metrics import dice
 from PromiseSegmentLib.prompts import ijk_prompts
 from PromiseSegmentLib.sample_data import make_sample_volume
 from PromiseSegmentLib.volume_io import Segment, read_volume, write_segmentation
@@ -87,7 +88,9 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, sample_nrrd, capsys, c
     assert not (tmp_path / "x.seg.nrrd").exists()
 
 
-def test_rgb_png_is_a_single_slice_volume(tmp_path):
+def test_rgb_png_is_a_single_slice_volume_and_the_engine_says_once_what_runs(tmp_path, capsys):
+    """The default backbone (LiteMedSAM) on an RGB photo, in fp32 and in the automatic precision: the
+    engine line is printed once per run, and the fast mode's mask agrees with fp32's."""
     from PIL import Image
 
     rgb = np.zeros((48, 64, 3), np.uint8)
@@ -95,9 +98,21 @@ def test_rgb_png_is_a_single_slice_volume(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "photo.png")
     vol = read_volume(tmp_path / "photo.png")
     assert vol.array.shape == (1, 48, 64, 3)
-    out = tmp_path / "photo.seg.nrrd"
-    assert main(["segment", str(tmp_path / "photo.png"), "-o", str(out), "--box", "20,10,0,49,29,0"]) == 0
-    assert read_volume(out).array.shape == (1, 48, 64)
+    masks = {}
+    for precision in ("fp32", "auto"):
+        out = tmp_path / f"photo-{precision}.seg.nrrd"
+        capsys.readouterr()
+        assert main(["segment", str(tmp_path / "photo.png"), "-o", str(out), "--box", "18,8,0,51,31,0",
+                     "--precision", precision]) == 0
+        engine_lines = [ln for ln in capsys.readouterr().err.splitlines() if "engine:" in ln]
+        assert len(engine_lines) == 1 and "lite_medsam on cpu" in engine_lines[0]
+        if precision == "fp32":
+            assert ": fp32 (" in engine_lines[0]
+        masks[precision] = read_volume(out).array[0] > 0
+    truth = np.zeros((48, 64), bool)
+    truth[10:30, 20:50] = True
+    assert masks["fp32"].shape == (48, 64) and dice(masks["fp32"], truth) > 0.9
+    assert dice(masks["auto"], masks["fp32"]) >= 0.99
 
 
 def test_checkpoints_list_and_verify(tmp_path, capsys):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .names import PRECISIONS  # noqa: E402  (torch-free, for the command line's choices)
 CPU_BF16_ENV = "PROMISE_SEGMENT_CPU_BF16"
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -24,7 +25,8 @@ from .checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
 from .errors import Cancelled, InputError
 from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
 from .paths import WriteError
-from .cli_args import PROG, add_backbone_args, add_intensity_args, intensity_from_args, progress_bar
+from .cli_args import (PROG, add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
+                       progress_bar)
 from .preprocessing import IntensityRule, take_slice, to_uint8_rgb
 from .prompts import ijk_prompts
 from .validation import (AXIS_CHOICES, AdapterError, axis_arg, box_arg, check_segment_volume, name_arg, point_arg,
@@ -71,7 +73,9 @@ def cmd_segment(args) -> int:
     preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
     from .promise import load_model
 
-    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch)
+    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch,
+                       **engine_options(args))
+    announce(model.engine)
     prompts = ijk_prompts(axis, args.point or [], args.box or [], vol.array.shape)
     rule = intensity_from_args(args, model.intensity)
     with progress_bar("segmenting", "slice") as progress:
@@ -246,6 +250,10 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made the encoder
+    # up to 10x slower (Testing/benchmarks/speed.py). Only effective before torch is imported; a user's
+    # own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     with _sigterm_as_interrupt():

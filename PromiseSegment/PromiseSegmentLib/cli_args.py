@@ -9,10 +9,10 @@ import sys
 import time
 from typing import Optional
 
-from .names import DEFAULT_BACKBONE, USER_BACKBONES
+from .names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
 from .preprocessing import IntensityRule
 from .progress import bar
-from .validation import device_arg, percentiles_arg, window_arg
+from .validation import device_arg, int_at_least, percentiles_arg, window_arg
 
 PROG = "promise-segment"
 PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal
@@ -26,6 +26,20 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sam-checkpoint", dest="backbone", help=argparse.SUPPRESS)  # the name before backbones
     p.add_argument("--device", default="auto", type=device_arg,
                    help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): the fastest mode measured to agree with fp32 - bf16 on GPUs and on CPUs "
+                        "with native bf16 (AVX512-BF16/AMX), else fp32; the engine says once which runs")
+    p.add_argument("--threads", type=int_at_least(1), help="CPU threads for PyTorch (default: all usable CPUs)")
+
+
+def engine_options(args) -> dict:
+    """The engine settings of the backbone options (``engine_for``/``load_model`` keywords)."""
+    return {"precision": args.precision, "threads": args.threads}
+
+
+def announce(engine) -> None:
+    """Say once which engine runs (device, precision and why, load-time rewrites, batch)."""
+    print(f"{PROG}: engine: {engine.describe()}", file=sys.stderr, flush=True)
 
 def add_intensity_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()

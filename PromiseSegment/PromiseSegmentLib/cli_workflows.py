@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_args import (add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
+                       progress_bar)
 from .validation import (TRAIN_DEFAULTS, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
                          non_negative_int, open_fraction, any_int, positive_float, positive_int, preflight,
                          train_values, volume_pair_arg)
@@ -31,7 +33,6 @@ def cmd_demo(args) -> int:
     patients, segment the slices of 3 other patients automatically, write .seg.nrrd files, overlays at
     native resolution and a report with Dice against the expert masks."""
     from .registry import load_backbone
-    from .cli_args import progress_bar
     from .datasets import load_image_folder
     from .paths import write_bytes_atomically
     from .promise import ProMISeModel, engine_for
@@ -52,9 +53,10 @@ def cmd_demo(args) -> int:
     rest = [c for c in cases if c.id not in DEMO_TEST]
     fit, select = rest[:-3], rest[-3:]
     with progress_bar("training adapter", "epoch") as b:
-        result = train_adapter(engine_for(backbone, None, args.device), fit, select, cfg,
+        result = train_adapter(engine_for(backbone, None, args.device, **engine_options(args)), fit, select, cfg,
                                out / "spleen_adapter.safetensors", progress=_train_progress(b))
-    model = ProMISeModel(engine_for(backbone, result.adapter, args.device), result.adapter)
+    model = ProMISeModel(engine_for(backbone, result.adapter, args.device, **engine_options(args)), result.adapter)
+    announce(model.engine)
     lines, dices = _demo_segment(model, test, out)
     report = (f"PromiseSegment demo on real CT (bundled MSD spleen slices, CC-BY-SA 4.0)\n"
               f"backbone: {backbone.name} (frozen), weights SHA-256 {backbone.identity}\n"
@@ -91,7 +93,6 @@ def _demo_segment(model, test, out: Path):
 
 
 def cmd_train(args) -> int:
-    from .cli_args import intensity_from_args, progress_bar
     from .training import TrainConfig, read_resume_state
 
     rule = intensity_from_args(args)
@@ -110,7 +111,8 @@ def cmd_train(args) -> int:
     from .training import train_adapter
 
     backbone = load_backbone(args.backbone)
-    engine = engine_for(backbone, None, args.device)
+    engine = engine_for(backbone, None, args.device, **engine_options(args))
+    announce(engine)
     print(f"training on {len(train)} cases, validating on {len(val)}; backbone {backbone.name} frozen", flush=True)
     with progress_bar("training", "epoch") as b:
         result = train_adapter(engine, train, val, cfg, output, args.resume, progress=_train_progress(b))
@@ -143,7 +145,6 @@ def _training_cases(args, rule):
 
 
 def cmd_evaluate(args) -> int:
-    from .cli_args import progress_bar
     from .datasets import load_image_folder
     from .evaluation import evaluate_cases, write_report
 
@@ -153,7 +154,9 @@ def cmd_evaluate(args) -> int:
     cases = load_image_folder(args.data, args.split, args.limit)
     from .promise import load_model
 
-    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch)
+    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch,
+                       **engine_options(args))
+    announce(model.engine)
     with progress_bar("evaluating", "case") as b:
         rows = evaluate_cases(model, cases, mode=args.mode, prompt=args.prompt, progress=b)
     print(write_report(rows, cases, Path(args.out), overwrite=args.overwrite))
@@ -161,7 +164,6 @@ def cmd_evaluate(args) -> int:
 
 
 def add_workflow_commands(sub) -> None:
-    from .cli_args import add_backbone_args
 
     p = sub.add_parser("demo", help="the whole ProMISe workflow offline on bundled real CT (train, segment, report)")
     p.add_argument("--out", default="promise-demo", help="output folder (default promise-demo)")
@@ -176,7 +178,6 @@ def add_workflow_commands(sub) -> None:
 
 
 def _add_train_command(sub) -> None:
-    from .cli_args import add_backbone_args, add_intensity_args
 
     d = TRAIN_DEFAULTS
     p = sub.add_parser("train", help="train an APM+IPS adapter on a frozen backbone")
@@ -230,7 +231,6 @@ def _add_apm_options(p, d) -> None:
 
 
 def _add_evaluate_command(sub) -> None:
-    from .cli_args import add_backbone_args
     from .names import MODES
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 per case into a CSV, a summary and a PNG figure")

@@ -195,17 +195,22 @@ class ModelInMode:
 
 
 def engine_for(backbone: LoadedBackbone, adapter: Optional[Adapter], device=None, batch_size=None,
-               cache=None) -> SamEngine:
+               cache=None, precision: str = "auto", threads: Optional[int] = None) -> SamEngine:
+    """The engine users get: ``precision="auto"`` is the fastest mode measured to agree with fp32
+    (``acceleration``); it captures the encoder taps when the adapter has an APM."""
     return SamEngine(backbone, device=device, batch_size=batch_size,
-                     capture_taps=adapter is not None and adapter.apm is not None, cache=cache)
+                     capture_taps=adapter is not None and adapter.apm is not None, cache=cache,
+                     precision=precision, threads=threads)
 
 
 def load_model(backbone: Optional[str] = None, adapter_path: Optional[str] = None, device: Optional[str] = None,
-               allow_mismatch: bool = False, batch_size: Optional[int] = None) -> ProMISeModel:
+               allow_mismatch: bool = False, batch_size: Optional[int] = None, precision: str = "auto",
+               threads: Optional[int] = None) -> ProMISeModel:
     """Backbone (registry name or checkpoint path; ``None``: the adapter's backbone, else the default) plus
     an optional adapter file. The adapter's metadata is read first, so a mismatch is reported before any
     weights are loaded."""
     expected = read_metadata(adapter_path)["backbone"]["name"] if adapter_path else None
     loaded = load_backbone(backbone or expected, expected)
     adapter = load_adapter(adapter_path, loaded, allow_mismatch) if adapter_path else None
-    return ProMISeModel(engine_for(loaded, adapter, device, batch_size), adapter)
+    return ProMISeModel(engine_for(loaded, adapter, device, batch_size, precision=precision, threads=threads),
+                        adapter)

@@ -67,9 +67,12 @@ class SceneLogic:
     checkpoint or device is asked for); encoder outputs are cached by slice content, so a repeated run,
     or a click on an already-encoded slice, re-runs the decoder only."""
 
-    def __init__(self, embeddingCacheBytes: int = 1 << 30, backbone: Optional[str] = None):
-        """``backbone``: used when a call names none and its adapter does not say (default LiteMedSAM)."""
+    def __init__(self, embeddingCacheBytes: int = 1 << 30, backbone: Optional[str] = None, precision: str = "auto"):
+        """``backbone``: used when a call names none and its adapter does not say (default LiteMedSAM).
+        ``precision``: the engine's (``acceleration``; "auto" = the fastest mode measured to agree with fp32)."""
         self.defaultBackbone = backbone
+        self.precision = precision
+        self.engineDescription = ""  # what runs, e.g. "lite_medsam on cpu (2 threads): bf16 (...)"
         self.embeddingCache = EmbeddingCache(embeddingCacheBytes)
         self._backbone: Optional[LoadedBackbone] = None
         self._backboneKey: Optional[tuple] = None
@@ -142,7 +145,11 @@ class SceneLogic:
             if key not in self._adapters:
                 self._adapters = {key: load_adapter(path, loaded, allowMismatch)}
             adapterObject = self._adapters[key]
-        return ProMISeModel(engine_for(loaded, adapterObject, device, cache=self.embeddingCache), adapterObject)
+        engine = engine_for(loaded, adapterObject, device, cache=self.embeddingCache, precision=self.precision)
+        if engine.describe() != self.engineDescription:
+            self.engineDescription = engine.describe()
+            log.info("ProMISe engine: %s", self.engineDescription)  # once per change, not per call
+        return ProMISeModel(engine, adapterObject)
 
     def hasModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
                  device: Optional[str] = None, allowMismatch: bool = False) -> bool:
@@ -441,7 +448,7 @@ class SceneLogic:
         order = np.random.default_rng(config.seed).permutation(len(cases))
         n_val = max(1, int(round(valFraction * len(cases)))) if len(cases) > 1 else 0
         val, train = [cases[i] for i in order[:n_val]], [cases[i] for i in order[n_val:]]
-        engine = engine_for(self.loadBackbone(backbone, None, device), None, device)
+        engine = engine_for(self.loadBackbone(backbone, None, device), None, device, precision=self.precision)
         return train_adapter(engine, train, val, config, output, resume, progress, cancel)
 
 

@@ -220,9 +220,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.showModelStatus()
 
     def showModelStatus(self):
-        ready = self.loadedLogic() is not None
-        self.statusLabel.text = _("model loaded: drag a box or click in a slice view") if ready else _(
-            "press Load model first")
+        core = self.loadedLogic()
+        self.statusLabel.text = (_("model loaded ({engine}): drag a box or click in a slice view").format(
+            engine=core.engineDescription) if core is not None else _("press Load model first"))
 
     def setMRMLDefaults(self):
         for name, value in DEFAULTS:
