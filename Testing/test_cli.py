@@ -104,7 +104,7 @@ def test_rgb_png_is_a_single_slice_volume_and_the_engine_says_once_what_runs(tmp
         capsys.readouterr()
         assert main(["segment", str(tmp_path / "photo.png"), "-o", str(out), "--box", "18,8,0,51,31,0",
                      "--precision", precision]) == 0
-        engine_lines = [ln for ln in capsys.readouterr().err.splitlines() if "engine:" in ln]
+        engine_lines = [ln for ln in capsys.readouterr().out.splitlines() if "engine:" in ln]
         assert len(engine_lines) == 1 and "lite_medsam on cpu" in engine_lines[0]
         if precision == "fp32":
             assert ": fp32 (" in engine_lines[0]

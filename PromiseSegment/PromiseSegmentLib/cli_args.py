@@ -39,7 +39,7 @@ def engine_options(args) -> dict:
 
 def announce(engine) -> None:
     """Say once which engine runs (device, precision and why, load-time rewrites, batch)."""
-    print(f"{PROG}: engine: {engine.describe()}", file=sys.stderr, flush=True)
+    print(f"{PROG}: engine: {engine.describe()}", flush=True)  # stdout: stderr carries only problems
 
 def add_intensity_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
