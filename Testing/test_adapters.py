@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import as_backbone, realistic_image
 from PromiseSegmentLib.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
 from PromiseSegmentLib.apm import APM
 from PromiseSegmentLib.datasets import Case
@@ -70,15 +69,15 @@ def test_box_head_learns_to_localise_and_is_sorted_in_the_input_frame():
 @pytest.mark.parametrize("mode, points, box, expected", [
     ("auto", False, False, "apm+ips"), ("auto", True, False, "apm+clicks"), ("auto", True, True, "ips"),
     ("auto", False, True, "ips"), ("vanilla", True, False, "vanilla"), ("apm+clicks", True, False, "apm+clicks")])
-def test_the_one_mode_rule(mode, points, box, expected):
-    adapter = build_adapter(TrainConfig(**LIGHT), as_backbone(_tiny()))
+def test_the_one_mode_rule(mode, points, box, expected, make_backbone):
+    adapter = build_adapter(TrainConfig(**LIGHT), make_backbone(_tiny()))
     assert resolve_mode(mode, adapter, points, box) == expected
 
 
-def test_mode_rule_refusals():
+def test_mode_rule_refusals(make_backbone):
     with pytest.raises(InputError, match="needs an adapter"):
         resolve_mode("ips", None, True, False)
-    ips_only = build_adapter(TrainConfig(use_apm=False), as_backbone(_tiny()))
+    ips_only = build_adapter(TrainConfig(use_apm=False), make_backbone(_tiny()))
     assert resolve_mode("auto", ips_only, False, False) == "ips"
     with pytest.raises(InputError, match="with an APM"):
         resolve_mode("apm+ips", ips_only, False, False)
@@ -106,8 +105,8 @@ def test_gradients_reach_apm_and_ips_only(tiny_backbone):
     assert all(p.grad is None for p in tiny_backbone.sam.parameters())
 
 
-def test_zero_shift_with_the_users_prompts_is_the_plain_backbone(tiny_backbone, rng):
-    image = realistic_image(rng, 150, 130)
+def test_zero_shift_with_the_users_prompts_is_the_plain_backbone(tiny_backbone, rng, make_image):
+    image = make_image(rng, 150, 130)
     adapter = build_adapter(TrainConfig(use_apm=False), tiny_backbone)  # IPS starts at zero
     vanilla = ProMISeModel(engine_for(tiny_backbone, None, "cpu"))
     ips_model = ProMISeModel(engine_for(tiny_backbone, adapter, "cpu"), adapter)
@@ -175,11 +174,11 @@ def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):
     assert clicks.points.shape == (17, 2)
 
 
-def test_mismatched_backbone_is_refused(trained, lite_medsam, tiny_backbone):
+def test_mismatched_backbone_is_refused(trained, lite_medsam, tiny_backbone, make_backbone):
     _, out, _, _ = trained
     with pytest.raises(AdapterError, match="trained on backbone tiny_random but the loaded backbone is lite_medsam"):
         load_adapter(out, lite_medsam)
-    other = as_backbone(tiny_backbone.sam, identity="0" * 64)
+    other = make_backbone(tiny_backbone.sam, identity="0" * 64)
     with pytest.raises(AdapterError, match="allow-backbone-mismatch"):
         load_adapter(out, other)
     assert load_adapter(out, other, allow_mismatch=True).apm is not None

@@ -198,18 +198,17 @@ def test_unknown_name_and_the_default_backbone():
     assert not loaded.sam.training and not any(p.requires_grad for p in loaded.sam.parameters())
 
 
-def test_tiny_fixture_gain_scales_logits_but_changes_no_mask(rng):
+def test_tiny_fixture_gain_scales_logits_but_changes_no_mask(rng, make_backbone, make_image):
     """The test fixture's calibration multiplies mask logits by exactly TINY_DECODER_GAIN: masks (logit > 0)
     and the IoU head are those of the plain seeded model; only what training sees is rescaled."""
     import numpy as np
-    from conftest import as_backbone, realistic_image
 
     from PromiseSegmentLib.engine import Prompts, SamEngine
     from PromiseSegmentLib.sam_vit import TINY_DECODER_GAIN, TINY_SEED
 
-    plain = SamEngine(as_backbone(build_seeded_sam("tiny", TINY_SEED)), "cpu")
+    plain = SamEngine(make_backbone(build_seeded_sam("tiny", TINY_SEED)), "cpu")
     calibrated = SamEngine(BACKBONES["tiny_random"].load(), "cpu")
-    realistic = realistic_image(rng, 120, 100)
+    realistic = make_image(rng, 120, 100)
     prompts = Prompts(points=[[55, 54], [10, 10]], labels=[1, 0])
     a = plain.predict(plain.encode([realistic])[0], prompts)
     b = calibrated.predict(calibrated.encode([realistic])[0], prompts)

@@ -73,11 +73,10 @@ def test_fallback_to_fp32_gives_fp32_results(lite_medsam, spleen_cases, monkeypa
     assert torch.equal(a.features, b.features)
 
 
-def test_a_shared_cache_keeps_precisions_apart(tiny_backbone, rng):
+def test_a_shared_cache_keeps_precisions_apart(tiny_backbone, rng, make_image):
     """Slicer shares one embedding cache between engines: a bf16 embedding must not answer an fp32 engine."""
-    from conftest import realistic_image
 
-    cache, image = EmbeddingCache(), realistic_image(rng, 60, 60)
+    cache, image = EmbeddingCache(), make_image(rng, 60, 60)
     fp32 = SamEngine(tiny_backbone, "cpu", cache=cache, precision="fp32")
     other = SamEngine(tiny_backbone, "cpu", cache=cache, precision="bf16")  # asked explicitly: allowed
     a = fp32.encode([image])[0]
@@ -142,10 +141,9 @@ class MemoryLimitedEngine(SamEngine):
         return super()._encode_batch(batch)
 
 
-def test_engine_halves_the_batch_on_out_of_memory(tiny_backbone, rng):
-    from conftest import realistic_image
+def test_engine_halves_the_batch_on_out_of_memory(tiny_backbone, rng, make_image):
 
-    images = [realistic_image(rng, 64, 80) for _ in range(3)]
+    images = [make_image(rng, 64, 80) for _ in range(3)]
     engine = MemoryLimitedEngine(tiny_backbone, "cpu", batch_size=8)
     got = engine.encode(images)
     assert engine.batch_size == 2
@@ -156,8 +154,7 @@ def test_engine_halves_the_batch_on_out_of_memory(tiny_backbone, rng):
         engine.encode(images[:1])
 
 
-def test_cpu_clone_does_not_move_or_copy_the_shared_model(tiny_backbone, rng):
-    from conftest import realistic_image
+def test_cpu_clone_does_not_move_or_copy_the_shared_model(tiny_backbone, rng, make_image):
 
     sam = tiny_backbone.sam
     clone = acc.cpu_clone(sam)
