@@ -356,7 +356,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
             from PromiseSegmentLib.training import TrainConfig
 
-            from PromiseSegmentSlicerLib.logic import training_pairs_in_scene
+            from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 
             fallback = {p.segmentation.GetID(): p.inputVolume} if p.segmentation and p.inputVolume else {}
             pairs, skipped = training_pairs_in_scene(slicer.mrmlScene, p.trainSegmentName, fallback)

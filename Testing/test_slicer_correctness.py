@@ -199,7 +199,7 @@ def test_preview_follows_the_segmentation_transform(logic):
 
 def test_propagation_sees_the_image_through_the_effects_window(logic, adapter):
     """The accepted slice was previewed with a custom window; propagation must use the same one."""
-    from PromiseSegmentSlicerLib.logic import propagation_prompts
+    from PromiseSegmentSlicerLib.propagation import propagation_prompts
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
     app = make_app()

@@ -314,7 +314,8 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
 
 def test_training_pairs_are_found_across_the_scene(app):
     """A cohort in one scene: each segmentation with the named segment, paired with its own volume."""
-    from PromiseSegmentSlicerLib.logic import SceneLogic, training_pairs_in_scene
+    from PromiseSegmentSlicerLib.logic import SceneLogic
+    from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
     volumes = []

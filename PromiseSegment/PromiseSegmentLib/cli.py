@@ -29,8 +29,8 @@ from .cli_args import (PROG, add_backbone_args, add_intensity_args, announce, en
                        progress_bar)
 from .preprocessing import IntensityRule, take_slice, to_uint8_rgb
 from .prompts import ijk_prompts
-from .validation import (AXIS_CHOICES, AdapterError, axis_arg, box_arg, check_segment_volume, name_arg, point_arg,
-                         preflight, slices_arg, validate)
+from .arg_types import AXIS_CHOICES, axis_arg, box_arg, name_arg, point_arg, slices_arg
+from .validation import AdapterError, check_segment_volume, preflight, validate
 from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
 
 USER_ERRORS = (InputError, AdapterError, CheckpointError, WriteError, FileExistsError, FileNotFoundError,

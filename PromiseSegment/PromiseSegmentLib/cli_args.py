@@ -12,7 +12,7 @@ from typing import Optional
 from .names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
 from .preprocessing import IntensityRule
 from .progress import bar
-from .validation import device_arg, int_at_least, percentiles_arg, window_arg
+from .arg_types import device_arg, int_at_least, percentiles_arg, window_arg
 
 PROG = "promise-segment"
 PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal

@@ -8,9 +8,9 @@ import numpy as np
 
 from .cli_args import (add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
                        progress_bar)
-from .validation import (TRAIN_DEFAULTS, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
-                         non_negative_int, open_fraction, any_int, positive_float, positive_int, preflight,
-                         train_values, volume_pair_arg)
+from .arg_types import (any_int, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
+                        non_negative_int, open_fraction, positive_float, positive_int, volume_pair_arg)
+from .validation import TRAIN_DEFAULTS, preflight, train_values
 
 
 def _train_progress(progress):

@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,12 +21,12 @@ from PromiseSegmentLib.registry import load_backbone
 from PromiseSegmentLib.names import MODES
 from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.engine import Prompts
-from PromiseSegmentLib.preprocessing import InputError, IntensityRule, mask_bbox, resolve_axis, take_slice
+from PromiseSegmentLib.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
 from PromiseSegmentLib.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.volume_segmentation import slice_indices, volume_value_range
 
 from . import mrml
+from .propagation import band_agreement, intensity_band, propagation_prompts
 
 log = logging.getLogger(__name__)
 
@@ -452,34 +452,6 @@ class SceneLogic:
         return train_adapter(engine, train, val, config, output, resume, progress, cancel)
 
 
-def intensity_band(image: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
-    """2nd-98th percentile of the voxel values (mean over colour channels) inside ``mask``."""
-    values = np.asarray(image, float)
-    values = values.mean(axis=-1) if values.ndim == 3 else values
-    return tuple(np.percentile(values[np.asarray(mask, bool)], [2, 98]))
-
-
-def band_agreement(image: np.ndarray, mask: np.ndarray, band: Tuple[float, float]) -> float:
-    """Fraction of ``mask`` whose values lie in ``band`` (0 for an empty mask)."""
-    values = np.asarray(image, float)
-    values = (values.mean(axis=-1) if values.ndim == 3 else values)[np.asarray(mask, bool)]
-    return float(np.mean((values >= band[0]) & (values <= band[1]))) if values.size else 0.0
-
-
-def propagation_prompts(model: ProMISeModel, previous: np.ndarray, negativeMask: Optional[np.ndarray], ax: int,
-                        index: int) -> Prompts:
-    """The previous slice's box (+3 px on box-only backbones, as their reference does; else +1) and, on
-    backbones that take points, up to 3 negative points from ``negativeMask`` on this slice."""
-    box_only = model.backbone.spec.box_only
-    pts = labels = None
-    if negativeMask is not None and not box_only:
-        neg = np.argwhere(take_slice(negativeMask, ax, index) > 0)
-        if len(neg):
-            pick = neg[np.random.default_rng(index).choice(len(neg), min(3, len(neg)), replace=False)]
-            pts, labels = pick[:, ::-1].astype(float), np.zeros(len(pick), int)
-    return Prompts(pts, labels, mask_bbox(previous, 3 if box_only else 1))
-
-
 def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> None:
     """Refuse a write target before any model work: no node, an unknown segment, or (without
     ``overwrite``) a segment that already has content."""
@@ -498,53 +470,5 @@ def load_family(name: str) -> str:
     return BACKBONES[name].family if name in BACKBONES else ""
 
 
-def training_pairs_in_scene(scene, segmentName: str, fallbackVolumes: Optional[Dict[str, object]] = None):
-    """Every segmentation in the scene with a segment called ``segmentName`` (case-insensitive), paired with
-    the volume it was drawn on (its reference-geometry volume, else ``fallbackVolumes[segmentation ID]``).
-
-    Returns ((volume, segmentation, segment ID) triples, names of segmentations skipped and why): a cohort
-    loaded into one scene trains one adapter; empty segments and segmentations with no volume are skipped."""
-    pairs, skipped = [], []
-    wanted = segmentName.strip().lower()
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
-        if node.GetHideFromEditors():  # e.g. the effect's preview
-            continue
-        segmentation = node.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-        match = [sid for sid in ids if segmentation.GetSegment(sid).GetName().strip().lower() == wanted]
-        if not match:
-            continue
-        volume = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
-        volume = volume or (fallbackVolumes or {}).get(node.GetID())
-        if volume is None:
-            skipped.append(f"{node.GetName()} (no volume: set its source volume in the Segment Editor)")
-        elif mrml.segment_is_empty(node, match[0]):
-            skipped.append(f"{node.GetName()} (segment {segmentName!r} is empty)")
-        else:
-            pairs.append((volume, node, match[0]))
-    return pairs, skipped
-
-
 def segmentation_has_geometry(segmentationNode) -> bool:
     return bool(segmentationNode.GetSegmentation().GetConversionParameter("Reference image geometry"))
-
-
-def visible_other_segments_mask(segmentationNode, volumeNode, exclude: str) -> Optional[np.ndarray]:
-    """Union of the other visible segments on the volume grid (negative prompts), or None."""
-    import vtk
-
-    display = segmentationNode.GetDisplayNode()
-    ids = vtk.vtkStringArray()
-    if display is not None:
-        display.GetVisibleSegmentIDs(ids)
-    else:
-        segmentationNode.GetSegmentation().GetSegmentIDs(ids)
-    others: List[str] = [ids.GetValue(i) for i in range(ids.GetNumberOfValues()) if ids.GetValue(i) != exclude]
-    if not others:
-        return None
-    out = None
-    for sid in others:
-        m = mrml.segment_mask(segmentationNode, sid, volumeNode)
-        out = m if out is None else np.maximum(out, m)
-    return out

@@ -451,7 +451,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         volume, segmentation = self.sourceVolume(), self.segmentationNode()
         negative = None
         if self.scriptedEffect.integerParameter("NegativeOthers"):
-            from PromiseSegmentSlicerLib.logic import visible_other_segments_mask
+            from PromiseSegmentSlicerLib.scene import visible_other_segments_mask
 
             negative = visible_other_segments_mask(segmentation, volume,
                                                    self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
