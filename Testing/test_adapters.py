@@ -263,3 +263,17 @@ def test_warm_up_flips_keep_taps_target_and_boxes_consistent():
             out.taps[0][0, 0], out.target[0, 3::4, 3::4])  # the taps moved with the target
         seen.add(tuple(out.boxes[0].tolist()))
     assert len(seen) == 4 and torch.equal(batch.target, target)  # all four flips occur; the input is untouched
+
+
+def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained, tiny_backbone):
+    from PromiseSegmentLib.training import Trainer
+
+    _, _, cases, cfg = trained
+    frozen = TrainConfig(**{**cfg.__dict__, "epochs": 2, "apm_warmup_epochs": 1, "apm_joint_lr": 0.0})
+    trainer = Trainer(engine_for(tiny_backbone, None, "cpu"), cases[2:], cases[:2], frozen, None)
+    trainer.epoch(0, None)  # warm-up: the APM learns
+    apm = {k: v.detach().clone() for k, v in trainer.adapter.apm.named_parameters()}
+    ips = {k: v.detach().clone() for k, v in trainer.adapter.ips.named_parameters()}
+    trainer.epoch(1, None)  # joint: IPS learns, the APM's weights stay (BatchNorm statistics still follow the data)
+    assert all(torch.equal(v, dict(trainer.adapter.apm.named_parameters())[k]) for k, v in apm.items())
+    assert any(not torch.equal(v, dict(trainer.adapter.ips.named_parameters())[k]) for k, v in ips.items())

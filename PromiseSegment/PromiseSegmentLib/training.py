@@ -59,7 +59,8 @@ class TrainConfig:
     box_loss_weight: float = 1.0  # auxiliary APM loss (box, objectness, presence); 0 = the paper's mask loss only
     apm_warmup_epochs: int = 0  # epochs of APM alone on the auxiliary loss before the joint phase
     flip_warmup: bool = True  # random flips of the encoder taps (and boxes) during the APM warm-up
-    apm_joint_lr: float = 1.0  # the APM's learning rate in the joint phase, as a share of lr (0: kept as warmed up)
+    apm_joint_lr: float = 1.0  # the APM's learning rate in the joint phase, as a share of lr (0: weights kept as
+    # warmed up; its BatchNorm statistics still follow the data)
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = "Segment"
