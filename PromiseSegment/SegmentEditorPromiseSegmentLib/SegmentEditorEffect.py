@@ -7,7 +7,6 @@ resampled onto the editor's modifier geometry and written only through
 reverts an Apply). The model is loaded by an explicit action (or on activation when that is cheap), never
 inside a mouse handler; every handler reports an error once and never lets it escape into Slicer.
 """
-import contextlib
 import logging
 import os
 
@@ -18,6 +17,7 @@ from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from PromiseSegmentLib.names import DEFAULT_BACKBONE, DEVICES, USER_BACKBONES  # torch-free (registries need torch)
+from SegmentEditorPromiseSegmentLib.widgets import blockedSignals, modeLabels, row, setIfChanged, sliceNormal
 
 SCOPES = ("current slice", "slice range", "whole volume")
 NO_ADAPTER = "none"  # an empty default would never be stored (Slicer skips empty new values) and reads log errors
@@ -29,11 +29,6 @@ LEFT_PRESS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoub
 RIGHT_PRESS = (vtk.vtkCommand.RightButtonPressEvent, vtk.vtkCommand.RightButtonDoubleClickEvent)
 BOX_EVENTS = LEFT_PRESS + (vtk.vtkCommand.LeftButtonReleaseEvent,)
 CLICK_EVENTS = LEFT_PRESS + RIGHT_PRESS
-
-
-def modeLabels():
-    return {"box": _("box (drag in a slice view)"), "automatic": _("automatic (adapter's APM; clicks refine)"),
-            "clicks": _("clicks (left +, Shift/right -; SAM ViT backbones)")}
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -479,31 +474,3 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         for button, slot in getattr(self, "buttons", []):
             button.disconnect("clicked()", slot)
         AbstractScriptedSegmentEditorEffect.cleanup(self)
-
-
-def sliceNormal(sliceWidget):
-    sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
-    return [sliceToRas.GetElement(r, 2) for r in range(3)]
-
-
-def row(*widgets):
-    layout = qt.QHBoxLayout()
-    for w in widgets:
-        layout.addWidget(w)
-    return layout
-
-
-def setIfChanged(widget, prop, value):
-    """Only write differing values: re-setting an editable combo's text moves the user's cursor."""
-    if getattr(widget, prop) != value:
-        setattr(widget, prop, value)
-
-
-@contextlib.contextmanager
-def blockedSignals(*widgets):
-    blocked = [w.blockSignals(True) for w in widgets]
-    try:
-        yield
-    finally:
-        for w, b in zip(widgets, blocked):
-            w.blockSignals(b)
