@@ -13,7 +13,7 @@ from PromiseSegmentLib.registry import load_backbone
 from PromiseSegmentLib.checkpoints import file_sha256
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts, SamEngine
-from PromiseSegmentLib.lite_medsam import CHECKPOINT
+from PromiseSegmentLib.lite_medsam import _window_attention, CHECKPOINT
 from PromiseSegmentLib.metrics import dice
 from PromiseSegmentLib.preprocessing import mask_bbox
 from PromiseSegmentLib.sample_data import make_sample_volume
@@ -38,6 +38,8 @@ def test_rewrites_keep_fp32_outputs_and_the_file(lite_medsam, as_built, spleen_c
     enc = lite_medsam.sam.image_encoder
     assert not any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())  # folded ...
     assert any(isinstance(m, acc.ConvGelu) for m in enc.modules())  # ... and fused
+    windows = [m for m in enc.modules() if hasattr(m, "attention_bias_idxs")]
+    assert windows and all(type(m).forward is _window_attention for m in windows)  # ... and attention rewritten
     assert any(isinstance(m, nn.BatchNorm2d) for m in as_built.sam.image_encoder.modules())
     assert file_sha256(lite_medsam.path) == CHECKPOINT.sha256  # folding happened in memory only
     cases = spleen_cases[:2]
@@ -246,3 +248,27 @@ def test_prompts_on_a_cached_slice_run_the_decoder_only(lite_medsam):
     finally:
         hook.remove()
     assert len(calls) == 1 and engine.cache.hits == 2
+
+
+@needs_bf16
+def test_promise_decodes_in_the_engine_precision_with_fp32_prompts(lite_medsam, spleen_cases):
+    """The automatic path's decoder runs in bf16; the APM's box (the prompt) stays exactly the fp32 one."""
+    from PromiseSegmentLib.promise import ProMISeModel
+    from PromiseSegmentLib.training import TrainConfig, build_adapter
+
+    adapter = build_adapter(TrainConfig(apm_fusion_dim=32, apm_tap_pool=2), lite_medsam)
+    with torch.no_grad():  # a non-zero IPS shift, so the shifted decode is what is compared
+        for p in adapter.ips.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    fp32 = ProMISeModel(SamEngine(lite_medsam, "cpu", precision="fp32", capture_taps=True), adapter)
+    bf16 = ProMISeModel(SamEngine(lite_medsam, "cpu", precision="bf16", capture_taps=True), adapter)
+    scores = []
+    for case in spleen_cases[:2]:
+        emb = fp32.engine.encode([case.rgb])[0]  # one embedding: only the decoder's precision differs
+        auto16, auto32 = bf16.predict(emb, mode="apm+ips"), fp32.predict(emb, mode="apm+ips")
+        np.testing.assert_array_equal(auto16.box, auto32.box)
+        box = Prompts(box=mask_bbox(case.mask))
+        a, b = bf16.predict(emb, box, mode="ips"), fp32.predict(emb, box, mode="ips")
+        assert a.low_res.dtype == np.float32 and np.abs(a.low_res - b.low_res).max() > 1e-3  # bf16 really ran
+        scores.append(dice(a.masks[0], b.masks[0]))
+    assert np.mean(scores) >= 0.99, scores

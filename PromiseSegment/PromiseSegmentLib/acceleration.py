@@ -323,7 +323,7 @@ def _cached_dense_pe(self) -> torch.Tensor:
 _SWAPPED: dict = {}
 
 
-def _swap_method(module: nn.Module, name: str, function) -> None:
+def swap_method(module: nn.Module, name: str, function) -> None:
     """Give ``module`` a subclass of its class whose method ``name`` is ``function`` (isinstance still holds)."""
     key = (type(module), name)
     if key not in _SWAPPED:
@@ -340,8 +340,8 @@ def optimise_sam_decoder(sam: nn.Module) -> list:
     pe = sam.prompt_encoder
     with torch.no_grad():
         pe.register_buffer("_dense_pe_cache", pe.get_dense_pe().detach().clone(), persistent=False)
-    _swap_method(pe, "get_dense_pe", _cached_dense_pe)
+    swap_method(pe, "get_dense_pe", _cached_dense_pe)
     layers = [m for m in sam.mask_decoder.modules() if type(m) is Attention]
     for m in layers:
-        _swap_method(m, "forward", _sdpa_attention_forward)
+        swap_method(m, "forward", _sdpa_attention_forward)
     return ["dense positional encoding cached", f"{len(layers)} decoder attention layers on SDPA"]

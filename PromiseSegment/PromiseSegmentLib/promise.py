@@ -11,6 +11,7 @@ decides the mode:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -51,11 +52,15 @@ class ForwardOutput:
 
 
 def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], features: torch.Tensor,
-                    taps, user: PromptBatch, mode: str, taps_prepared: bool = False) -> ForwardOutput:
+                    taps, user: PromptBatch, mode: str, taps_prepared: bool = False,
+                    decoder_precision=contextlib.nullcontext) -> ForwardOutput:
     """Batched, differentiable ProMISe forward (``mode`` already resolved; not ``vanilla``'s best-of-3).
 
     ``features`` (B, 256, 64, 64) image embeddings; ``taps`` the APM's encoder taps (list of (B, C, h, w));
-    ``user`` prompts in the input frame. Decodes the backbone's mask token with the IPS shift."""
+    ``user`` prompts in the input frame. Decodes the backbone's mask token with the IPS shift.
+    ``decoder_precision`` (a context factory, e.g. the engine's ``autocast``) applies to the mask decoder
+    only: the APM's box and the prompt encoder's positional encoding of it stay in fp32, so the prompt
+    itself is exactly the fp32 one."""
     sam = backbone.sam
     apm_out = adapter.apm(taps, prepared=taps_prepared) if mode in APM_MODES else None
     points, labels, boxes = user.points, user.labels, user.boxes
@@ -74,8 +79,9 @@ def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], featur
     if sparse.shape[0] != b:  # no prompts at all: the prompt encoder returns a batch of one
         sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
     shift = adapter.ips(features) if adapter is not None and adapter.ips is not None and mode != "vanilla" else None
-    low_res, iou = decode_masks(sam, features, sparse, dense, False, shift, token=backbone.spec.mask_token)
-    return ForwardOutput(low_res, iou, PromptBatch(points, labels, boxes, user.masks), apm_out)
+    with decoder_precision():
+        low_res, iou = decode_masks(sam, features, sparse, dense, False, shift, token=backbone.spec.mask_token)
+    return ForwardOutput(low_res.float(), iou.float(), PromptBatch(points, labels, boxes, user.masks), apm_out)
 
 
 class ProMISeModel:
@@ -133,7 +139,7 @@ class ProMISeModel:
         if mode in APM_MODES and emb.taps is None:
             raise RuntimeError("the engine did not capture the encoder taps the APM reads")
         out = promise_forward(self.backbone, self.adapter, emb.features, emb.taps, self._user_batch(emb, prompts),
-                              mode)
+                              mode, decoder_precision=self.engine.autocast)
         logits = self.engine.postprocess(out.low_res, emb, output_size)
         masks = (logits > self.engine.mask_threshold)[0].cpu().numpy()
         if (mode == "apm+ips" and out.apm is not None and out.apm.presence is not None

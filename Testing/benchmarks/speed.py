@@ -10,9 +10,7 @@ Variants, each end to end from the volume (or image) to the mask on its own grid
   (c) engine fastest: the same with ``precision="auto"`` (what the machine supports; printed).
 Without ``--adapter`` an UNTRAINED adapter with the README's shapes (APM width 128, taps pooled 2) is used:
 right for timing, meaningless masks (its presence bias is set so that every slice keeps a mask and the
-(c)-vs-(b) agreement compares real masks). (d) is (c) with the mask decoder of the automatic path in the
-engine's precision as well: what the proposed change in ``promise_forward`` would give (emulated here by
-wrapping ``promise.decode_masks`` during (d) only; the library does not do this yet).
+(c)-vs-(b) agreement compares real masks).
 Variants run interleaved, a chunk of slices at a time in rotating order, so that load from other processes
 hits all of them alike; rates come from the median time per slice; compare ratios, not seconds.
 Also: real images (``--data``, default ../shared/data: CT spleen slices, Kvasir polyps) with their
@@ -20,7 +18,6 @@ ground-truth box, vanilla decoding; prompt latency on an encoded slice; training
 cached features; and peak memory of each variant alone in a fresh process (Linux: /proc/self/status).
 """
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -35,14 +32,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
-from PromiseSegmentLib import promise  # noqa: E402
 from PromiseSegmentLib.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.decoder import decode_masks  # noqa: E402
 from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
 from PromiseSegmentLib.metrics import dice  # noqa: E402
 from PromiseSegmentLib.preprocessing import IntensityRule, mask_bbox  # noqa: E402
 from PromiseSegmentLib.promise import ProMISeModel  # noqa: E402
-from PromiseSegmentLib.volume_segmentation import segment_slice, slice_image  # noqa: E402
+from PromiseSegmentLib.volume_segmentation import slice_image  # noqa: E402
 
 WINDOW = IntensityRule.ct(40, 400)
 SPACING = (0.8, 0.8, 2.5)  # i, j, k in mm
@@ -174,7 +169,7 @@ def bench_volume(args, meter, ref, models, vol):
     n, ijk, vr = vol.shape[0], ijk_to_ras(), WINDOW.value_range(vol)
     size = vol.shape[1]
     box = np.array([0.18, 0.30, 0.50, 0.62]) * size  # around the liver, for the reference's box prompt
-    names = ["a", *models, "d"]
+    names = ["a", *models]
     out = {name: np.zeros(vol.shape, np.uint8) for name in names}
 
     def reference(first, last):
@@ -193,37 +188,10 @@ def bench_volume(args, meter, ref, models, vol):
     return out
 
 
-_DECODER_AUTOCAST = []  # while variant (d) runs: the engine's ``autocast`` (a context factory)
-
-
-def _decode_masks_as_proposed(*args, **kwargs):
-    """``promise.decode_masks`` for this benchmark: under the engine's autocast during variant (d) only,
-    emulating the proposed change in ``promise_forward`` (the decoder alone in the engine's precision)."""
-    with _DECODER_AUTOCAST[-1]() if _DECODER_AUTOCAST else contextlib.nullcontext():
-        return decode_masks(*args, **kwargs)
-
-
-promise.decode_masks = _decode_masks_as_proposed
-
-
-@contextlib.contextmanager
-def variant(models, name):
-    """The model of variant ``name``; for (d) the model of (c) with its decoder in the engine's precision."""
-    model = models["c" if name == "d" else name]
-    if name == "d":
-        _DECODER_AUTOCAST.append(model.engine.autocast)
-    try:
-        yield model
-    finally:
-        if name == "d":
-            _DECODER_AUTOCAST.pop()
-
-
 def run_engine(models, name, vol, first, last):
     """``segment_volume`` over slices first..last (automatic APM + IPS)."""
-    with variant(models, name) as model:
-        return model.segment_volume(vol, ijk_to_ras(), mode="apm+ips", slice_range=(first, last),
-                                    value_range=WINDOW.value_range(vol))
+    return models[name].segment_volume(vol, ijk_to_ras(), mode="apm+ips", slice_range=(first, last),
+                                       value_range=WINDOW.value_range(vol))
 
 
 def bench_real(meter, ref, engines, cases):
@@ -339,7 +307,7 @@ def parse_args():
 
 
 LABELS = {"a": "(a) reference loop (package model, box)", "b": "(b) engine fp32, APM+IPS",
-          "c": "(c) engine auto, APM+IPS", "d": "(d) = (c) + decoder under autocast (proposed)"}
+          "c": "(c) engine auto, APM+IPS"}
 
 
 def build(args, backbone):
@@ -354,7 +322,7 @@ def warm_up(ref, models, engines, vol):
     ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
     _, image = slice_image(vol, ijk, 0, 0, vr)
     ref.segment(image, np.array([100, 100, 300, 300]))
-    for name in ("b", "c", "d"):
+    for name in ("b", "c"):
         run_engine(models, name, vol, 0, 0)
     for e in engines.values():
         e.predict(e.encode([image])[0], Prompts(box=[100, 100, 300, 300]), multimask_output=False)
@@ -392,7 +360,7 @@ def report_memory(args) -> None:
           "cache off")
     print("| variant | RSS before the run (MB) | peak RSS (MB) | peak device (MB) | seconds |")
     print("|---|---|---|---|---|")
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c"):
         cmd = [sys.executable, __file__, "--child", name, "--slices", str(n), "--size", str(args.size),
                "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
@@ -406,10 +374,9 @@ def report_volume(args, ref, models, vol, labels) -> None:
     masks = bench_volume(args, meter, ref, models, vol)
     print(f"### Volume {args.size}x{args.size}x{args.slices} int16 (synthetic CT), end to end, {args.chunk}-slice "
           f"turns")
-    print_speed_table(meter, ["a", "b", "c", "d"], labels, "slice")
-    for name in ("c", "d"):
-        agree, nonempty = mean_dice((masks[name][s], masks["b"][s]) for s in range(vol.shape[0]))
-        print(f"- agreement ({name}) vs (b): mean Dice {agree:.4f} over {nonempty} slices with a mask")
+    print_speed_table(meter, ["a", "b", "c"], labels, "slice")
+    agree, nonempty = mean_dice((masks["c"][s], masks["b"][s]) for s in range(vol.shape[0]))
+    print(f"- agreement (c) vs (b): mean Dice {agree:.4f} over {nonempty} slices with a mask")
 
 
 def report_real(args, ref, engines, labels, cases) -> None:
@@ -429,25 +396,24 @@ def report_real(args, ref, engines, labels, cases) -> None:
 
 
 def report_automatic(models, cases) -> None:
-    """A trained adapter on real images, automatic (APM + IPS): (c) and (d) against (b), and (b) against
+    """A trained adapter on real images, automatic (APM + IPS): (c) against (b), and (b) against
     itself on the same image with invisible noise (+-1 grey level) - how sensitive the adapter is anyway."""
     rng = np.random.default_rng(0)
-    pairs = {"c": [], "d": [], "noise": []}
+    pairs = {"c": [], "noise": []}
     for _, case in cases:
         noisy = np.clip(case.rgb.astype(int) + rng.integers(-1, 2, case.rgb.shape), 0, 255).astype(np.uint8)
         ref = automatic(models, "b", case.rgb)
         pairs["c"].append((automatic(models, "c", case.rgb), ref))
-        pairs["d"].append((automatic(models, "d", case.rgb), ref))
         pairs["noise"].append((automatic(models, "b", noisy), ref))
     print(f"\n### Automatic (APM + IPS) with the trained adapter on the {len(cases)} real images: mask agreement")
-    for key, label in (("c", "(c) vs (b)"), ("d", "(d) vs (b)"), ("noise", "(b) on the image +-1 grey level vs (b)")):
+    for key, label in (("c", "(c) vs (b)"), ("noise", "(b) on the image +-1 grey level vs (b)")):
         scores = [dice(a, b) for a, b in pairs[key]]
         print(f"- {label}: mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
 
 
 def automatic(models, name, rgb) -> np.ndarray:
-    with variant(models, name) as model:
-        return model.predict(model.engine.encode([rgb])[0], mode="apm+ips").masks[0]
+    model = models[name]
+    return model.predict(model.engine.encode([rgb])[0], mode="apm+ips").masks[0]
 
 
 def report_prompts(args, models, vol) -> None:
