@@ -277,3 +277,35 @@ def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained,
     trainer.epoch(1, None)  # joint: IPS learns, the APM's weights stay (BatchNorm statistics still follow the data)
     assert all(torch.equal(v, dict(trainer.adapter.apm.named_parameters())[k]) for k, v in apm.items())
     assert any(not torch.equal(v, dict(trainer.adapter.ips.named_parameters())[k]) for k, v in ips.items())
+
+
+def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():
+    from PromiseSegmentLib.promise import low_res_box
+
+    low = torch.full((1, 1, 256, 256), -5.0)
+    low[0, 0, 10:21, 30:41] = 5.0  # rows 10..20, columns 30..40
+    low[0, 0, 200:, :] = 5.0  # padding below an image 1024 wide and 600 high (600 / 4 = 150 rows)
+    np.testing.assert_array_equal(low_res_box(low, (600, 1024), 1024, 0.0)[0].numpy(), [120, 40, 164, 84])
+    np.testing.assert_array_equal(low_res_box(low, (256, 256), 256, 0.0)[0].numpy(), [0, 10, 256, 256])
+    assert low_res_box(torch.full((1, 1, 256, 256), -1.0), (256, 256), 256, 0.0) is None
+
+
+def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, rng, make_image):
+    from PromiseSegmentLib.promise import low_res_box
+
+    adapter = build_adapter(TrainConfig(apm_prompts=("box",), **LIGHT), tiny_backbone)
+    with torch.no_grad():
+        adapter.apm.box_head.presence.bias.fill_(5.0)
+    engine = engine_for(tiny_backbone, adapter, "cpu")
+    emb = engine.encode([make_image(rng, 150, 130)])[0]
+    once = ProMISeModel(engine, adapter, box_refinement=0).predict(emb, mode="apm+ips")
+    twice = ProMISeModel(engine, adapter, box_refinement=1).predict(emb, mode="apm+ips")
+    first_mask_box = low_res_box(torch.as_tensor(once.low_res)[None], emb.input_size, 1024, engine.mask_threshold)
+    assert first_mask_box is not None  # the untrained model still gives some mask to refine from
+    expected = tiny_backbone.spec.from_input_frame(first_mask_box.numpy().reshape(2, 2), emb.original_size)
+    np.testing.assert_allclose(twice.box, expected.reshape(4), atol=1e-4)
+    assert not np.allclose(once.box, twice.box)  # the APM's own box was replaced ...
+    user = ProMISeModel(engine, adapter, box_refinement=0).predict(emb, Prompts(box=twice.box), mode="ips")
+    np.testing.assert_array_equal(user.masks, twice.masks)  # ... and decoded as a user's box with IPS would be
+    with pytest.raises(ValueError, match="box_refinement"):
+        ProMISeModel(engine, adapter, box_refinement=-1)

@@ -387,3 +387,23 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
     ijk = np.linalg.inv(reference.ijk_to_ras) @ ras
     voxels = set(map(tuple, np.round(ijk[:3].T[:, ::-1]).astype(int)))
     assert voxels == set(map(tuple, np.argwhere(written)))
+
+
+def test_a_labelmap_takes_over_the_mask_memory_and_outlives_the_array(app):
+    import gc
+
+    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask
+    from vtk.util import numpy_support
+
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[1:3, 2:4, 1:5] = 1
+    expected = mask.copy()
+    labelmap = labelmap_from_mask(mask, oblique_matrix())
+    scalars = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+    assert np.shares_memory(scalars, mask)  # no second whole-volume copy
+    del mask, scalars
+    gc.collect()
+    np.testing.assert_array_equal(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(4, 5, 6),
+                                  expected)
+    one_slice = labelmap_from_mask(expected, oblique_matrix(), (0, 5, 0, 4, 1, 1))
+    assert one_slice.GetPointData().GetScalars().GetNumberOfTuples() == 30  # a sub-block is its own copy

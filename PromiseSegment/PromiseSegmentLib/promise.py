@@ -12,6 +12,7 @@ decides the mode:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, load_adapter, read_metadata
-from .backbone import LoadedBackbone
+from .backbone import LOW_RES, LoadedBackbone
 from .registry import load_backbone
 from .decoder import decode_masks
 from .engine import ImageEmbedding, Prediction, Prompts, SamEngine
@@ -84,11 +85,32 @@ def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], featur
     return ForwardOutput(low_res.float(), iou.float(), PromptBatch(points, labels, boxes, user.masks), apm_out)
 
 
-class ProMISeModel:
-    """A loaded backbone (in ``engine``) with an optional adapter: predicts one image or a whole volume."""
+def low_res_box(low_res: torch.Tensor, input_size: Tuple[int, int], image_size: int,
+                threshold: float) -> Optional[torch.Tensor]:
+    """The bounding box (pixel edges, (1, 4) in the input frame) of a (1, 1, 256, 256) low-res mask's
+    foreground inside the image's part of the padded square, or None when it is empty."""
+    scale = image_size / LOW_RES
+    h, w = (int(math.ceil(n / scale)) for n in input_size)
+    ys, xs = torch.nonzero(low_res[0, 0, :h, :w] > threshold, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    edges = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * scale
+    return edges.clamp(max=float(max(input_size)))[None].to(low_res.device)
 
-    def __init__(self, engine: SamEngine, adapter: Optional[Adapter] = None):
+
+class ProMISeModel:
+    """A loaded backbone (in ``engine``) with an optional adapter: predicts one image or a whole volume.
+
+    ``box_refinement`` (automatic mode with a box-predicting APM): how many times the APM's box is replaced
+    by the bounding box of the mask it gave and the image decoded again with that box and the IPS shift.
+    The mask decoder finds the object's edges more reliably than the APM places the box (IPS with the true
+    box: Kvasir Dice 0.95, with the APM's: 0.84), so one re-decode moves the box towards the true one."""
+
+    def __init__(self, engine: SamEngine, adapter: Optional[Adapter] = None, box_refinement: int = 1):
         self.engine, self.adapter = engine, adapter
+        if box_refinement < 0:
+            raise ValueError(f"box_refinement must be >= 0, got {box_refinement}")
+        self.box_refinement = int(box_refinement)
         if adapter is not None:
             adapter.to(engine.device).eval()
 
@@ -140,6 +162,8 @@ class ProMISeModel:
             raise RuntimeError("the engine did not capture the encoder taps the APM reads")
         out = promise_forward(self.backbone, self.adapter, emb.features, emb.taps, self._user_batch(emb, prompts),
                               mode, decoder_precision=self.engine.autocast)
+        if mode == "apm+ips" and out.apm is not None and out.apm.box is not None:
+            out = self._refine_box(emb, out)
         logits = self.engine.postprocess(out.low_res, emb, output_size)
         masks = (logits > self.engine.mask_threshold)[0].cpu().numpy()
         if (mode == "apm+ips" and out.apm is not None and out.apm.presence is not None
@@ -153,6 +177,18 @@ class ProMISeModel:
         return Prediction(masks, logits[0].float().cpu().numpy(), out.iou[0].float().cpu().numpy(),
                           out.low_res[0].float().cpu().numpy(), points,
                           None if used.labels is None else used.labels[0].cpu().numpy(), box)
+
+    def _refine_box(self, emb: ImageEmbedding, out: ForwardOutput) -> ForwardOutput:
+        """``box_refinement`` re-decodes, each with the previous mask's box (the APM's presence is kept)."""
+        for _ in range(self.box_refinement):
+            box = low_res_box(out.low_res, emb.input_size, self.backbone.spec.image_size, self.engine.mask_threshold)
+            if box is None:
+                break
+            used = PromptBatch(out.prompts.points, out.prompts.labels, box)  # the APM's points, if any, stay
+            refined = promise_forward(self.backbone, self.adapter, emb.features, None, used, "ips",
+                                      decoder_precision=self.engine.autocast)
+            out = ForwardOutput(refined.low_res, refined.iou, refined.prompts, out.apm)
+        return out
 
     def is_automatic(self, mode: str) -> bool:
         """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""

@@ -77,6 +77,8 @@ def labelmap_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray,
     """KJI uint8 mask -> ``vtkOrientedImageData`` at the given geometry (any direction, any spacing).
 
     With ``extent`` (i0, i1, j0, j1, k0, k1) only that sub-block of ``mask`` is stored, e.g. one slice.
+    The image takes over the block's memory (no second copy of a whole-volume mask: 75 MB at 512x512x300),
+    so ``mask`` must not be changed afterwards; every caller passes a freshly predicted mask.
     """
     ijk_to_ras = np.asarray(ijk_to_ras, float)
     if extent is None:
@@ -86,7 +88,8 @@ def labelmap_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray,
     image = slicer.vtkOrientedImageData()
     image.SetExtent(i0, i1, j0, j1, k0, k1)
     image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
-    scalars = numpy_support.numpy_to_vtk(block.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    # deep=False: the VTK array keeps a reference to the block instead of copying it
+    scalars = numpy_support.numpy_to_vtk(block.ravel(), deep=False, array_type=vtk.VTK_UNSIGNED_CHAR)
     image.GetPointData().SetScalars(scalars)
     return image
 
