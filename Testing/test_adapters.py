@@ -159,6 +159,22 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     assert not (out.parent / (out.name + ".state.pt")).exists()  # a finished run keeps no resumable state
 
 
+def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained, tiny_backbone):
+    from PromiseSegmentLib.training import REFINEMENT_GAIN, REFINEMENTS
+
+    result, out, _, _ = trained
+    meta = read_metadata(out)
+    scores = meta["training"]["box_refinement_val_dice"]
+    assert len(scores) == len(REFINEMENTS) and all(0.0 <= d <= 1.0 for d in scores.values())
+    by_choice = dict(zip(REFINEMENTS, scores.values()))
+    best = max(REFINEMENTS, key=lambda c: by_choice[c] - (REFINEMENT_GAIN if c[0] else 0.0))
+    chosen = (meta["apm"]["box_refinement"], meta["apm"]["refinement_margin"])
+    assert chosen == best == (result.adapter.apm.box_refinement, result.adapter.apm.refinement_margin)
+    loaded = load_adapter(out, tiny_backbone).apm
+    assert (loaded.box_refinement, loaded.refinement_margin) == chosen
+    assert by_choice[(0, 0.0)] == pytest.approx(result.best_val_dice)  # no refinement: what selection measured
+
+
 def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):
     result, out, cases, _ = trained
     loaded = load_adapter(out, tiny_backbone)
@@ -287,6 +303,9 @@ def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():
     low[0, 0, 200:, :] = 5.0  # padding below an image 1024 wide and 600 high (600 / 4 = 150 rows)
     np.testing.assert_array_equal(low_res_box(low, (600, 1024), 1024, 0.0)[0].numpy(), [120, 40, 164, 84])
     np.testing.assert_array_equal(low_res_box(low, (256, 256), 256, 0.0)[0].numpy(), [0, 10, 256, 256])
+    grown = low_res_box(low, (600, 1024), 1024, 0.0, margin=0.25)[0].numpy()  # 44 x 44 -> 11 more each side
+    np.testing.assert_array_equal(grown, [109, 29, 175, 95])
+    np.testing.assert_array_equal(low_res_box(low, (600, 1024), 1024, 0.0, margin=1.0)[0].numpy()[:2], [76, 0])
     assert low_res_box(torch.full((1, 1, 256, 256), -1.0), (256, 256), 256, 0.0) is None
 
 
@@ -297,15 +316,22 @@ def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, r
     with torch.no_grad():
         adapter.apm.box_head.presence.bias.fill_(5.0)
     engine = engine_for(tiny_backbone, adapter, "cpu")
+    model = ProMISeModel(engine, adapter)
     emb = engine.encode([make_image(rng, 150, 130)])[0]
-    once = ProMISeModel(engine, adapter, box_refinement=0).predict(emb, mode="apm+ips")
-    twice = ProMISeModel(engine, adapter, box_refinement=1).predict(emb, mode="apm+ips")
-    first_mask_box = low_res_box(torch.as_tensor(once.low_res)[None], emb.input_size, 1024, engine.mask_threshold)
+    assert (adapter.apm.box_refinement, adapter.apm.refinement_margin) == (0, 0.0)  # the default: none
+    once = model.predict(emb, mode="apm+ips")
+    adapter.apm.set_refinement(1, 0.1)
+    twice = model.predict(emb, mode="apm+ips")
+    first_mask_box = low_res_box(torch.as_tensor(once.low_res)[None], emb.input_size, 1024, engine.mask_threshold,
+                                 0.1)
     assert first_mask_box is not None  # the untrained model still gives some mask to refine from
     expected = tiny_backbone.spec.from_input_frame(first_mask_box.numpy().reshape(2, 2), emb.original_size)
     np.testing.assert_allclose(twice.box, expected.reshape(4), atol=1e-4)
     assert not np.allclose(once.box, twice.box)  # the APM's own box was replaced ...
-    user = ProMISeModel(engine, adapter, box_refinement=0).predict(emb, Prompts(box=twice.box), mode="ips")
+    user = model.predict(emb, Prompts(box=twice.box), mode="ips")
     np.testing.assert_array_equal(user.masks, twice.masks)  # ... and decoded as a user's box with IPS would be
-    with pytest.raises(ValueError, match="box_refinement"):
-        ProMISeModel(engine, adapter, box_refinement=-1)
+    for steps, margin in ((-1, 0.0), (4, 0.0), (1, -0.1), (1, 1.5)):
+        with pytest.raises(ValueError, match="box refinement"):
+            adapter.apm.set_refinement(steps, margin)
+    with pytest.raises(ValueError, match="box head"):
+        APM((8,), 256, prompts=("points",), fusion_dim=16, box_refinement=1)

@@ -23,6 +23,7 @@ from torch import nn
 
 RESNET34_BLOCKS = (3, 4, 6, 3)
 PROMPT_KINDS = ("points", "box")
+MAX_REFINEMENT = 3
 
 
 def default_slot_labels(n_points: int, n_positive: int) -> List[int]:
@@ -111,7 +112,8 @@ class APM(nn.Module):
 
     def __init__(self, tap_channels: Sequence[int], image_size: int, prompts: Sequence[str] = ("points",),
                  slot_labels: Sequence[int] = tuple(default_slot_labels(16, 8)), fusion_dim: int = 256,
-                 head_blocks: Sequence[int] = RESNET34_BLOCKS, tap_pool: int = 1):
+                 head_blocks: Sequence[int] = RESNET34_BLOCKS, tap_pool: int = 1, box_refinement: int = 0,
+                 refinement_margin: float = 0.0):
         super().__init__()
         prompts = tuple(prompts)
         if not prompts or any(p not in PROMPT_KINDS for p in prompts):
@@ -130,6 +132,20 @@ class APM(nn.Module):
             nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1))
         self.point_head = PointHead(fusion_dim, len(slot_labels), head_blocks) if "points" in prompts else None
         self.box_head = BoxHead(fusion_dim) if "box" in prompts else None
+        self.set_refinement(box_refinement, refinement_margin)
+
+    def set_refinement(self, steps: int, margin: float) -> None:
+        """How inference refines the box (``promise.ProMISeModel``): ``steps`` re-decodes, each with the
+        previous mask's bounding box grown by ``margin`` of its size on every side. Chosen on held-out
+        images after training (``training.choose_box_refinement``) and kept in the adapter's metadata."""
+        steps, margin = int(steps), float(margin)
+        if not 0 <= steps <= MAX_REFINEMENT or not 0.0 <= margin <= 1.0:
+            raise ValueError(f"box refinement must be 0..{MAX_REFINEMENT} steps with a margin in [0, 1], "
+                             f"got {steps} and {margin}")
+        if steps and self.box_head is None:
+            raise ValueError("box refinement needs an APM with a box head")
+        self.box_refinement, self.refinement_margin = steps, margin
+        self.config.update(box_refinement=steps, refinement_margin=margin)
 
     @property
     def n_points(self) -> int:

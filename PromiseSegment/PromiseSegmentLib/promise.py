@@ -85,32 +85,61 @@ def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], featur
     return ForwardOutput(low_res.float(), iou.float(), PromptBatch(points, labels, boxes, user.masks), apm_out)
 
 
-def low_res_box(low_res: torch.Tensor, input_size: Tuple[int, int], image_size: int,
-                threshold: float) -> Optional[torch.Tensor]:
+def low_res_box(low_res: torch.Tensor, input_size: Tuple[int, int], image_size: int, threshold: float,
+                margin: float = 0.0) -> Optional[torch.Tensor]:
     """The bounding box (pixel edges, (1, 4) in the input frame) of a (1, 1, 256, 256) low-res mask's
-    foreground inside the image's part of the padded square, or None when it is empty."""
+    foreground inside the image's part of the padded square, grown by ``margin`` of its width/height on
+    each side and clipped to the image; None when the mask is empty."""
     scale = image_size / LOW_RES
     h, w = (int(math.ceil(n / scale)) for n in input_size)
     ys, xs = torch.nonzero(low_res[0, 0, :h, :w] > threshold, as_tuple=True)
     if ys.numel() == 0:
         return None
-    edges = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * scale
-    return edges.clamp(max=float(max(input_size)))[None].to(low_res.device)
+    x0, y0, x1, y1 = (float(v) * scale for v in (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    box = [max(x0 - dx, 0.0), max(y0 - dy, 0.0), min(x1 + dx, float(input_size[1])), min(y1 + dy, float(input_size[0]))]
+    return torch.tensor([box], dtype=torch.float32, device=low_res.device)
+
+
+def refine_boxes(backbone: LoadedBackbone, adapter: Adapter, features: torch.Tensor, out: ForwardOutput,
+                 input_sizes, threshold: float, steps: int, margin: float,
+                 decoder_precision=contextlib.nullcontext) -> ForwardOutput:
+    """``steps`` re-decodes of a batch (``mode`` ips, the IPS shift, the APM's points if any), each with the
+    previous masks' boxes grown by ``margin`` (``low_res_box``); images whose mask is empty keep theirs.
+    The APM's output (presence) is kept. Inference and the trainer's choice of refinement share it."""
+    for _ in range(steps):
+        boxes = [low_res_box(out.low_res[i:i + 1], size, backbone.spec.image_size, threshold, margin)
+                 for i, size in enumerate(input_sizes)]
+        keep = [i for i, b in enumerate(boxes) if b is not None]
+        if not keep:
+            break
+        idx = torch.tensor(keep, device=features.device)
+        used = out.prompts
+        points = None if used.points is None else used.points[idx]
+        labels = None if used.labels is None else used.labels[idx]
+        new_boxes = torch.cat([boxes[i] for i in keep]).to(features.device)
+        refined = promise_forward(backbone, adapter, features[idx], None, PromptBatch(points, labels, new_boxes), "ips",
+                                  decoder_precision=decoder_precision)
+        low_res, iou = out.low_res.clone(), out.iou.clone()
+        low_res[idx], iou[idx] = refined.low_res, refined.iou
+        all_boxes = (used.boxes.clone() if used.boxes is not None else
+                     features.new_zeros((features.shape[0], 4)))
+        all_boxes[idx] = new_boxes.to(all_boxes.dtype)
+        out = ForwardOutput(low_res, iou, PromptBatch(used.points, used.labels, all_boxes, used.masks), out.apm)
+    return out
 
 
 class ProMISeModel:
     """A loaded backbone (in ``engine``) with an optional adapter: predicts one image or a whole volume.
 
-    ``box_refinement`` (automatic mode with a box-predicting APM): how many times the APM's box is replaced
-    by the bounding box of the mask it gave and the image decoded again with that box and the IPS shift.
-    The mask decoder finds the object's edges more reliably than the APM places the box (IPS with the true
-    box: Kvasir Dice 0.95, with the APM's: 0.84), so one re-decode moves the box towards the true one."""
+    Automatic mode with a box-predicting APM may refine the box, as the adapter says
+    (``APM.set_refinement``): the APM's box is replaced by the bounding box of the mask it gave, grown by a
+    margin, and the image decoded again with it and the IPS shift. The mask decoder finds the object's
+    edges more reliably than the APM places the box (Kvasir: IPS with the true box 0.95, with the APM's
+    0.84); the margin lets the mask grow where the APM's box cut it off."""
 
-    def __init__(self, engine: SamEngine, adapter: Optional[Adapter] = None, box_refinement: int = 1):
+    def __init__(self, engine: SamEngine, adapter: Optional[Adapter] = None):
         self.engine, self.adapter = engine, adapter
-        if box_refinement < 0:
-            raise ValueError(f"box_refinement must be >= 0, got {box_refinement}")
-        self.box_refinement = int(box_refinement)
         if adapter is not None:
             adapter.to(engine.device).eval()
 
@@ -163,7 +192,10 @@ class ProMISeModel:
         out = promise_forward(self.backbone, self.adapter, emb.features, emb.taps, self._user_batch(emb, prompts),
                               mode, decoder_precision=self.engine.autocast)
         if mode == "apm+ips" and out.apm is not None and out.apm.box is not None:
-            out = self._refine_box(emb, out)
+            apm = self.adapter.apm
+            out = refine_boxes(self.backbone, self.adapter, emb.features, out, [emb.input_size],
+                               self.engine.mask_threshold, apm.box_refinement, apm.refinement_margin,
+                               self.engine.autocast)
         logits = self.engine.postprocess(out.low_res, emb, output_size)
         masks = (logits > self.engine.mask_threshold)[0].cpu().numpy()
         if (mode == "apm+ips" and out.apm is not None and out.apm.presence is not None
@@ -177,18 +209,6 @@ class ProMISeModel:
         return Prediction(masks, logits[0].float().cpu().numpy(), out.iou[0].float().cpu().numpy(),
                           out.low_res[0].float().cpu().numpy(), points,
                           None if used.labels is None else used.labels[0].cpu().numpy(), box)
-
-    def _refine_box(self, emb: ImageEmbedding, out: ForwardOutput) -> ForwardOutput:
-        """``box_refinement`` re-decodes, each with the previous mask's box (the APM's presence is kept)."""
-        for _ in range(self.box_refinement):
-            box = low_res_box(out.low_res, emb.input_size, self.backbone.spec.image_size, self.engine.mask_threshold)
-            if box is None:
-                break
-            used = PromptBatch(out.prompts.points, out.prompts.labels, box)  # the APM's points, if any, stay
-            refined = promise_forward(self.backbone, self.adapter, emb.features, None, used, "ips",
-                                      decoder_precision=self.engine.autocast)
-            out = ForwardOutput(refined.low_res, refined.iou, refined.prompts, out.apm)
-        return out
 
     def is_automatic(self, mode: str) -> bool:
         """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""

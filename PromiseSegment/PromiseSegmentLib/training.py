@@ -31,7 +31,7 @@ from .errors import Cancelled, InputError
 from .ips import IPS
 from .paths import write_atomically
 from .preprocessing import IntensityRule, mask_bbox
-from .promise import PromptBatch, promise_forward
+from .promise import PromptBatch, promise_forward, refine_boxes
 from .validation import OPTION_NAMES, USER_PROMPTS, check_train_settings  # noqa: F401  (USER_PROMPTS re-exported)
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,11 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
     return [1.0 if float(s) == 0 else float(2 * i / s) for i, s in zip(inter, total)]
 
 
+# Box refinements tried after training (steps, margin as a share of the box side); see ``choose_refinement``.
+REFINEMENTS = ((0, 0.0), (1, 0.0), (1, 0.05), (1, 0.1), (1, 0.2), (2, 0.1))
+REFINEMENT_GAIN = 0.002
+
+
 class Trainer:
     """One training run: resume, epochs (APM warm-up, then joint), model selection, saving."""
 
@@ -276,6 +281,7 @@ class Trainer:
         self.optim = torch.optim.Adam(self.param_groups(), lr=cfg.lr)
         self.history: List[Dict[str, float]] = []
         self.best, self.best_state, self.first_epoch = -1.0, None, 0
+        self.refinement_scores: Dict[str, float] = {}
         self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm)
         self.val_src = FeatureSource(engine, val, True, self.gen, False, self.adapter.apm)
 
@@ -362,6 +368,30 @@ class Trainer:
                 ious += box_iou(out.apm.box[batch.present], batch.boxes[batch.present])[0].tolist()
         return float(np.mean(scores)), float(np.mean(ious)) if ious else float("nan")
 
+    @torch.no_grad()
+    def choose_refinement(self) -> Dict[str, float]:
+        """Set the APM's box refinement (``promise.refine_boxes``) to the candidate with the best validation
+        Dice, measured like ``validate``; a refinement must beat none by ``REFINEMENT_GAIN`` to be chosen
+        (it costs a decode per step). Returns the Dice of every candidate."""
+        apm = self.adapter.apm
+        for m in self.adapter.modules().values():
+            m.eval()
+        scores: Dict[tuple, List[float]] = {c: [] for c in REFINEMENTS}
+        for b in range(0, len(self.val), self.cfg.batch_size):
+            items = self.val_src.get(range(b, min(len(self.val), b + self.cfg.batch_size)))
+            batch = collate(items, self.engine.device)
+            out = promise_forward(self.engine.backbone, self.adapter, batch.features, batch.taps, PromptBatch(),
+                                  "apm+ips", taps_prepared=True)
+            for steps, margin in REFINEMENTS:
+                refined = refine_boxes(self.engine.backbone, self.adapter, batch.features, out,
+                                       [it.input_size for it in items], self.engine.mask_threshold, steps, margin)
+                scores[(steps, margin)] += batch_dice(refined.low_res[:, 0].float(), batch.target)
+        means = {c: float(np.mean(v)) for c, v in scores.items()}
+        best = max(REFINEMENTS, key=lambda c: means[c] - (REFINEMENT_GAIN if c[0] else 0.0))
+        apm.set_refinement(*best)
+        log.info("box refinement %s (validation Dice %s)", best, means)
+        return {f"{steps} step(s), margin {margin}": d for (steps, margin), d in means.items()}
+
     def snapshot(self) -> Dict[str, Dict[str, torch.Tensor]]:
         return {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                 for n, m in self.adapter.modules().items()}
@@ -372,6 +402,8 @@ class Trainer:
         a.training = {"train_cases": len(self.train), "val_cases": len(self.val), "epochs": len(self.history),
                       "best_val_dice": self.best, "mode": self.cfg.mode, "config": cfg,
                       "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0}
+        if self.refinement_scores:
+            a.training["box_refinement_val_dice"] = self.refinement_scores
         return a
 
     def save_state(self, epoch: int) -> None:
@@ -405,6 +437,9 @@ class Trainer:
             raise RuntimeError("the backbone's weights changed during training; this is a bug")
         for name, m in self.adapter.modules().items():
             m.load_state_dict(self.best_state[name])
+        apm = self.adapter.apm
+        if self.val and self.cfg.mode == "apm+ips" and apm is not None and apm.box_head is not None:
+            self.refinement_scores = self.choose_refinement()
         adapter = self.final_adapter().eval()
         if self.output:
             save_adapter(adapter, self.output)
