@@ -40,7 +40,7 @@ def decode_masks(sam: Sam, image_embeddings: torch.Tensor, sparse_prompt_embeddi
         raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {b} prompt sets")
     src = src + dense_prompt_embeddings
     image_pe = sam.prompt_encoder.get_dense_pe()
-    pos_src = torch.repeat_interleave(image_pe, b, dim=0)
+    pos_src = image_pe if b == 1 else torch.repeat_interleave(image_pe, b, dim=0)  # one image: no 4 MB copy
     _, c, h, w = src.shape
 
     hs, src = dec.transformer(src, pos_src, tokens)
