@@ -87,3 +87,41 @@ def test_box_runs_go_middle_out_with_the_previous_result_box(tiny_backbone, samp
     assert order[3] == [10, 12, 30, 32]  # slice 8: slice 7 came out empty -> the middle box again
     assert order[4] == [11, 13, 29, 31]  # slice 4: from slice 5, going down
     assert out[5].any() and not out[7].any() and not out[:2].any()
+
+
+def _box_adapter(backbone, presence: float):
+    import torch
+
+    from PromiseSegmentLib.training import TrainConfig, build_adapter
+
+    adapter = build_adapter(TrainConfig(apm_prompts=("box",), apm_fusion_dim=16, apm_tap_pool=2), backbone)
+    with torch.no_grad():
+        adapter.apm.box_head.presence.bias.fill_(presence)
+        for p in adapter.ips.parameters():  # a non-zero shift
+            p.add_(0.02 * torch.randn_like(p))
+    adapter.apm.set_refinement(1, 0.1)
+    return adapter.eval()
+
+
+def test_automatic_batches_decode_as_one_and_equal_slice_by_slice(tiny_backbone, sample):
+    """APM + IPS + decoder + box refinement + resampling for a batch of slices at once (the GPU path, run
+    on the CPU) give the masks that one slice at a time gives."""
+    from PromiseSegmentLib.promise import ProMISeModel
+
+    vol, _ = sample
+    adapter = _box_adapter(tiny_backbone, 5.0)
+    one = ProMISeModel(SamEngine(tiny_backbone, "cpu", batch_size=1, capture_taps=True), adapter)
+    four = ProMISeModel(SamEngine(tiny_backbone, "cpu", batch_size=4, capture_taps=True), adapter)
+    a = one.segment_volume(vol.array, vol.ijk_to_ras, mode="apm+ips", slice_range=(0, 5))
+    b = four.segment_volume(vol.array, vol.ijk_to_ras, mode="apm+ips", slice_range=(0, 5))
+    assert a[:6].any(axis=(1, 2)).all()  # every slice has a mask to compare
+    assert (a != b).mean() <= 1e-4  # batched float sums may flip a borderline voxel, no more
+    slices = [np.repeat(((vol.array[k] - vol.array.min()) / np.ptp(vol.array) * 255).astype(np.uint8)[..., None], 3, 2)
+              for k in range(3)]
+    embs = one.engine.encode(slices)
+    per_image = np.stack([one.predict(e, mode="apm+ips").masks[0] for e in embs])
+    assert (one.predict_masks(embs, embs[0].original_size) != per_image).mean() <= 1e-4
+    absent = ProMISeModel(one.engine, _box_adapter(tiny_backbone, -5.0))  # the APM says: not on these slices
+    assert not absent.predict_masks(embs, embs[0].original_size).any()
+    with pytest.raises(ValueError, match="one size"):
+        one.predict_masks([embs[0], one.engine.encode([slices[0][:40]])[0]], (10, 10))

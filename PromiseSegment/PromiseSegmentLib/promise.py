@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -210,6 +210,33 @@ class ProMISeModel:
                           out.low_res[0].float().cpu().numpy(), points,
                           None if used.labels is None else used.labels[0].cpu().numpy(), box)
 
+    @torch.no_grad()
+    def predict_masks(self, embs: Sequence[ImageEmbedding], output_size: Tuple[int, int]) -> np.ndarray:
+        """Automatic mode (``apm+ips``, no user prompts) for a batch of images encoded at the same size
+        (slices of one volume): APM, IPS, decoder and box refinement run as one batch, and the logits are
+        resampled to ``output_size`` and thresholded once for the batch, on the engine's device; only the
+        bool masks (B, H, W) come back. Equal to ``predict`` on each image."""
+        if not embs:
+            return np.zeros((0, *output_size), bool)
+        if len({e.input_size for e in embs}) != 1 or len({e.original_size for e in embs}) != 1:
+            raise ValueError("predict_masks needs images encoded at one size (slices of one volume)")
+        self.resolve_mode("apm+ips", Prompts())
+        if any(e.taps is None for e in embs):
+            raise RuntimeError("the engine did not capture the encoder taps the APM reads")
+        features = torch.cat([e.features for e in embs])
+        taps = [torch.cat(level) for level in zip(*(e.taps for e in embs))]
+        out = promise_forward(self.backbone, self.adapter, features, taps, PromptBatch(), "apm+ips",
+                              decoder_precision=self.engine.autocast)
+        apm = self.adapter.apm
+        if out.apm.box is not None:
+            out = refine_boxes(self.backbone, self.adapter, features, out, [e.input_size for e in embs],
+                               self.engine.mask_threshold, apm.box_refinement, apm.refinement_margin,
+                               self.engine.autocast)
+        masks = self.engine.postprocess(out.low_res, embs[0], output_size)[:, 0] > self.engine.mask_threshold
+        if out.apm.presence is not None:
+            masks &= (out.apm.presence >= PRESENCE_THRESHOLD)[:, None, None]  # absent: left empty
+        return masks.cpu().numpy()
+
     def is_automatic(self, mode: str) -> bool:
         """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""
         return self.has_apm and mode in ("auto",) + APM_MODES
@@ -251,6 +278,12 @@ class ModelInMode:
 
     def predict(self, emb: ImageEmbedding, prompts: Prompts, output_size) -> Prediction:
         return self.model.predict(emb, prompts, output_size, self.mode)
+
+    def predict_masks(self, embs, output_size) -> Optional[np.ndarray]:
+        """Unprompted slices in one batch, when this mode is automatic (``apm+ips``); None otherwise."""
+        if self.model.resolve_mode(self.mode, Prompts()) != "apm+ips":
+            return None
+        return self.model.predict_masks(embs, output_size)
 
     def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray):
         return self.model.engine.mask_to_prompt(emb, mask)

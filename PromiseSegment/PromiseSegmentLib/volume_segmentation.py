@@ -155,18 +155,36 @@ def segment_volume(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_
         batch = todo[start:start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
         embeddings = model.encode([image for _, image in prepared], cancel=cancel)
+        unprompted = [s for s in batch if automatic and s not in prompts]
+        batched = _automatic_masks(model, [e for s, e in zip(batch, embeddings) if s in unprompted],
+                                   prepared[0][0].native_shape)
         for s, (g, _), emb in zip(batch, prepared, embeddings):
-            p = prompts.get(s, Prompts())
-            if parents.get(s) is not None:
-                parent, middle = parents[s]
-                p = Prompts(box=mask_bbox(take_slice(out, ax, parent), PROPAGATION_MARGIN)
-                            if take_slice(out, ax, parent).any() else prompts[middle].box)
-            pred = model.predict(emb, _to_square_prompts(g, p), g.native_shape)
-            put_slice(out, ax, s, pred.masks[0].astype(np.uint8))
+            if batched is not None and s in unprompted:
+                mask = batched[unprompted.index(s)]
+            else:
+                p = _to_square_prompts(g, _slice_prompts(s, prompts, parents, out, ax))
+                mask = model.predict(emb, p, g.native_shape).masks[0]
+            put_slice(out, ax, s, mask.astype(np.uint8))
             done += 1
             if progress:
                 progress(done, len(todo))
     return out
+
+
+def _slice_prompts(s: int, prompts: Dict[int, Prompts], parents, out: np.ndarray, ax: int) -> Prompts:
+    """Slice ``s``'s prompts: its own, or in box propagation its parent's result box + margin (the run's
+    middle box where that result is empty)."""
+    if parents.get(s) is None:
+        return prompts.get(s, Prompts())
+    parent, middle = parents[s]
+    previous = take_slice(out, ax, parent)
+    return Prompts(box=mask_bbox(previous, PROPAGATION_MARGIN) if previous.any() else prompts[middle].box)
+
+
+def _automatic_masks(model: SliceModel, embeddings: List[ImageEmbedding], output_size) -> Optional[np.ndarray]:
+    """Masks of unprompted slices in one batch from a model that can (``predict_masks``), else None."""
+    batched = getattr(model, "predict_masks", None)
+    return batched(embeddings, output_size) if embeddings and batched is not None else None
 
 
 PROPAGATION_MARGIN = 3  # px added around the previous slice's result box (LiteMedSAM's reference)
