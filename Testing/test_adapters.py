@@ -257,7 +257,8 @@ def test_a_training_set_of_empty_masks_is_refused(tiny_backbone):
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(apm_fusion_dim=0), dict(n_points=0),
-                                 dict(n_positive=17), dict(lr=float("nan")), dict(user_prompt="scribble")])
+                                 dict(n_positive=17), dict(lr=float("nan")), dict(user_prompt="scribble"),
+                                 dict(lr_schedule="linear")])
 def test_bad_training_options_are_refused_before_any_work(bad):
     with pytest.raises(InputError):
         TrainConfig(**bad).check()
@@ -335,3 +336,20 @@ def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, r
             adapter.apm.set_refinement(steps, margin)
     with pytest.raises(ValueError, match="box head"):
         APM((8,), 256, prompts=("points",), fusion_dim=16, box_refinement=1)
+
+
+def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backbone):
+    from PromiseSegmentLib.training import Trainer, lr_factor
+
+    cfg = TrainConfig(epochs=6, apm_warmup_epochs=2, lr=1e-3, lr_schedule="cosine", apm_joint_lr=0.5)
+    warm = [lr_factor(cfg, e, True) for e in range(2)]
+    joint = [lr_factor(cfg, e, False) for e in range(2, 6)]
+    assert warm == pytest.approx([1.0, 0.5]) and joint == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    assert lr_factor(TrainConfig(), 7, False) == 1.0  # constant by default
+    pairs = make_training_slices([1], empty_share=0.0)[:4]
+    cases = [Case(str(i), rgb, m) for i, (rgb, m) in enumerate(pairs)]
+    trainer = Trainer(engine_for(tiny_backbone, None, "cpu"), cases[1:], cases[:1],
+                      TrainConfig(**{**cfg.__dict__, "augment": False, "cache_features": True, "batch_size": 4,
+                                     "apm_prompts": ("box",), **LIGHT}), None)
+    trainer.epoch(3, None)  # the second joint epoch
+    assert [g["lr"] for g in trainer.optim.param_groups] == pytest.approx([1e-3 * 0.8535534 * 0.5, 1e-3 * 0.8535534])

@@ -10,7 +10,7 @@ from .cli_args import (add_backbone_args, add_intensity_args, announce, engine_o
                        progress_bar)
 from .arg_types import (any_int, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
                         non_negative_int, open_fraction, positive_float, positive_int, volume_pair_arg)
-from .validation import TRAIN_DEFAULTS, preflight, train_values
+from .validation import LR_SCHEDULES, TRAIN_DEFAULTS, preflight, train_values
 
 
 def _train_progress(progress):
@@ -228,6 +228,10 @@ def _add_apm_options(p, d) -> None:
                    help="auxiliary APM loss against the mask's bounding box (0: the paper's mask loss only)")
     p.add_argument("--apm-warmup", type=non_negative_int, default=d["apm_warmup_epochs"],
                    help="epochs training the APM alone on the auxiliary loss before the joint phase")
+    p.add_argument("--apm-joint-lr", type=non_negative_float, default=d["apm_joint_lr"],
+                   help="the APM's learning rate after the warm-up, as a share of --lr (0: keep it as warmed up)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"],
+                   help="cosine: the learning rate decays towards 0 within the warm-up and within the joint phase")
 
 
 def _add_evaluate_command(sub) -> None:

@@ -11,6 +11,7 @@ frozen and checked bit-identical after training.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,7 @@ class TrainConfig:
     flip_warmup: bool = True  # random flips of the encoder taps (and boxes) during the APM warm-up
     apm_joint_lr: float = 1.0  # the APM's learning rate in the joint phase, as a share of lr (0: weights kept as
     # warmed up; its BatchNorm statistics still follow the data)
+    lr_schedule: str = "constant"  # "cosine": within each phase (warm-up, joint), lr decays from lr towards 0
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = "Segment"
@@ -259,6 +261,15 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> List[float]:
     return [1.0 if float(s) == 0 else float(2 * i / s) for i, s in zip(inter, total)]
 
 
+def lr_factor(cfg: TrainConfig, epoch: int, warmup: bool) -> float:
+    """The share of ``lr`` for ``epoch``: 1 (constant), or a cosine from 1 over the epoch's phase."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    start, length = (0, cfg.apm_warmup_epochs) if warmup else (cfg.apm_warmup_epochs,
+                                                                cfg.epochs - cfg.apm_warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / max(1, length)))
+
+
 # Box refinements tried after training (steps, margin as a share of the box side); see ``choose_refinement``.
 REFINEMENTS = ((0, 0.0), (1, 0.0), (1, 0.05), (1, 0.1), (1, 0.2), (2, 0.1))
 REFINEMENT_GAIN = 0.002
@@ -335,8 +346,11 @@ class Trainer:
     def epoch(self, epoch: int, cancel: Optional[Callable[[], bool]]) -> Dict[str, float]:
         started = time.time()
         warmup = self.adapter.apm is not None and epoch < self.cfg.apm_warmup_epochs
+        lr = self.cfg.lr * lr_factor(self.cfg, epoch, warmup)
+        for group in self.optim.param_groups:
+            group["lr"] = lr
         if self.adapter.apm is not None:  # group 0 is the APM
-            self.optim.param_groups[0]["lr"] = self.cfg.lr * (1.0 if warmup else self.cfg.apm_joint_lr)
+            self.optim.param_groups[0]["lr"] = lr * (1.0 if warmup else self.cfg.apm_joint_lr)
         for m in self.adapter.modules().values():
             m.train()
         order = torch.randperm(len(self.train), generator=self.gen).tolist()

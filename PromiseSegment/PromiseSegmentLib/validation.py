@@ -32,13 +32,15 @@ MAX_HEADER = 100 << 20
 # TrainConfig's defaults, readable without importing torch (Testing/test_reliability.py keeps them equal).
 TRAIN_DEFAULTS: Dict[str, Any] = dict(epochs=200, batch_size=8, lr=1e-5, seed=0, n_points=16, n_positive=8,
                                       apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3), apm_tap_pool=1,
-                                      box_loss_weight=1.0, apm_warmup_epochs=0, user_prompt="none")
+                                      box_loss_weight=1.0, apm_warmup_epochs=0, user_prompt="none",
+                                      apm_joint_lr=1.0, lr_schedule="constant")
 USER_PROMPTS = ("none", "box", "points")
 OPTION_NAMES = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "n_points": "--points",
            "n_positive": "--positive", "apm_fusion_dim": "--apm-width", "apm_tap_pool": "--apm-tap-pool",
            "apm_head_blocks": "--apm-blocks", "box_loss_weight": "--box-loss-weight",
            "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts",
-           "apm_joint_lr": "--apm-joint-lr"}
+           "apm_joint_lr": "--apm-joint-lr", "lr_schedule": "--lr-schedule"}
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class AdapterError(PromiseError, ValueError):
@@ -229,6 +231,8 @@ def check_train_settings(values: Dict[str, Any]) -> None:
     blocks = values["apm_head_blocks"]
     if len(blocks) != 4 or min(blocks) < 1:
         raise InputError(f"--apm-blocks must be four numbers of at least 1, got {list(blocks)}")
+    if values.get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise InputError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {values['lr_schedule']!r}")
     prompts = values.get("apm_prompts")
     if prompts is not None and (not prompts or not set(prompts) <= {"box", "points"}):
         raise InputError(f"--apm-prompts must be box, points or box,points, got {prompts}")
@@ -292,7 +296,8 @@ def train_values(args) -> Dict[str, Any]:
                 n_points=args.points, n_positive=args.positive, apm_fusion_dim=args.apm_width,
                 apm_head_blocks=args.apm_blocks, apm_tap_pool=args.apm_tap_pool,
                 box_loss_weight=args.box_loss_weight, apm_warmup_epochs=args.apm_warmup,
-                user_prompt=args.user_prompt, apm_prompts=args.apm_prompts)
+                user_prompt=args.user_prompt, apm_prompts=args.apm_prompts, apm_joint_lr=args.apm_joint_lr,
+                lr_schedule=args.lr_schedule)
 
 
 def _evaluate(args) -> None:
