@@ -189,13 +189,7 @@ class ProMISeModel:
             return vanilla_predict(self.engine, emb, prompts, output_size)
         if mode in APM_MODES and emb.taps is None:
             raise RuntimeError("the engine did not capture the encoder taps the APM reads")
-        out = promise_forward(self.backbone, self.adapter, emb.features, emb.taps, self._user_batch(emb, prompts),
-                              mode, decoder_precision=self.engine.autocast)
-        if mode == "apm+ips" and out.apm is not None and out.apm.box is not None:
-            apm = self.adapter.apm
-            out = refine_boxes(self.backbone, self.adapter, emb.features, out, [emb.input_size],
-                               self.engine.mask_threshold, apm.box_refinement, apm.refinement_margin,
-                               self.engine.autocast)
+        out = self._forward(emb.features, emb.taps, self._user_batch(emb, prompts), mode, [emb.input_size])
         logits = self.engine.postprocess(out.low_res, emb, output_size)
         masks = (logits > self.engine.mask_threshold)[0].cpu().numpy()
         if (mode == "apm+ips" and out.apm is not None and out.apm.presence is not None
@@ -209,6 +203,17 @@ class ProMISeModel:
         return Prediction(masks, logits[0].float().cpu().numpy(), out.iou[0].float().cpu().numpy(),
                           out.low_res[0].float().cpu().numpy(), points,
                           None if used.labels is None else used.labels[0].cpu().numpy(), box)
+
+    def _forward(self, features, taps, user: PromptBatch, mode: str, input_sizes) -> ForwardOutput:
+        """Inference: ``promise_forward`` with the decoder in the engine's precision, then in automatic
+        mode the adapter's box refinement."""
+        out = promise_forward(self.backbone, self.adapter, features, taps, user, mode,
+                              decoder_precision=self.engine.autocast)
+        if mode == "apm+ips" and out.apm is not None and out.apm.box is not None:
+            apm = self.adapter.apm
+            out = refine_boxes(self.backbone, self.adapter, features, out, input_sizes, self.engine.mask_threshold,
+                               apm.box_refinement, apm.refinement_margin, self.engine.autocast)
+        return out
 
     @torch.no_grad()
     def predict_masks(self, embs: Sequence[ImageEmbedding], output_size: Tuple[int, int]) -> np.ndarray:
@@ -225,13 +230,7 @@ class ProMISeModel:
             raise RuntimeError("the engine did not capture the encoder taps the APM reads")
         features = torch.cat([e.features for e in embs])
         taps = [torch.cat(level) for level in zip(*(e.taps for e in embs))]
-        out = promise_forward(self.backbone, self.adapter, features, taps, PromptBatch(), "apm+ips",
-                              decoder_precision=self.engine.autocast)
-        apm = self.adapter.apm
-        if out.apm.box is not None:
-            out = refine_boxes(self.backbone, self.adapter, features, out, [e.input_size for e in embs],
-                               self.engine.mask_threshold, apm.box_refinement, apm.refinement_margin,
-                               self.engine.autocast)
+        out = self._forward(features, taps, PromptBatch(), "apm+ips", [e.input_size for e in embs])
         masks = self.engine.postprocess(out.low_res, embs[0], output_size)[:, 0] > self.engine.mask_threshold
         if out.apm.presence is not None:
             masks &= (out.apm.presence >= PRESENCE_THRESHOLD)[:, None, None]  # absent: left empty
