@@ -164,15 +164,19 @@ def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained
 
     result, out, _, _ = trained
     meta = read_metadata(out)
-    scores = meta["training"]["box_refinement_val_dice"]
-    assert len(scores) == len(REFINEMENTS) and all(0.0 <= d <= 1.0 for d in scores.values())
-    by_choice = dict(zip(REFINEMENTS, scores.values()))
+    tried = meta["training"]["box_refinement_val_dice"]
+    by_choice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
+    assert list(by_choice) == list(REFINEMENTS) and all(0.0 <= d <= 1.0 for d in by_choice.values())
     best = max(REFINEMENTS, key=lambda c: by_choice[c] - (REFINEMENT_GAIN if c[0] else 0.0))
     chosen = (meta["apm"]["box_refinement"], meta["apm"]["refinement_margin"])
     assert chosen == best == (result.adapter.apm.box_refinement, result.adapter.apm.refinement_margin)
     loaded = load_adapter(out, tiny_backbone).apm
     assert (loaded.box_refinement, loaded.refinement_margin) == chosen
     assert by_choice[(0, 0.0)] == pytest.approx(result.best_val_dice)  # no refinement: what selection measured
+    from PromiseSegmentLib.cli_workflows import refinement_summary
+
+    line = refinement_summary(result.adapter)
+    assert f"without {by_choice[(0, 0.0)]:.3f}" in line and f"validation Dice {by_choice[best]:.3f}" in line
 
 
 def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):

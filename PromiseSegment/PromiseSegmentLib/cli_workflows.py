@@ -62,7 +62,8 @@ def cmd_demo(args) -> int:
               f"backbone: {backbone.name} (frozen), weights SHA-256 {backbone.identity}\n"
               f"adapter: APM (box) + IPS trained on {len(fit)} slices of {len({c.id.split('_')[0] for c in fit})} "
               f"patients, selected on {len(select)} more "
-              f"({len(result.history)} epochs, best selection Dice {result.best_val_dice:.3f})\n"
+              f"({len(result.history)} epochs, best selection Dice {result.best_val_dice:.3f}"
+              f"{refinement_summary(result.adapter)})\n"
               f"automatic segmentation (no clicks) of 3 patients not used for training:\n" + "\n".join(lines) +
               f"\nmean Dice {np.mean(dices):.3f}\n"
               f"red: prediction, green: expert mask in the *_overlay.png files (native 512 x 512)\n"
@@ -117,8 +118,21 @@ def cmd_train(args) -> int:
     with progress_bar("training", "epoch") as b:
         result = train_adapter(engine, train, val, cfg, output, args.resume, progress=_train_progress(b))
     print(f"wrote {args.output}: best validation Dice {result.best_val_dice:.3f}, "
-          f"{result.adapter.trainable_parameters():,} trainable parameters, {result.seconds:.0f} s")
+          f"{result.adapter.trainable_parameters():,} trainable parameters, {result.seconds:.0f} s"
+          + refinement_summary(result.adapter))
     return 0
+
+
+def refinement_summary(adapter) -> str:
+    """"; box refinement ..." as the trainer chose it on the validation images ("" without a box APM)."""
+    tried = adapter.training.get("box_refinement_val_dice")
+    if adapter.apm is None or not tried:
+        return ""
+    chosen = (adapter.apm.box_refinement, adapter.apm.refinement_margin)
+    dice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
+    what = f"{chosen[0]} step(s), margin {chosen[1]:g}" if chosen[0] else "none"
+    return (f"; box refinement: {what} (validation Dice {dice.get(chosen, float('nan')):.3f}, "
+            f"without {dice.get((0, 0.0), float('nan')):.3f})")
 
 
 def _training_cases(args, rule):

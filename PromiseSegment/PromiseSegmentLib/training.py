@@ -292,7 +292,7 @@ class Trainer:
         self.optim = torch.optim.Adam(self.param_groups(), lr=cfg.lr)
         self.history: List[Dict[str, float]] = []
         self.best, self.best_state, self.first_epoch = -1.0, None, 0
-        self.refinement_scores: Dict[str, float] = {}
+        self.refinement_scores: List[Dict[str, float]] = []
         self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm)
         self.val_src = FeatureSource(engine, val, True, self.gen, False, self.adapter.apm)
 
@@ -383,10 +383,10 @@ class Trainer:
         return float(np.mean(scores)), float(np.mean(ious)) if ious else float("nan")
 
     @torch.no_grad()
-    def choose_refinement(self) -> Dict[str, float]:
+    def choose_refinement(self) -> List[Dict[str, float]]:
         """Set the APM's box refinement (``promise.refine_boxes``) to the candidate with the best validation
         Dice, measured like ``validate``; a refinement must beat none by ``REFINEMENT_GAIN`` to be chosen
-        (it costs a decode per step). Returns the Dice of every candidate."""
+        (it costs a decode per step). Returns every candidate with its Dice."""
         apm = self.adapter.apm
         for m in self.adapter.modules().values():
             m.eval()
@@ -404,7 +404,7 @@ class Trainer:
         best = max(REFINEMENTS, key=lambda c: means[c] - (REFINEMENT_GAIN if c[0] else 0.0))
         apm.set_refinement(*best)
         log.info("box refinement %s (validation Dice %s)", best, means)
-        return {f"{steps} step(s), margin {margin}": d for (steps, margin), d in means.items()}
+        return [{"steps": steps, "margin": margin, "val_dice": d} for (steps, margin), d in means.items()]
 
     def snapshot(self) -> Dict[str, Dict[str, torch.Tensor]]:
         return {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
