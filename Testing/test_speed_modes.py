@@ -272,3 +272,19 @@ def test_promise_decodes_in_the_engine_precision_with_fp32_prompts(lite_medsam, 
         assert a.low_res.dtype == np.float32 and np.abs(a.low_res - b.low_res).max() > 1e-3  # bf16 really ran
         scores.append(dice(a.masks[0], b.masks[0]))
     assert np.mean(scores) >= 0.99, scores
+
+
+@needs_bf16
+def test_bf16_engines_share_one_half_precision_decoder_copy(lite_medsam, spleen_cases):
+    case = spleen_cases[0]
+    a, b = SamEngine(lite_medsam, "cpu", precision="bf16"), SamEngine(lite_medsam, "cpu", precision="bf16")
+    emb = a.encode([case.rgb])[0]
+    pa, pb = (e.predict(emb, Prompts(box=mask_bbox(case.mask)), multimask_output=False) for e in (a, b))
+    np.testing.assert_array_equal(pa.low_res, pb.low_res)
+    copies = [h for (dtype, _), h in lite_medsam.half_decoders.items() if dtype == torch.bfloat16]
+    assert len(copies) == 1 and all(p.dtype == torch.bfloat16 for p in copies[0].decoder.parameters())
+    assert all(p.dtype == torch.float32 for p in lite_medsam.sam.mask_decoder.parameters())  # the model is untouched
+    fp32 = SamEngine(lite_medsam, "cpu", precision="fp32").predict(emb, Prompts(box=mask_bbox(case.mask)),
+                                                                    multimask_output=False)
+    assert pa.low_res.dtype == np.float32 and np.abs(pa.low_res - fp32.low_res).max() > 1e-3
+    assert dice(pa.masks[0], fp32.masks[0]) >= 0.99

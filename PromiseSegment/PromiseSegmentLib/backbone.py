@@ -38,6 +38,7 @@ class LoadedBackbone:
     identity: str
     path: Optional[Path] = None
     rewrites: List[str] = field(default_factory=list)  # load-time speed-ups (``Backbone.optimise``), in words
+    half_decoders: dict = field(default_factory=dict, repr=False)  # (dtype, device) -> ``decoder.HalfDecoder``
 
     @property
     def name(self) -> str:

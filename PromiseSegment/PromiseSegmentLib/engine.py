@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .acceleration import Precision, after_out_of_memory, auto_batch_size, configure_threads, cpu_clone, \
     resolve_precision
 from .backbone import LOW_RES, LoadedBackbone
-from .decoder import decode_masks
+from .decoder import HalfDecoder, decode_masks
 from .devices import is_out_of_memory, pick_device
 from .embedding_cache import EmbeddingCache, lookup
 from .errors import Cancelled  # noqa: F401  (re-exported)
@@ -134,10 +134,25 @@ class SamEngine:
         return "; ".join(parts)
 
     def autocast(self):
-        """The engine's precision as a context on its device, for callers that run the mask decoder
-        themselves (``decode_masks``). Keep prompt encoding and the APM's box outside it: bf16 would round
-        box corners to about a pixel."""
+        """The engine's precision as an autocast context on its device (the encoder runs in it; the mask
+        decoder has ``decode``). Keep prompt encoding and the APM's box outside it: bf16 would round box
+        corners to about a pixel."""
         return self.precision.autocast(self.device)
+
+    def decode(self, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool,
+               mask_token_shift: Optional[torch.Tensor] = None,
+               token: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``decode_masks`` in the engine's precision, fp32 logits out: the decoder itself in fp32, or its
+        bf16/fp16 copy (``HalfDecoder``, made once per backbone and device). Prompt embeddings come in
+        fp32, so box corners are encoded exactly."""
+        dtype = self.precision.dtype
+        if dtype is None:
+            return decode_masks(self.sam, features, sparse, dense, multimask_output, mask_token_shift, token)
+        key = (dtype, str(self.device))
+        if key not in self.backbone.half_decoders:
+            self.backbone.half_decoders[key] = HalfDecoder(self.sam, dtype)
+        return self.backbone.half_decoders[key](self.sam, features, sparse, dense, multimask_output,
+                                                mask_token_shift, token)
 
     def _bytes_per_image(self) -> int:
         return self.spec.encode_bytes_per_image // (2 if self.precision.dtype is not None else 1)
@@ -247,9 +262,7 @@ class SamEngine:
         prompts = prompts or Prompts()
         points, box, mask = self.prompt_tensors(emb, prompts)
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=mask)  # fp32: exact box positions
-        with self.autocast():
-            low_res, iou = decode_masks(self.sam, emb.features, sparse, dense, multimask_output, mask_token_shift)
-        low_res = low_res.float()
+        low_res, iou = self.decode(emb.features, sparse, dense, multimask_output, mask_token_shift)
         logits = self.postprocess(low_res, emb, output_size)
         return Prediction(masks=(logits > self.mask_threshold)[0].cpu().numpy(),
                           logits=logits[0].float().cpu().numpy(), iou=iou[0].float().cpu().numpy(),

@@ -11,7 +11,6 @@ decides the mode:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -54,14 +53,14 @@ class ForwardOutput:
 
 def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], features: torch.Tensor,
                     taps, user: PromptBatch, mode: str, taps_prepared: bool = False,
-                    decoder_precision=contextlib.nullcontext) -> ForwardOutput:
+                    decode=None) -> ForwardOutput:
     """Batched, differentiable ProMISe forward (``mode`` already resolved; not ``vanilla``'s best-of-3).
 
     ``features`` (B, 256, 64, 64) image embeddings; ``taps`` the APM's encoder taps (list of (B, C, h, w));
     ``user`` prompts in the input frame. Decodes the backbone's mask token with the IPS shift.
-    ``decoder_precision`` (a context factory, e.g. the engine's ``autocast``) applies to the mask decoder
-    only: the APM's box and the prompt encoder's positional encoding of it stay in fp32, so the prompt
-    itself is exactly the fp32 one."""
+    ``decode`` (default: ``decode_masks`` on the backbone in fp32, differentiable) runs the mask decoder;
+    inference passes the engine's ``decode`` (its precision) - the APM's box and the prompt encoder's
+    positional encoding of it stay in fp32 either way, so the prompt itself is exactly the fp32 one."""
     sam = backbone.sam
     apm_out = adapter.apm(taps, prepared=taps_prepared) if mode in APM_MODES else None
     points, labels, boxes = user.points, user.labels, user.boxes
@@ -80,9 +79,11 @@ def promise_forward(backbone: LoadedBackbone, adapter: Optional[Adapter], featur
     if sparse.shape[0] != b:  # no prompts at all: the prompt encoder returns a batch of one
         sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
     shift = adapter.ips(features) if adapter is not None and adapter.ips is not None and mode != "vanilla" else None
-    with decoder_precision():
-        low_res, iou = decode_masks(sam, features, sparse, dense, False, shift, token=backbone.spec.mask_token)
-    return ForwardOutput(low_res.float(), iou.float(), PromptBatch(points, labels, boxes, user.masks), apm_out)
+    if decode is None:
+        low_res, iou = decode_masks(sam, features, sparse, dense, False, shift, backbone.spec.mask_token)
+    else:
+        low_res, iou = decode(features, sparse, dense, False, shift, backbone.spec.mask_token)
+    return ForwardOutput(low_res, iou, PromptBatch(points, labels, boxes, user.masks), apm_out)
 
 
 def low_res_box(low_res: torch.Tensor, input_size: Tuple[int, int], image_size: int, threshold: float,
@@ -102,8 +103,7 @@ def low_res_box(low_res: torch.Tensor, input_size: Tuple[int, int], image_size: 
 
 
 def refine_boxes(backbone: LoadedBackbone, adapter: Adapter, features: torch.Tensor, out: ForwardOutput,
-                 input_sizes, threshold: float, steps: int, margin: float,
-                 decoder_precision=contextlib.nullcontext) -> ForwardOutput:
+                 input_sizes, threshold: float, steps: int, margin: float, decode=None) -> ForwardOutput:
     """``steps`` re-decodes of a batch (``mode`` ips, the IPS shift, the APM's points if any), each with the
     previous masks' boxes grown by ``margin`` (``low_res_box``); images whose mask is empty keep theirs.
     The APM's output (presence) is kept. Inference and the trainer's choice of refinement share it."""
@@ -119,7 +119,7 @@ def refine_boxes(backbone: LoadedBackbone, adapter: Adapter, features: torch.Ten
         labels = None if used.labels is None else used.labels[idx]
         new_boxes = torch.cat([boxes[i] for i in keep]).to(features.device)
         refined = promise_forward(backbone, adapter, features[idx], None, PromptBatch(points, labels, new_boxes), "ips",
-                                  decoder_precision=decoder_precision)
+                                  decode=decode)
         low_res, iou = out.low_res.clone(), out.iou.clone()
         low_res[idx], iou[idx] = refined.low_res, refined.iou
         all_boxes = (used.boxes.clone() if used.boxes is not None else
@@ -207,12 +207,11 @@ class ProMISeModel:
     def _forward(self, features, taps, user: PromptBatch, mode: str, input_sizes) -> ForwardOutput:
         """Inference: ``promise_forward`` with the decoder in the engine's precision, then in automatic
         mode the adapter's box refinement."""
-        out = promise_forward(self.backbone, self.adapter, features, taps, user, mode,
-                              decoder_precision=self.engine.autocast)
+        out = promise_forward(self.backbone, self.adapter, features, taps, user, mode, decode=self.engine.decode)
         if mode == "apm+ips" and out.apm is not None and out.apm.box is not None:
             apm = self.adapter.apm
             out = refine_boxes(self.backbone, self.adapter, features, out, input_sizes, self.engine.mask_threshold,
-                               apm.box_refinement, apm.refinement_margin, self.engine.autocast)
+                               apm.box_refinement, apm.refinement_margin, self.engine.decode)
         return out
 
     @torch.no_grad()
