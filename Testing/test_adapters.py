@@ -43,7 +43,8 @@ def _square_taps(gen, n):
 
 
 def test_box_head_learns_to_localise_and_is_sorted_in_the_input_frame():
-    from PromiseSegmentLib.training import Batch, apm_aux_loss, box_iou
+    from PromiseSegmentLib.losses import apm_aux_loss, box_iou
+    from PromiseSegmentLib.training import Batch
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
