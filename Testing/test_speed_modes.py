@@ -13,6 +13,7 @@ from PromiseSegmentLib.registry import load_backbone
 from PromiseSegmentLib.checkpoints import file_sha256
 from PromiseSegmentLib.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.engine import Prompts, SamEngine
+from PromiseSegmentLib import lite_medsam as lite
 from PromiseSegmentLib.lite_medsam import _window_attention, CHECKPOINT
 from PromiseSegmentLib.metrics import dice
 from PromiseSegmentLib.preprocessing import mask_bbox
@@ -40,6 +41,7 @@ def test_rewrites_keep_fp32_outputs_and_the_file(lite_medsam, as_built, spleen_c
     assert any(isinstance(m, acc.ConvGelu) for m in enc.modules())  # ... and fused
     windows = [m for m in enc.modules() if hasattr(m, "attention_bias_idxs")]
     assert windows and all(type(m).forward is _window_attention for m in windows)  # ... and attention rewritten
+    assert all(type(m).forward is lite._mbconv_in_strips for m in enc.modules() if type(m).__name__.endswith("MBConv"))
     assert any(isinstance(m, nn.BatchNorm2d) for m in as_built.sam.image_encoder.modules())
     assert file_sha256(lite_medsam.path) == CHECKPOINT.sha256  # folding happened in memory only
     cases = spleen_cases[:2]
@@ -64,6 +66,35 @@ def test_bf16_masks_agree_with_fp32_on_real_ct(lite_medsam, spleen_cases):
     scores = [dice(a.masks[0], b.masks[0]) for a, b in zip(p16, p32)]
     assert np.mean(scores) >= 0.99, scores
     assert all(dice(p.masks[0], c.mask) > 0.5 for p, c in zip(p16, cases))  # still segments the spleen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_in_strips_equals_the_whole_image(lite_medsam, precision, monkeypatch):
+    """Stage 0's MBConv and the PatchMerging blocks computed in strips of rows (with the depthwise conv's halo,
+    stride 1 and 2, a short last strip) give the whole-image result."""
+    if precision == "bf16" and not acc.cpu_bf16()[0]:
+        pytest.skip("this CPU has no native bf16")  # the fp32 case covers the strips' logic
+    dtype = None if precision == "fp32" else torch.bfloat16
+    x = torch.rand(2 if dtype is None else 1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    strips = lite._in_strips
+    monkeypatch.setattr(lite, "_in_strips", lambda *a: calls.append(strips(*a)) or calls[-1])
+
+    def encode(strip_bytes):
+        monkeypatch.setattr(lite, "STRIP_BYTES", strip_bytes)
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            return lite_medsam.spec.encode(lite_medsam.sam, x, True)
+
+    whole = encode(1 << 40)
+    assert calls and all(c is None for c in calls)  # no strips with an unlimited budget
+    # 7 rows of stage 0's hidden activation per strip (fp32): 128/7 and 64/11, 64/22 in the later blocks
+    split = encode(7 * 256 * 256 * 4 * x.shape[0] // (1 if dtype is None else 2))
+    assert len(calls) == 5 and all(c is not None for c in calls)
+    tol = 1e-5 if dtype is None else 2e-2
+    for a, b in zip([split[0], *split[1]], [whole[0], *whole[1]]):
+        assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= tol
 
 
 def test_fallback_to_fp32_gives_fp32_results(lite_medsam, spleen_cases, monkeypatch):
