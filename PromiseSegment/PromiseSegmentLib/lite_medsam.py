@@ -228,7 +228,8 @@ def _in_strips(x: torch.Tensor, hidden: int, stride: int, expand, project) -> Op
         skip = (top * stride - lo) // stride
         t = project(t[:, :, skip:skip + end - top], top, end)
         if out is None:
-            layout = torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            cl = t.is_contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if cl else torch.contiguous_format
             out = torch.empty((b, t.shape[1], h_out, t.shape[3]), dtype=t.dtype, device=t.device, memory_format=layout)
         out[:, :, top:end] = t
     return out
