@@ -358,3 +358,46 @@ def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backb
                                      "apm_prompts": ("box",), **LIGHT}), None)
     trainer.epoch(3, None)  # the second joint epoch
     assert [g["lr"] for g in trainer.optim.param_groups] == pytest.approx([1e-3 * 0.8535534 * 0.5, 1e-3 * 0.8535534])
+
+
+def test_augmented_copies_are_encoded_once_each_and_reproducible(tiny_backbone):
+    from PromiseSegmentLib.training import FeatureSource
+
+    pairs = make_training_slices([1, 2], empty_share=0.0)[:3]
+    cases = [Case(str(i), rgb, m) for i, (rgb, m) in enumerate(pairs)]
+    engine = engine_for(tiny_backbone, None, "cpu")
+    encoded = []
+    encode = engine.encode
+    engine.encode = lambda images, *a, **k: encoded.append(len(images)) or encode(images, *a, **k)
+
+    def source(seed):
+        return FeatureSource(engine, cases, True, torch.Generator().manual_seed(5), False, None, copies=2, seed=seed)
+
+    src = source(0)
+    draws = [src.item(i) for _ in range(12) for i in range(3)]
+    versions = {id(d) for d in draws}
+    assert len(encoded) == len(versions) <= 3 * 3  # each version of each image encoded once, then reused
+    assert len(src.copies) >= 1 and set(src.copies) <= {(i, v) for i in range(3) for v in (1, 2)}
+    i, v = next(iter(src.copies))
+    copy, original = src.copies[(i, v)], src.cache.get(i) or src._encode(cases[i].rgb, cases[i].mask)
+    assert not torch.equal(copy.features, original.features)  # really augmented
+    again = source(0)
+    again.gen.manual_seed(123)  # another draw order: each copy comes from its own seed
+    assert [again.item(j) for _ in range(12) for j in range(3)]
+    common = set(again.copies) & set(src.copies)
+    assert common and all(torch.equal(again.copies[k].features, src.copies[k].features) for k in common)
+    assert not torch.equal(source(1)._encode(*augment_copy(cases[i], 1, i, v)).features, copy.features)
+
+
+def augment_copy(case, seed, i, v):
+    from PromiseSegmentLib.augment import augment
+
+    return augment(case.rgb, case.mask, torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + v))
+
+
+def test_augmented_copies_need_the_feature_cache():
+    with pytest.raises(InputError, match="--augmented-copies needs --cache-features"):
+        TrainConfig(augment=False, cache_features=False, augmented_copies=2).check()
+    with pytest.raises(InputError, match="--augmented-copies must be"):
+        TrainConfig(augment=False, cache_features=True, augmented_copies=-1).check()
+    TrainConfig(augment=False, cache_features=True, augmented_copies=2).check()

@@ -210,6 +210,9 @@ def _add_train_command(sub) -> None:
     p.add_argument("--seed", type=any_int, default=d["seed"])
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--cache-features", action="store_true", help="encode once, keep fp16 features (needs --no-augment)")
+    p.add_argument("--augmented-copies", type=non_negative_int, default=d["augmented_copies"], metavar="K",
+                   help="with --cache-features: also K augmented versions of each image, each encoded once "
+                        "(augmentation for K extra encodes per image)")
     p.add_argument("--no-apm", action="store_true")
     p.add_argument("--no-ips", action="store_true")
     p.add_argument("--apm-prompts", type=apm_prompts_arg,

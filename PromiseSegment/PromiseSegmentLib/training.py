@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     cache_features: bool = False  # encode once (fp16); only without augmentation
+    augmented_copies: int = 0  # with cache_features: K augmented versions of each image, each encoded once
     use_apm: bool = True
     use_ips: bool = True
     apm_prompts: Optional[Sequence[str]] = None  # None: the backbone's (box for LiteMedSAM, points for SAM ViT)
@@ -135,29 +136,43 @@ def mask_box(mask: np.ndarray, spec, original_size) -> Optional[torch.Tensor]:
 
 
 class FeatureSource:
-    """Encoded training images: computed per step (augmentation) or once and kept (fp16)."""
+    """Encoded training images: computed per step (augmentation) or once and kept (fp16). With ``copies``
+    K > 0 (and the cache) each image also has K augmented versions, each made from its own seed and
+    encoded once when first drawn; every draw picks one of the 1 + K versions: augmentation at the cost
+    of K extra encodes per image instead of one per step."""
 
     def __init__(self, engine: SamEngine, cases: List[Case], cache: bool, gen: torch.Generator, do_augment: bool,
-                 apm: Optional[APM]):
+                 apm: Optional[APM], copies: int = 0, seed: int = 0):
         self.engine, self.cases, self.gen, self.do_augment, self.apm = engine, cases, gen, do_augment, apm
-        self.cache: Dict[int, Encoded] = {}
+        self.cache: Dict[int, Encoded] = {}  # the images as given
+        self.copies: Dict[Tuple[int, int], Encoded] = {}  # (image, version 1..K): augmented versions
         self.use_cache = cache and not do_augment
+        self.n_copies, self.seed = (copies if self.use_cache else 0), seed
 
     def item(self, i: int) -> Encoded:
+        version = int(torch.randint(1 + self.n_copies, (), generator=self.gen)) if self.n_copies else 0
+        if version:
+            if (i, version) not in self.copies:
+                own = torch.Generator().manual_seed(self.seed * 1_000_003 + i * 101 + version)
+                self.copies[(i, version)] = self._encode(*augment(self.cases[i].rgb, self.cases[i].mask, own))
+            return self.copies[(i, version)]
         if i in self.cache:
             return self.cache[i]
         rgb, mask = self.cases[i].rgb, self.cases[i].mask
         if self.do_augment:
             rgb, mask = augment(rgb, mask, self.gen)
-        emb = self.engine.encode([rgb])[0]
-        taps = self.apm.prepare_taps(emb.taps) if (self.apm is not None and emb.taps) else []
-        spec = self.engine.spec
-        enc = Encoded(emb.features.half(), [t.half() for t in taps],
-                      mask_to_low_res(mask, emb.input_size, spec.image_size)[0] > 0.5,
-                      mask_box(mask, spec, emb.original_size), mask, emb.input_size, emb.original_size)
+        enc = self._encode(rgb, mask)
         if self.use_cache:
             self.cache[i] = enc
         return enc
+
+    def _encode(self, rgb: np.ndarray, mask: np.ndarray) -> Encoded:
+        emb = self.engine.encode([rgb])[0]
+        taps = self.apm.prepare_taps(emb.taps) if (self.apm is not None and emb.taps) else []
+        spec = self.engine.spec
+        return Encoded(emb.features.half(), [t.half() for t in taps],
+                       mask_to_low_res(mask, emb.input_size, spec.image_size)[0] > 0.5,
+                       mask_box(mask, spec, emb.original_size), mask, emb.input_size, emb.original_size)
 
     def get(self, indices: Sequence[int]) -> List[Encoded]:
         return [self.item(i) for i in indices]
@@ -252,7 +267,8 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.best, self.best_state, self.first_epoch = -1.0, None, 0
         self.refinement_scores: List[Dict[str, float]] = []
-        self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm)
+        self.train_src = FeatureSource(engine, train, cfg.cache_features, self.gen, cfg.augment, self.adapter.apm,
+                                       cfg.augmented_copies, cfg.seed)
         self.val_src = FeatureSource(engine, val, True, self.gen, False, self.adapter.apm)
 
     def param_groups(self):

@@ -33,14 +33,16 @@ MAX_HEADER = 100 << 20
 TRAIN_DEFAULTS: Dict[str, Any] = dict(epochs=200, batch_size=8, lr=1e-5, seed=0, n_points=16, n_positive=8,
                                       apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3), apm_tap_pool=1,
                                       box_loss_weight=1.0, apm_warmup_epochs=0, user_prompt="none",
-                                      apm_joint_lr=1.0, lr_schedule="constant")
+                                      apm_joint_lr=1.0, lr_schedule="constant", augmented_copies=0)
 USER_PROMPTS = ("none", "box", "points")
 OPTION_NAMES = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "n_points": "--points",
            "n_positive": "--positive", "apm_fusion_dim": "--apm-width", "apm_tap_pool": "--apm-tap-pool",
            "apm_head_blocks": "--apm-blocks", "box_loss_weight": "--box-loss-weight",
            "apm_warmup_epochs": "--apm-warmup", "user_prompt": "--user-prompt", "apm_prompts": "--apm-prompts",
-           "apm_joint_lr": "--apm-joint-lr", "lr_schedule": "--lr-schedule"}
+           "apm_joint_lr": "--apm-joint-lr", "lr_schedule": "--lr-schedule",
+           "augmented_copies": "--augmented-copies"}
 LR_SCHEDULES = ("constant", "cosine")
+MAX_AUGMENTED_COPIES = 16  # each copy is one more encoded image kept in memory (fp16)
 
 
 class AdapterError(PromiseError, ValueError):
@@ -233,6 +235,11 @@ def check_train_settings(values: Dict[str, Any]) -> None:
         raise InputError(f"--apm-blocks must be four numbers of at least 1, got {list(blocks)}")
     if values.get("lr_schedule", "constant") not in LR_SCHEDULES:
         raise InputError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {values['lr_schedule']!r}")
+    copies = values.get("augmented_copies", 0)
+    if not isinstance(copies, int) or not 0 <= copies <= MAX_AUGMENTED_COPIES:
+        raise InputError(f"--augmented-copies must be 0..{MAX_AUGMENTED_COPIES}, got {copies}")
+    if copies and not values.get("cache_features", True):
+        raise InputError("--augmented-copies needs --cache-features (the copies are encoded once and kept)")
     prompts = values.get("apm_prompts")
     if prompts is not None and (not prompts or not set(prompts) <= {"box", "points"}):
         raise InputError(f"--apm-prompts must be box, points or box,points, got {prompts}")
@@ -282,7 +289,7 @@ def _train(args) -> None:
     if state.exists() and not (args.resume or args.overwrite):
         raise InputError(f"{state} holds an interrupted run: pass --resume to continue it, or --overwrite to "
                          f"start again")
-    check_train_settings(train_values(args))
+    check_train_settings(dict(train_values(args), cache_features=args.cache_features))
     if args.cache_features and not args.no_augment:
         raise InputError("--cache-features needs --no-augment (augmented images are encoded afresh each time)")
     if args.no_apm and args.no_ips:
@@ -297,7 +304,7 @@ def train_values(args) -> Dict[str, Any]:
                 apm_head_blocks=args.apm_blocks, apm_tap_pool=args.apm_tap_pool,
                 box_loss_weight=args.box_loss_weight, apm_warmup_epochs=args.apm_warmup,
                 user_prompt=args.user_prompt, apm_prompts=args.apm_prompts, apm_joint_lr=args.apm_joint_lr,
-                lr_schedule=args.lr_schedule)
+                lr_schedule=args.lr_schedule, augmented_copies=args.augmented_copies)
 
 
 def _evaluate(args) -> None:
