@@ -401,3 +401,20 @@ def test_augmented_copies_need_the_feature_cache():
     with pytest.raises(InputError, match="--augmented-copies must be"):
         TrainConfig(augment=False, cache_features=True, augmented_copies=-1).check()
     TrainConfig(augment=False, cache_features=True, augmented_copies=2).check()
+
+
+def test_augment_takes_read_only_images_silently():
+    """Cached and memory-mapped data sets hand out read-only arrays; augmenting them must not warn."""
+    import warnings
+
+    from PromiseSegmentLib.augment import augment
+
+    rgb, mask = make_training_slices([1], empty_share=0.0)[0]
+    rgb, mask = np.array(rgb), np.array(mask)
+    rgb.setflags(write=False)
+    mask.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out_rgb, out_mask = augment(rgb, mask, torch.Generator().manual_seed(0))
+    assert out_rgb.shape == rgb.shape and out_rgb.dtype == np.uint8 and out_mask.dtype == mask.dtype
+    assert out_mask.any()

@@ -16,8 +16,9 @@ def _u(gen: torch.Generator, lo: float, hi: float) -> float:
 
 
 def augment(rgb: np.ndarray, mask: np.ndarray, gen: torch.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    msk = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
+    # float copies: the inputs may be read-only (cached or memory-mapped data sets)
+    img = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
+    msk = torch.from_numpy(np.array(mask, dtype=np.float32))[None, None]
     # Random resized crop (scale 0.6-1, aspect 3/4-4/3) + flips + shift/scale/rotate, as one affine map
     # from output to input coordinates in [-1, 1].
     area, aspect = _u(gen, 0.6, 1.0), math.exp(_u(gen, math.log(3 / 4), math.log(4 / 3)))
