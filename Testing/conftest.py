@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Idle OpenMP threads sleep instead of spinning (set before torch is imported): on a shared 2-core machine
-# spinning slowed the encoder several times over (Testing/benchmarks/speed.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))  # works from a plain clone, installed or not
+from PromiseSegmentLib.openmp import set_default_waiting  # noqa: E402
+
+set_default_waiting()  # as the command line does, before torch is imported
+import torch  # noqa: E402
+
 DATA = Path(os.environ.get("PROMISE_SEGMENT_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -165,3 +165,29 @@ def test_demo_trains_on_real_ct_and_reports_a_true_dice(tmp_path, capsys):
     # an existing demo folder is not overwritten silently
     assert main(["demo", "--out", str(out), "--warmup", "1", "--epochs", "1"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_openmp_waiting_is_set_before_torch_unless_the_user_chose(tmp_path):
+    """The command line sets a short OpenMP spin, then sleep (openmp.py), in a fresh process before torch is
+    imported; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os, sys\nfrom PromiseSegmentLib import cli\nassert 'torch' not in sys.modules\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    root = Path(__file__).resolve().parents[1] / "PromiseSegment"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base["PYTHONPATH"] = str(root)
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()[-2:]
+
+    assert run() == ["PASSIVE", "1000"]
+    assert run(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "None"]
+    assert run(GOMP_SPINCOUNT="5") == ["None", "5"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import signal
 import sys
@@ -24,6 +23,7 @@ from . import __version__
 from .checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
 from .errors import Cancelled, InputError
 from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
+from .openmp import set_default_waiting
 from .paths import WriteError
 from .cli_args import (PROG, add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
                        progress_bar)
@@ -250,10 +250,7 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made the encoder
-    # up to 10x slower (Testing/benchmarks/speed.py). Only effective before torch is imported; a user's
-    # own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_default_waiting()  # idle OpenMP threads spin briefly, then sleep (openmp.py); before torch is imported
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     with _sigterm_as_interrupt():

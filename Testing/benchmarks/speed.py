@@ -27,11 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
+from PromiseSegmentLib.openmp import set_default_waiting  # noqa: E402
+
+set_default_waiting()  # what the command line runs with (before torch is imported)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from PromiseSegmentLib.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
 from PromiseSegmentLib.metrics import dice  # noqa: E402
@@ -268,10 +272,10 @@ def machine_line(engine) -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if engine.device.type == "cuda" else ""
+    wait = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
     return (f"machine: {cpu}, {available_cpus()} CPUs usable (load average {os.getloadavg()[0]:.1f}), torch "
-            f"{torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, CPU bf16: {'yes' if cpu_bf16()[0] else 'no'} "
-            f"({cpu_bf16()[1]}){gpu}")
+            f"{torch.__version__} with {torch.get_num_threads()} threads, {wait}, CPU bf16: "
+            f"{'yes' if cpu_bf16()[0] else 'no'} ({cpu_bf16()[1]}){gpu}")
 
 
 def print_speed_table(meter, names, labels, unit: str):

@@ -23,6 +23,9 @@ def child(shape, slices, cache_mb):
     import numpy as np
 
     sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
+    from PromiseSegmentLib.openmp import set_default_waiting
+
+    set_default_waiting()  # as the command line (before torch is imported)
     from PromiseSegmentLib.registry import load_backbone
     from PromiseSegmentLib.training import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
