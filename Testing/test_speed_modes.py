@@ -314,6 +314,7 @@ def test_bf16_engines_share_one_half_precision_decoder_copy(lite_medsam, spleen_
     np.testing.assert_array_equal(pa.low_res, pb.low_res)
     copies = [h for (dtype, _), h in lite_medsam.half_decoders.items() if dtype == torch.bfloat16]
     assert len(copies) == 1 and all(p.dtype == torch.bfloat16 for p in copies[0].decoder.parameters())
+    assert copies[0].image_pe.is_contiguous(memory_format=torch.channels_last)  # the image tokens' layout (NHWC)
     assert all(p.dtype == torch.float32 for p in lite_medsam.sam.mask_decoder.parameters())  # the model is untouched
     fp32 = SamEngine(lite_medsam, "cpu", precision="fp32").predict(emb, Prompts(box=mask_bbox(case.mask)),
                                                                     multimask_output=False)
