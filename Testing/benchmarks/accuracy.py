@@ -45,6 +45,7 @@ CONFIGS = {
     "apm+ips-frozen-apm": dict(apm_joint_lr=0.0),  # the warmed-up APM kept as it is; the joint phase trains IPS
     "apm+ips-frozen-apm-cosine": dict(apm_joint_lr=0.0, lr_schedule="cosine"),  # and lr annealed in each phase
     "apm+ips-frozen-apm-aug2": dict(apm_joint_lr=0.0, augmented_copies=2),  # + 2 augmented versions of each image
+    "apm+ips-frozen-apm-aug4": dict(apm_joint_lr=0.0, augmented_copies=4),
     "apm+ips-full-taps": dict(apm_joint_lr=0.0, lr_schedule="cosine", apm_tap_pool=1),  # 64x64 taps, 4x the APM cost
     "apm+ips-box+points": dict(apm_prompts=("box", "points"), apm_head_blocks=(1, 1, 1, 1)),
     "apm+ips-paper-points-head": dict(apm_prompts=("points",), apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3),
