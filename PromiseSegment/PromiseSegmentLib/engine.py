@@ -23,6 +23,7 @@ from .decoder import HalfDecoder, decode_masks
 from .devices import is_out_of_memory, pick_device
 from .embedding_cache import EmbeddingCache, lookup
 from .errors import Cancelled  # noqa: F401  (re-exported)
+from .heap import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class SamEngine:
         self.device = pick_device(device)
         self.sam = backbone.sam.to(self.device)
         self.threads = configure_threads(threads)
+        self.heap = keep_freed_memory()  # process-wide, once: slices reuse freed memory without page faults
         self.requested_precision = precision
         self.precision = resolve_precision(precision, self.device, self.spec.cpu_bf16)
         self.batch_size = batch_size or auto_batch_size(self.device, self._bytes_per_image())
@@ -129,6 +131,7 @@ class SamEngine:
         if self.backbone.rewrites:
             parts.append(", ".join(self.backbone.rewrites))
         parts.append(f"batch {self.batch_size}")
+        parts.append(self.heap)
         if self._cpu_encoder is not None:
             parts.append(f"encoder on the CPU ({self._cpu_encoder[1].name}) after GPU out-of-memory")
         return "; ".join(parts)
@@ -173,7 +176,7 @@ class SamEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):
             feats, taps = self.spec.encode(sam, x, self.capture_taps)
-        back = lambda t: t.to(self.device, torch.float32).contiguous()  # noqa: E731
+        back = lambda t: t.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)  # noqa: E731
         return back(feats), [back(t) for t in taps]
 
     def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,

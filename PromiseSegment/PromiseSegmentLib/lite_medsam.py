@@ -11,6 +11,7 @@ low-res logits are the input frame.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.resources
 import warnings
@@ -32,6 +33,11 @@ IMAGE_SIZE = 256
 SIGNATURE_KEY, SIGNATURE_SHAPE = "image_encoder.patch_embed.seq.0.c.weight", (32, 3, 1, 1)
 # The APM's taps: the blocks ending the 2nd/3rd/4th quarter of the 12 blocks, as (layer, block).
 TAP_BLOCKS = ((2, 1), (2, 4), (3, 1))
+# Under reduced-precision autocast, the patch embedding and stage 0 (at the full 256x256 input) stay fp32:
+# rounding there is amplified by every later layer. A trained APM's automatic masks agreed with fp32 at mean
+# Dice 0.979 (min 0.69) with them in bf16 and 0.995 in fp32 (40 Kvasir images), for +20 ms per encode on
+# 2 CPU cores (197 -> 217 ms, interleaved; stage 0 is memory-bound and its strips stay in the cache).
+FP32_STAGE_0 = True
 CHECKPOINT = CheckpointInfo("lite_medsam.pth", None,
                             "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", 39370479)
 
@@ -73,8 +79,8 @@ class LiteMedSAM(Backbone):
     apm_prompts = ("box",)
     tap_channels = (160, 160, 320)
     box_only = True
-    # bf16 on CPUs: box-prompted masks agree with fp32 (mean Dice 0.998, test_speed_modes.py, benchmarks/speed.py);
-    # a trained APM's box moves about as much under bf16 as under +-1 grey level of input noise (speed.py).
+    # bf16 on CPUs (stage 0 in fp32, ``FP32_STAGE_0``): masks agree with fp32 (test_speed_modes.py,
+    # benchmarks/speed.py), box-prompted and automatic with a trained adapter.
     cpu_bf16 = True
     channels_last = True
     encode_bytes_per_image = 400 << 20  # estimate: stage 0 holds a few 256x256x256 fp32 activations
@@ -119,7 +125,8 @@ class LiteMedSAM(Backbone):
     def encode(self, sam: Sam, x: torch.Tensor, taps: bool):
         # TinyViT.forward_features, layer by layer, keeping the APM's blocks (tokens -> BCHW).
         enc = sam.image_encoder
-        x = enc.layers[0](enc.patch_embed(x))
+        with torch.autocast(x.device.type, enabled=False) if FP32_STAGE_0 else contextlib.nullcontext():
+            x = enc.layers[0](enc.patch_embed(x))  # x: the engine's fp32 input
         kept: List[torch.Tensor] = []
         b = x.shape[0]
         for li in range(1, len(enc.layers)):
@@ -127,7 +134,7 @@ class LiteMedSAM(Backbone):
             for bi, blk in enumerate(layer.blocks):
                 x = blk(x)
                 if taps and (li, bi) in TAP_BLOCKS:
-                    kept.append(x.transpose(1, 2).reshape(b, -1, 64, 64))
+                    kept.append(x.view(b, 64, 64, -1).permute(0, 3, 1, 2))  # NHWC: a view, no copy
             if layer.downsample is not None:
                 x = layer.downsample(x)
         return enc.neck(x.view(b, 64, 64, -1).permute(0, 3, 1, 2)), kept
@@ -136,7 +143,8 @@ class LiteMedSAM(Backbone):
         return False  # trained with the single-mask output only
 
     def optimise(self, sam: Sam) -> List[str]:
-        return optimise_tinyvit(sam.image_encoder) + super().optimise(sam)
+        stage_0 = ["patch embedding and stage 0 in fp32 under any autocast"] if FP32_STAGE_0 else []
+        return optimise_tinyvit(sam.image_encoder) + stage_0 + super().optimise(sam)
 
 
 def optimise_tinyvit(encoder: torch.nn.Module) -> List[str]:

@@ -8,6 +8,8 @@ Variants, each end to end from the volume (or image) to the mask on its own grid
       per-image min-max, zero padding) and a box prompt; no adapter (the reference has none).
   (b) engine fp32: ``ProMISeModel.segment_volume`` (APM + IPS, automatic) with ``precision="fp32"``.
   (c) engine fastest: the same with ``precision="auto"`` (what the machine supports; printed).
+  (d) with ``--bf16-stage-0``: (c) with LiteMedSAM's patch embedding and stage 0 in bf16 too (the product keeps
+      them in fp32, ``lite_medsam.FP32_STAGE_0``): what that choice costs and gains, side by side.
 Without ``--adapter`` an UNTRAINED adapter with the README's shapes (APM width 128, taps pooled 2) is used:
 right for timing, meaningless masks (its presence bias is set so that every slice keeps a mask and the
 (c)-vs-(b) agreement compares real masks).
@@ -18,6 +20,7 @@ ground-truth box, vanilla decoding; prompt latency on an encoded slice; training
 cached features; and peak memory of each variant alone in a fresh process (Linux: /proc/self/status).
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -306,12 +309,51 @@ def parse_args():
                                                       "(default: --slices; 0: skip)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's, capped at usable CPUs)")
+    ap.add_argument("--bf16-stage-0", action="store_true", help="also (d): (c) with stage 0 in bf16 too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
 LABELS = {"a": "(a) reference loop (package model, box)", "b": "(b) engine fp32, APM+IPS",
-          "c": "(c) engine auto, APM+IPS"}
+          "c": "(c) engine auto, APM+IPS", "d": "(d) engine bf16 with stage 0 in bf16, APM+IPS"}
+
+
+class Stage0InBf16:
+    """A ``ProMISeModel`` whose encodes run LiteMedSAM's stage 0 in the autocast dtype as well (variant d)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.engine = _Stage0Engine(model.engine)
+
+    def segment_volume(self, *args, **kwargs):
+        with stage_0_in_bf16():
+            return self.model.segment_volume(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        return self.model.predict(*args, **kwargs)
+
+
+class _Stage0Engine:
+    def __init__(self, engine):
+        self._engine = engine
+
+    def encode(self, *args, **kwargs):
+        with stage_0_in_bf16():
+            return self._engine.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@contextlib.contextmanager
+def stage_0_in_bf16():
+    from PromiseSegmentLib import lite_medsam
+
+    lite_medsam.FP32_STAGE_0 = False
+    try:
+        yield
+    finally:
+        lite_medsam.FP32_STAGE_0 = True
 
 
 def build(args, backbone):
@@ -319,6 +361,9 @@ def build(args, backbone):
     adapter, note = make_adapter(args.adapter, backbone)
     models = {"b": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="fp32", **kw), adapter),
               "c": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)}
+    if getattr(args, "bf16_stage_0", False):
+        models["d"] = Stage0InBf16(ProMISeModel(SamEngine(backbone, capture_taps=True, precision="auto", **kw),
+                                                adapter))
     return models, note
 
 
@@ -326,7 +371,7 @@ def warm_up(ref, models, engines, vol):
     ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
     _, image = slice_image(vol, ijk, 0, 0, vr)
     ref.segment(image, np.array([100, 100, 300, 300]))
-    for name in ("b", "c"):
+    for name in models:
         run_engine(models, name, vol, 0, 0)
     for e in engines.values():
         e.predict(e.encode([image])[0], Prompts(box=[100, 100, 300, 300]), multimask_output=False)
@@ -378,9 +423,11 @@ def report_volume(args, ref, models, vol, labels) -> None:
     masks = bench_volume(args, meter, ref, models, vol)
     print(f"### Volume {args.size}x{args.size}x{args.slices} int16 (synthetic CT), end to end, {args.chunk}-slice "
           f"turns")
-    print_speed_table(meter, ["a", "b", "c"], labels, "slice")
-    agree, nonempty = mean_dice((masks["c"][s], masks["b"][s]) for s in range(vol.shape[0]))
-    print(f"- agreement (c) vs (b): mean Dice {agree:.4f} over {nonempty} slices with a mask")
+    print_speed_table(meter, ["a", *models], labels, "slice")
+    for name in models:
+        if name != "b":
+            agree, nonempty = mean_dice((masks[name][s], masks["b"][s]) for s in range(vol.shape[0]))
+            print(f"- agreement ({name}) vs (b): mean Dice {agree:.4f} over {nonempty} slices with a mask")
 
 
 def report_real(args, ref, engines, labels, cases) -> None:
@@ -403,20 +450,23 @@ def report_automatic(models, cases) -> None:
     """A trained adapter on real images, automatic (APM + IPS): (c) against (b), and (b) against
     itself on the same image with invisible noise (+-1 grey level) - how sensitive the adapter is anyway."""
     rng = np.random.default_rng(0)
-    pairs = {"c": [], "noise": []}
-    truth = {"b": [], "c": []}
+    fast = [name for name in models if name != "b"]
+    pairs = {key: [] for key in (*fast, "noise")}
+    truth = {name: [] for name in models}
     for _, case in cases:
         noisy = np.clip(case.rgb.astype(int) + rng.integers(-1, 2, case.rgb.shape), 0, 255).astype(np.uint8)
-        ref, fast = automatic(models, "b", case.rgb), automatic(models, "c", case.rgb)
-        pairs["c"].append((fast, ref))
-        pairs["noise"].append((automatic(models, "b", noisy), ref))
-        truth["b"].append(dice(ref, case.mask))
-        truth["c"].append(dice(fast, case.mask))
+        masks = {name: automatic(models, name, case.rgb) for name in models}
+        for name in fast:
+            pairs[name].append((masks[name], masks["b"]))
+        pairs["noise"].append((automatic(models, "b", noisy), masks["b"]))
+        for name in models:
+            truth[name].append(dice(masks[name], case.mask))
     print(f"\n### Automatic (APM + IPS) with the trained adapter on the {len(cases)} real images: mask agreement")
-    for key, label in (("c", "(c) vs (b)"), ("noise", "(b) on the image +-1 grey level vs (b)")):
+    for key in pairs:
         scores = [dice(a, b) for a, b in pairs[key]]
+        label = "(b) on the image +-1 grey level vs (b)" if key == "noise" else f"({key}) vs (b)"
         print(f"- {label}: mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
-    print(f"- mean Dice to the expert masks: (b) {np.mean(truth['b']):.4f}, (c) {np.mean(truth['c']):.4f}")
+    print("- mean Dice to the expert masks: " + ", ".join(f"({n}) {np.mean(t):.4f}" for n, t in truth.items()))
 
 
 def automatic(models, name, rgb) -> np.ndarray:
@@ -427,7 +477,7 @@ def automatic(models, name, rgb) -> np.ndarray:
 def report_prompts(args, models, vol) -> None:
     if args.prompts < 1:
         return
-    lat = bench_prompts(models, vol, args.prompts)
+    lat = bench_prompts({name: models[name] for name in ("b", "c")}, vol, args.prompts)  # (d) decodes as (c)
     print(f"\n### Prompt latency on an encoded slice, ms p50 / p95 ({args.prompts} boxes each, interleaved)")
     print("| variant | decoder only (engine.predict, box) | segment_slice, embedding cached (IPS + box) |")
     print("|---|---|---|")
