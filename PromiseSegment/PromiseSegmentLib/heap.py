@@ -2,23 +2,23 @@
 
 PyTorch's CPU tensors come straight from ``malloc``. Every slice allocates and frees about 100 MB of
 activations; glibc gives the freed top of its heap back to the kernel once it exceeds its trim threshold
-(by default twice a dynamic mmap threshold, so at most 64 MB), and the next slice touches those pages
-again: about 48,500 page faults per 512x512 slice, each zero-filling 4 KB. Measured on the 2-core AMD
-EPYC (``Testing/benchmarks/speed.py``; bf16 engine, automatic mode, 12-slice volume, fresh processes):
+(by default twice an adaptive mmap threshold, so at most 64 MB), and the next slice touches those pages
+again: 27,000-52,000 page faults per 512x512 slice, each zero-filling 4 KB. Measured on the 2-core AMD
+EPYC (bf16 engine, automatic mode, 12-slice volume, ms per slice in three runs, fresh processes):
 
 | trim / mmap threshold | page faults per slice | ms per slice | peak RSS |
 |---|---|---|---|
-| glibc's defaults | 48,500 | 298 | 1036 MB |
-| 64 MB / 32 MB | 28,900 | 267 | 1042 MB |
-| **128 MB / 32 MB** | **64** | **227** | 1073 MB |
-| 512 MB / 32 MB | 0 | 248 | 1047 MB |
+| glibc's defaults (alternating with the next row) | 27,100-27,200 | 255, 266, 281 | 1023-1033 MB |
+| **128 MB / 32 MB** | **0** | **231, 228, 242** | 1022-1029 MB |
+| 64 MB / 32 MB (another series: defaults 298 there) | 28,900 | 267 | 1042 MB |
 
 So: blocks under 32 MB come from the heap, and up to 128 MB of freed heap stays with the process for the
 next slice (its RSS after a run can stay up to that much higher). ``PROMISE_SEGMENT_KEEP_FREED_MEMORY=0``
 leaves malloc as it is, and a user's own ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or
-``GLIBC_TUNABLES`` wins (beware: setting either threshold alone switches glibc's dynamic threshold off;
-a 128 KB trim threshold gave 414,000 page faults and 730 ms per slice). Unlike OpenMP's settings this can change at any
-time, so the engine applies it when it is created (``SamEngine``), in Slicer as on the command line.
+``GLIBC_TUNABLES`` wins (beware: setting either threshold alone switches glibc's adaptive thresholds
+off; a 128 KB trim threshold gave 414,000 page faults and 730 ms per slice). Unlike OpenMP's settings
+this can change at any time, so the engine applies it when it is created (``SamEngine``), in Slicer as
+on the command line.
 """
 from __future__ import annotations
 
