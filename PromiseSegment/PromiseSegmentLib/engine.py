@@ -176,7 +176,9 @@ class SamEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):
             feats, taps = self.spec.encode(sam, x, self.capture_taps)
-        back = lambda t: t.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        # NHWC (channels_last), as the encoders make them: the APM's pooling and the decoder read it without copies
+        back = lambda t: t.to(self.device, torch.float32).contiguous(  # noqa: E731
+            memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
         return back(feats), [back(t) for t in taps]
 
     def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,

@@ -47,7 +47,7 @@ def keep_freed_memory(environ: Optional[Mapping[str, str]] = None) -> str:
 
 def _apply(env: Mapping[str, str]) -> str:
     if env.get(OPT_OUT, "").strip() == "0":
-        return f"glibc malloc's defaults ({OPT_OUT}=0)"
+        return f"malloc's defaults ({OPT_OUT}=0)"
     chosen = [name for name in USER_SETTINGS if name in env and (name != "GLIBC_TUNABLES" or "malloc" in env[name])]
     if chosen:
         return f"malloc as set by {', '.join(chosen)}"
