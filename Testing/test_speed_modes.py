@@ -219,6 +219,12 @@ def test_batch_sizes_and_out_of_memory_steps():
     assert steps == [(4, False), (2, False), (1, False), (1, True)]
 
 
+def test_batch_memory_estimate_follows_the_precision_of_the_peak(lite_medsam, tiny_backbone):
+    """GPU batch sizing: LiteMedSAM's peak (stage 0) stays fp32 in bf16 engines; a ViT's halves."""
+    assert lite_medsam.spec.encode_bytes(True) == lite_medsam.spec.encode_bytes(False) > 0
+    assert tiny_backbone.spec.encode_bytes(True) == tiny_backbone.spec.encode_bytes(False) // 2
+
+
 def test_a_real_cpu_allocation_failure_counts_as_out_of_memory():
     from PromiseSegmentLib.devices import is_out_of_memory
 

@@ -62,6 +62,11 @@ class Backbone:
     encode_bytes_per_image: int = 2 << 30  # estimated device memory per image in the fp32 encoder (batch sizing;
     # SAM ViT: global attention holds a 64x64-token bias per head)
 
+    def encode_bytes(self, reduced_precision: bool) -> int:
+        """Estimated device memory per image in the encoder, for batch sizing: half the fp32 estimate when
+        it runs in bf16/fp16."""
+        return self.encode_bytes_per_image // (2 if reduced_precision else 1)
+
     # ------------------------------------------------------------------ identity and weights
     @property
     def checkpoint(self) -> Optional[CheckpointInfo]:

@@ -158,7 +158,7 @@ class SamEngine:
                                                 mask_token_shift, token)
 
     def _bytes_per_image(self) -> int:
-        return self.spec.encode_bytes_per_image // (2 if self.precision.dtype is not None else 1)
+        return self.spec.encode_bytes(self.precision.dtype is not None)
 
     # ----------------------------------------------------------------------------- encoding
     def _prepare(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:

@@ -142,6 +142,10 @@ class LiteMedSAM(Backbone):
     def vanilla_multimask(self, n_points: int, has_box: bool) -> bool:
         return False  # trained with the single-mask output only
 
+    def encode_bytes(self, reduced_precision: bool) -> int:
+        # The peak is stage 0's whole-image activations on a GPU, and stage 0 stays fp32 (FP32_STAGE_0).
+        return self.encode_bytes_per_image if FP32_STAGE_0 else super().encode_bytes(reduced_precision)
+
     def optimise(self, sam: Sam) -> List[str]:
         stage_0 = ["patch embedding and stage 0 in fp32 under any autocast"] if FP32_STAGE_0 else []
         return optimise_tinyvit(sam.image_encoder) + stage_0 + super().optimise(sam)
