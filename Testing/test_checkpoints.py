@@ -2,7 +2,6 @@
 import hashlib
 import http.server
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from PromiseSegmentLib.registry import BACKBONES, load_backbone, user_backbones
 from PromiseSegmentLib.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
 from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
 from PromiseSegmentLib.sam_vit import build_seeded_sam
+from local_http import serve
 
 
 def load_sam(spec):
@@ -43,11 +43,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from reliability_support import (  # noqa: F401  (fixtures are used by name)
     save_folder,
     temps,
     ws)
+from local_http import serve
 
 # ----------------------------------------------------- class 6: every writer under a full disk, Ctrl+C, kill
 def _cases(n=3, size=32):
@@ -121,10 +121,8 @@ class _Bodies(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bodies)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve(_Bodies) as url:
+        yield url
 
 
 @pytest.fixture
