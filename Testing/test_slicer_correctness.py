@@ -197,6 +197,20 @@ def test_preview_follows_the_segmentation_transform(logic):
     assert preview.GetHideFromEditors() and not preview.GetSaveWithScene()
 
 
+def test_the_preview_has_the_segmentations_geometry_under_a_shared_transform():
+    """The preview node gets the segmentation's transform *before* its reference geometry, which is
+    expressed in the node's own frame: set the other way round, the geometry is shifted by the transform."""
+    import slicer
+
+    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, update_preview
+
+    app, m, volume, seg, transform, to_world = transformed_scene()
+    preview = update_preview(app.scene, None, volume, labelmap_from_mask(np.ones(SHAPE, np.uint8), m), seg)
+    key = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert seg.GetSegmentation().GetConversionParameter(key)
+    assert preview.GetSegmentation().GetConversionParameter(key) == seg.GetSegmentation().GetConversionParameter(key)
+
+
 def test_propagation_sees_the_image_through_the_effects_window(logic, adapter):
     """The accepted slice was previewed with a custom window; propagation must use the same one."""
     from PromiseSegmentSlicerLib.propagation import propagation_prompts

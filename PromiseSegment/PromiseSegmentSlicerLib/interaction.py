@@ -88,6 +88,11 @@ class ClickSession:
         self.box_corners = [start, tuple(ijk)] if moved else (self.box_corners + [start])[-2:]
 
     @property
+    def dragging(self) -> bool:
+        """Box mode: a press was taken and its release has not come yet."""
+        return self._press is not None
+
+    @property
     def ready(self) -> bool:
         if self.volume_node is None:
             return False

@@ -26,6 +26,7 @@ from PromiseSegmentLib.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.volume_segmentation import slice_indices, volume_value_range
 
 from . import mrml
+from .editor_write import write_block
 from .propagation import band_agreement, intensity_band, propagation_prompts
 
 log = logging.getLogger(__name__)
@@ -313,19 +314,25 @@ class SceneLogic:
         """The one way results reach a segment (saves no undo state).
 
         Without an editor logic the segment is replaced by ``labelmap`` (``extent`` only crops it).
-        Through a ``vtkSlicerSegmentEditorLogic`` only the voxels inside ``extent`` change: the modifier is
-        the segment as it is with that block replaced (``mrml.slab_modifier``), on the editor's modifier
-        geometry (the segmentation's own grid, which may differ from the volume's), so the editor's
-        masking and overwrite settings apply."""
+        Through a ``vtkSlicerSegmentEditorLogic`` only the voxels inside ``extent`` change, with the editor's
+        masking and overwrite settings applied there (``editor_write.write_block``, which the effect's Apply
+        uses too); no other segment changes outside ``extent``."""
         import slicer
 
         if editorLogic is not None:
             if not editorLogic.ResetModifierLabelmapToDefault():
                 raise InputError("the segmentation has no geometry yet; select a source volume in the Segment Editor")
-            modifier = mrml.slab_modifier(segmentationNode, segmentId, labelmap, extent or labelmap.GetExtent(),
-                                          editorLogic.GetModifierLabelmap())
-            editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier,
-                                                slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet, False, False)
+
+            def modify(modifier, mode, modifierExtent, bypassMasking):
+                if modifierExtent is None:
+                    editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier, mode, False,
+                                                        bypassMasking)
+                else:
+                    editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier, mode,
+                                                        modifierExtent, False, bypassMasking)
+
+            write_block(modify, segmentationNode, segmentId, labelmap, extent or labelmap.GetExtent(),
+                        editorLogic.GetModifierLabelmap())
             return
         replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(

@@ -198,35 +198,6 @@ def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[objec
     return out, tuple(new)
 
 
-def slab_modifier(segmentation_node, segment_id: str, labelmap, extent: Sequence[int], reference):
-    """The editor's modifier for "replace this block of the segment with ``labelmap``": the segment's
-    current voxels everywhere, ``labelmap`` (resampled onto ``reference``'s grid) inside ``extent``.
-
-    The Segment Editor's Set mode replaces the *whole* segment by its modifier - its extent only limits
-    where new voxels are written - so writing one slice must carry the rest of the segment along."""
-    block, block_extent = on_reference_grid(labelmap, extent, reference)
-    full = slicer.vtkOrientedImageData()
-    full.SetExtent(reference.GetExtent())
-    full.SetImageToWorldMatrix(vtk_matrix(image_to_world(reference)))
-    full.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    values = numpy_support.vtk_to_numpy(full.GetPointData().GetScalars())
-    values[:] = 0
-    current = segment_labelmap(segmentation_node, segment_id)
-    if current.GetPointData().GetScalars() is not None and current.GetScalarRange()[1] > 0:
-        on_grid = slicer.vtkOrientedImageData()
-        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                current, full, on_grid, False):
-            raise RuntimeError("could not resample the segment onto its segmentation's geometry")
-        values[:] = numpy_support.vtk_to_numpy(on_grid.GetPointData().GetScalars()) > 0
-    e = reference.GetExtent()
-    grid = values.reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)  # KJI view of ``full``
-    i0, i1, j0, j1, k0, k1 = (v - e[2 * (a // 2)] for a, v in enumerate(block_extent))
-    grid[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = numpy_support.vtk_to_numpy(
-        block.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) > 0
-    full.Modified()
-    return full
-
-
 def image_to_world(image) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
@@ -234,6 +205,12 @@ def image_to_world(image) -> np.ndarray:
 
 
 PREVIEW_NODE_NAME = "ProMISe preview"
+REFERENCE_GEOMETRY = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+
+
+def reference_geometry(segmentation_node) -> str:
+    """The segmentation's reference geometry string (its editing grid, in its own frame), or ""."""
+    return segmentation_node.GetSegmentation().GetConversionParameter(REFERENCE_GEOMETRY) or ""
 
 
 def update_preview(scene, preview_node, reference_volume, labelmap, segmentation_node=None, color=(1.0, 1.0, 0.0)):
@@ -248,11 +225,16 @@ def update_preview(scene, preview_node, reference_volume, labelmap, segmentation
         preview_node.SetHideFromEditors(True)
         preview_node.SetSaveWithScene(False)
         scene.AddNode(preview_node)
-        preview_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         preview_node.CreateDefaultDisplayNodes()
+    # The transform first: the reference geometry is expressed in the node's own (parent) frame.
     transform_id = segmentation_node.GetTransformNodeID() if segmentation_node is not None else None
     if preview_node.GetTransformNodeID() != transform_id:
         preview_node.SetAndObserveTransformNodeID(transform_id)
+    geometry = reference_geometry(segmentation_node) if segmentation_node is not None else ""
+    if geometry:
+        preview_node.GetSegmentation().SetConversionParameter(REFERENCE_GEOMETRY, geometry)
+    else:
+        preview_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
     segmentation = preview_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         segmentation.AddEmptySegment("preview", "preview", list(color))

@@ -1,12 +1,18 @@
 """Segment Editor effect "ProMISe": automatic prompts or the user's clicks/box, refined by the model.
 
+Self-contained, as Slicer's effect template: ``qSlicerSegmentEditorScriptedEffect::setPythonSource`` runs
+this file as a plain module named after its folder (``SegmentEditorPromiseSegmentLib``), so it must not
+import siblings from that folder; the folder's ``__init__`` re-exports the class for the case where the
+package was imported first.
+
 Thin on purpose: mouse events become world RAS positions handed to ``ClickSession`` (which converts them
-through the volume's parent transform); Preview, Propagate and Apply are logic calls; results are
-resampled onto the editor's modifier geometry and written only through
-``modifySelectedSegmentByLabelmap`` (so the editor's masking and overwrite settings apply and one Ctrl+Z
-reverts an Apply). The model is loaded by an explicit action (or on activation when that is cheap), never
-inside a mouse handler; every handler reports an error once and never lets it escape into Slicer.
+through the volume's parent transform); Preview, Propagate and Apply are logic calls; results are written
+only through ``modifySelectedSegmentByLabelmap`` (``editor_write.write_block``: the editor's masking and
+overwrite settings apply on the written slices, nothing changes elsewhere, one Ctrl+Z reverts an Apply).
+The model is loaded by an explicit action (or on activation when that is cheap), never inside a mouse
+handler; every handler reports an error once and never lets it escape into Slicer.
 """
+import contextlib
 import logging
 import os
 
@@ -17,7 +23,8 @@ from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from PromiseSegmentLib.names import DEFAULT_BACKBONE, DEVICES, USER_BACKBONES  # torch-free (registries need torch)
-from SegmentEditorPromiseSegmentLib.widgets import blockedSignals, modeLabels, row, setIfChanged, sliceNormal
+
+__all__ = ["SegmentEditorEffect"]
 
 SCOPES = ("current slice", "slice range", "whole volume")
 NO_ADAPTER = "none"  # an empty default would never be stored (Slicer skips empty new values) and reads log errors
@@ -29,6 +36,47 @@ LEFT_PRESS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoub
 RIGHT_PRESS = (vtk.vtkCommand.RightButtonPressEvent, vtk.vtkCommand.RightButtonDoubleClickEvent)
 BOX_EVENTS = LEFT_PRESS + (vtk.vtkCommand.LeftButtonReleaseEvent,)
 CLICK_EVENTS = LEFT_PRESS + RIGHT_PRESS
+CURSOR_FILE = "SegmentEditorEffectCursor.png"  # arrow + 21 px icon, the size of Slicer's own effect cursors
+CURSOR_HOT_SPOT = (1, 1)  # the arrow's tip
+
+
+def modeLabels():
+    return {"box": _("box (drag in a slice view)"), "automatic": _("automatic (adapter's APM; clicks refine)"),
+            "clicks": _("clicks (left +, Shift/right -; SAM ViT backbones)")}
+
+
+def sliceNormal(sliceWidget):
+    sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
+    return [sliceToRas.GetElement(r, 2) for r in range(3)]
+
+
+def row(*widgets):
+    layout = qt.QHBoxLayout()
+    for w in widgets:
+        layout.addWidget(w)
+    return layout
+
+
+def setIfChanged(widget, prop, value):
+    """Only write differing values: re-setting an editable combo's text moves the user's cursor."""
+    if getattr(widget, prop) != value:
+        setattr(widget, prop, value)
+
+
+@contextlib.contextmanager
+def blockedSignals(*widgets):
+    blocked = [w.blockSignals(True) for w in widgets]
+    try:
+        yield
+    finally:
+        for w, b in zip(widgets, blocked):
+            w.blockSignals(b)
+
+
+def exactNumber(value):
+    """A parameter string that reads back as the same double: ``setParameter(name, float)`` would store
+    ``QString::number(value)``, 6 significant digits (qSlicerSegmentEditorAbstractEffect.cxx)."""
+    return repr(float(value))
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -43,6 +91,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.previewNode = None
         self.progress = None
         self._writingParameters = False  # updateMRMLFromGUI in progress: updateGUIFromMRML must not run
+        self.activationTimer = None  # created with the options frame; stopped on deactivate and cleanup
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -54,6 +103,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def icon(self):
         path = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
         return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
+
+    def createCursor(self, widget):
+        """Slicer's default stacks the effect icon (128 px here) under an arrow: a 149 px cursor. This one
+        has the 21 px icon of Slicer's own effects."""
+        path = os.path.join(os.path.dirname(__file__), CURSOR_FILE)
+        return qt.QCursor(qt.QPixmap(path), *CURSOR_HOT_SPOT)
 
     def helpText(self):
         return "<html>" + _(
@@ -144,6 +199,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.negativeOthers = qt.QCheckBox(_("other visible segments are negative prompts"))
         self.scriptedEffect.addOptionsWidget(self.negativeOthers)
         self.setupButtons()
+        # The activation's deferred model load: owned here (a bare singleShot would outlive the editor).
+        self.activationTimer = qt.QTimer()
+        self.activationTimer.setSingleShot(True)  # methods: ``singleShot`` is also QTimer's static function
+        self.activationTimer.setInterval(0)
+        self.activationTimer.connect("timeout()", self.onActivated)
         self.connections = [(self.backboneCombo, "currentIndexChanged(int)"),
                             (self.adapterCombo, "currentTextChanged(QString)"),
                             (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
@@ -197,8 +257,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def activate(self):
         self.fillAdapters()  # adapters imported or trained since the effect was set up
         # after the editor has recorded this effect as active (activate() runs inside its update), and
-        # never with a dialog inside that update
-        qt.QTimer.singleShot(0, lambda: self.guarded(_("ProMISe could not load its model."), self.loadIfCheap))
+        # never with a dialog inside that update; deactivate() and cleanup() stop it
+        if self.activationTimer is not None:
+            self.activationTimer.start()
+
+    def onActivated(self):
+        self.guarded(_("ProMISe could not load its model."), self.loadIfCheap)
 
     def loadIfCheap(self):
         """On activation, load the default offline backbone at once when its packages are installed (about
@@ -259,7 +323,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                                 ("Mode", self.modeCombo.currentData), ("Scope", self.scopeCombo.currentText),
                                 ("RangeFirst", self.rangeFirst.value), ("RangeLast", self.rangeLast.value),
                                 ("CustomWindow", int(self.customWindow.checked)),
-                                ("WindowCenter", self.windowCenter.value), ("WindowWidth", self.windowWidth.value),
+                                ("WindowCenter", exactNumber(self.windowCenter.value)),
+                                ("WindowWidth", exactNumber(self.windowWidth.value)),
                                 ("Device", self.deviceCombo.currentText),
                                 ("NegativeOthers", int(self.negativeOthers.checked))):
                 p.setParameter(name, value)
@@ -293,7 +358,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         box = self.scriptedEffect.parameter("Mode") == "box"
-        if eventId not in (BOX_EVENTS if box else CLICK_EVENTS):
+        if eventId not in (BOX_EVENTS if box else CLICK_EVENTS) or self.passesThrough(callerInteractor, eventId, box):
             return False
         if self.loadedLogic() is None:
             self.showModelStatus()  # no set-up inside a mouse handler
@@ -306,6 +371,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             positive = eventId in LEFT_PRESS and not callerInteractor.GetShiftKey()
             self.guarded(_("ProMISe could not use this click."), self.addClick, ras, normal, positive)
         return True  # consumed, also after an error: no window/level, menu or view maximize on these
+
+    def passesThrough(self, interactor, eventId, box):
+        """Presses with Ctrl or Alt (and Shift in Box mode, where it means nothing) go on to the view, as in
+        Slicer's own effects (SegmentEditorDrawEffect.py, SegmentEditorThresholdEffect.py); so does the
+        release of a press that went on. In Clicks mode Shift+click is a negative click."""
+        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent:
+            return self.session is None or not self.session.dragging
+        modifiers = interactor.GetControlKey() or interactor.GetAltKey()
+        return bool(modifiers or (box and interactor.GetShiftKey()))
 
     def addClick(self, ras, normal, positive=True):
         """One click (world RAS, slice-view normal); errors propagate (the caller reports them once)."""
@@ -393,20 +467,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.onClear()
 
     def modify(self, labelmap, extent):
-        """Replace the block ``extent`` of the selected segment, leaving the rest of it as it is: Set mode
-        replaces a whole segment by its modifier, so the modifier is the segment with that block swapped
-        in, on the editor's modifier geometry (the segmentation's grid, which may be oversampled or follow
-        another volume) so the editor's masking applies; then one undo step and one write."""
-        from PromiseSegmentSlicerLib.mrml import slab_modifier
+        """Replace the slices ``extent`` of the selected segment (``editor_write.write_block``): the editor's
+        masking and overwrite mode apply there, nothing changes elsewhere; one undo step."""
+        from PromiseSegmentSlicerLib.editor_write import write_block
 
         reference = self.scriptedEffect.defaultModifierLabelmap()
         if reference is None:
             raise ValueError(_("the segmentation has no geometry; select a source volume"))
         segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
-        modifier = slab_modifier(self.segmentationNode(), segmentId, labelmap, extent, reference)
+
+        def modifySelected(modifier, mode, modifierExtent, bypassMasking):
+            if modifierExtent is None:
+                self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode, bypassMasking)
+            else:
+                self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode, modifierExtent, bypassMasking)
+
         self.scriptedEffect.saveStateForUndo()
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(
-            modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        write_block(modifySelected, self.segmentationNode(), segmentId, labelmap, extent, reference)
 
     def runScope(self, scope):
         session = self._session()
@@ -464,10 +541,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.text = _("propagated to slices {first}..{last}").format(first=min(results), last=max(results))
 
     def deactivate(self):
+        if self.activationTimer is not None:
+            self.activationTimer.stop()
         self.onClear()
 
     def cleanup(self):
         """Disconnect what setupOptionsFrame connected (Slicer issue 7392: otherwise the effect leaks)."""
+        if self.activationTimer is not None:
+            self.activationTimer.stop()
+            self.activationTimer.disconnect("timeout()", self.onActivated)
+            self.activationTimer = None
         self.onClear()
         for widget, signal in getattr(self, "connections", []):
             widget.disconnect(signal, self.updateMRMLFromGUI)

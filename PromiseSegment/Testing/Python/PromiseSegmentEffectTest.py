@@ -93,19 +93,22 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.windowWidth.value, 123.0)
 
     def test_press_before_the_model_is_loaded_is_consumed_without_setup(self):
+        """With a logic that holds no model - whatever earlier tests of this Slicer session loaded."""
         import PromiseSegment
 
-        *_, editor = self._scene()
-        effect = self._effect(editor)
-        if PromiseSegment.sharedLogic().coreIfInstalled is not None:
-            return  # an earlier test loaded a model in this Slicer session: nothing to check here
-        sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
-        interactor = sliceWidget.sliceView().interactor()
-        consumed = effect.self().processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonPressEvent,
-                                                          sliceWidget)
-        self.assertTrue(consumed, "the press does not go on to window/level")
-        self.assertIsNone(PromiseSegment.sharedLogic().coreIfInstalled, "nothing was installed or loaded")
-        self.assertIn("Load model", effect.self().statusLabel.text)
+        saved, PromiseSegment._shared_logic = PromiseSegment._shared_logic, None
+        try:
+            *_, editor = self._scene()
+            effect = self._effect(editor)
+            sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
+            interactor = sliceWidget.sliceView().interactor()
+            consumed = effect.self().processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonPressEvent,
+                                                              sliceWidget)
+            self.assertTrue(consumed, "the press does not go on to window/level")
+            self.assertIsNone(PromiseSegment.sharedLogic().coreIfInstalled, "nothing was installed or loaded")
+            self.assertIn("Load model", effect.self().statusLabel.text)
+        finally:
+            PromiseSegment._shared_logic = saved
 
     def test_click_under_a_transform_finds_its_voxel(self):
         from PromiseSegmentSlicerLib.interaction import ClickSession
