@@ -11,7 +11,7 @@ MODULE = ROOT / "PromiseSegment"
 
 
 def imported_modules(path: Path):
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (a.name.split(".")[0] for a in node.names)
@@ -38,7 +38,7 @@ def cmake_installed_files(cmake_path: Path) -> set:
     """The files ``slicerMacroBuildScriptedModule`` installs, from the module's CMakeLists.txt: ``file(GLOB
     [_RECURSE] VAR RELATIVE ... [CONFIGURE_DEPENDS] "pattern")`` evaluated here, then the SCRIPTS and
     RESOURCES lists with their variables expanded."""
-    text = cmake_path.read_text()
+    text = cmake_path.read_text(encoding="utf-8")
     folder = cmake_path.parent
     variables = {"MODULE_NAME": re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1),
                  "CMAKE_CURRENT_SOURCE_DIR": str(folder)}
@@ -76,9 +76,9 @@ def test_cmake_installs_every_file_the_module_uses_at_runtime():
 
 
 def test_slicer_tests_are_registered():
-    cmake = (MODULE / "CMakeLists.txt").read_text()
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
-    tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     for script in re.findall(r"slicer_add_python_unittest\(SCRIPT (\S+)\)", tests):
         assert (MODULE / "Testing" / "Python" / script).exists()
     assert {p.name for p in (MODULE / "Testing" / "Python").glob("*Test.py")} <= set(
@@ -111,14 +111,14 @@ def test_extension_description_passes_the_index_checks():
     name = path.stem
     assert not name.lower().startswith("slicer")
     assert entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git").startswith("Slicer")
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\s*\(\s*([^\s)]+)", cmake).group(1) == name
     assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
 
 
 @pytest.mark.parametrize("variable", ["EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"])
 def test_catalog_images_are_committed_pngs(variable):
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     urls = re.search(rf'set\s*\({variable}\s*"([^"]+)"\s*\)', cmake)
     assert urls, f"{variable} must be set to at least one URL (the index refuses an empty one)"
     for url in urls.group(1).split():
@@ -155,7 +155,7 @@ def package_imports(folder: Path) -> dict:
     graph = {}
     for path in folder.glob("*.py"):
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
         graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
@@ -182,7 +182,7 @@ def test_the_core_has_no_import_cycle():
 def test_no_function_in_the_extension_is_over_60_lines():
     long = []
     for path in sorted(MODULE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .names import AXES, DEVICES
 
@@ -26,7 +26,8 @@ def _numbers(text: str, counts: Sequence[int], form: str) -> List[float]:
     return values
 
 
-def int_at_least(low: int):
+def int_at_least(low: int, high: Optional[int] = None):
+    """Whole numbers from ``low`` (to ``high``): an absurd value is refused here, not after the model load."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -34,6 +35,8 @@ def int_at_least(low: int):
             raise _bad(f"expected a whole number, got {text!r}") from None
         if value < low:
             raise _bad(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise _bad(f"must be at most {high}, got {value}")
         return value
     parse.__name__ = f"int_at_least_{low}"
     return parse
@@ -44,6 +47,10 @@ positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 def any_int(text: str) -> int:
     return int_at_least(-(1 << 62))(text)
+
+
+thread_count = int_at_least(1, 4096)
+seed_arg = int_at_least(0, 2 ** 32 - 1)  # numpy's and torch's seeds
 
 
 def _float(text: str) -> float:
@@ -92,6 +99,9 @@ def window_arg(text: str) -> List[float]:
     center, width = _numbers(text, (2,), "CENTER,WIDTH")
     if width <= 0:
         raise _bad(f"the window width must be positive, got {width:g}")
+    lo, hi = center - width / 2, center + width / 2
+    if not (hi > lo and math.isfinite(255.0 / (hi - lo))):
+        raise _bad(f"the window {text} is too narrow to map intensities at this center (width {width:g})")
     return [center, width]
 
 

@@ -26,9 +26,9 @@ from .names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
 from .openmp import set_default_waiting
 from .paths import WriteError
 from .cli_args import (PROG, add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
-                       progress_bar)
+                       progress_bar, progress_interval)
 from .preprocessing import IntensityRule, take_slice, to_uint8_rgb
-from .prompts import ijk_prompts
+from .prompts import box_clip_notes, ijk_prompts
 from .arg_types import AXIS_CHOICES, axis_arg, box_arg, name_arg, point_arg, slices_arg
 from .validation import AdapterError, check_segment_volume, preflight, validate
 from .volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
@@ -56,7 +56,7 @@ def best_slice_overlay(volume: np.ndarray, mask: np.ndarray, axis: int, rule: In
     """RGB picture of the slice with the most foreground, mask (red) and truth (green) outlined."""
     areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
     s = int(np.argmax(areas)) if areas.any() else volume.shape[axis] // 2
-    vr = (0.0, 255.0) if volume.ndim == 4 else rule.value_range(volume)
+    vr = rule.value_range(volume)
     rgb = to_uint8_rgb(take_slice(volume, axis, s), vr)
     masks = [take_slice(mask, axis, s)] + ([take_slice(truth, axis, s)] if truth is not None else [])
     return overlay_rgb(rgb, masks)
@@ -71,6 +71,10 @@ def cmd_segment(args) -> int:
     vol = read_volume(args.input)
     axis = check_segment_volume(args, vol.array.shape, vol.ijk_to_ras)
     preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
+    adapter_rule = IntensityRule.from_dict(args.adapter_meta["intensity"]) if args.adapter_meta else None
+    intensity_from_args(args, adapter_rule).value_range(vol.array)  # a rule that cannot fit: refused now
+    for note in box_clip_notes(args.box or [], vol.array.shape):
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     from .promise import load_model
 
     model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch,
@@ -249,12 +253,50 @@ def _run(args) -> int:
         return 130
 
 
+class _StdoutUntilClosed:
+    """``promise-segment ... | head -1``: once the reader has gone, further report lines are dropped
+    instead of failing a run whose files are being written (its exit status is what counts)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the interpreter's own final flush then succeeds
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _drop_output_once_stdout_closes() -> None:
+    if not isinstance(sys.stdout, _StdoutUntilClosed):
+        sys.stdout = _StdoutUntilClosed(sys.stdout)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     set_default_waiting()  # idle OpenMP threads spin briefly, then sleep (openmp.py); before torch is imported
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    _drop_output_once_stdout_closes()
     with _sigterm_as_interrupt():
         try:
+            progress_interval()  # a bad environment variable: refused now, not after the model load
             return _run(args)
         except (KeyboardInterrupt, Cancelled):
             print(f"{PROG}: cancelled; no output was written", file=sys.stderr)

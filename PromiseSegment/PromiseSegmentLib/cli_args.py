@@ -4,15 +4,17 @@ the two command modules form no cycle."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from typing import Optional
 
 from .names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
+from .errors import InputError
 from .preprocessing import IntensityRule
 from .progress import bar
-from .arg_types import device_arg, int_at_least, percentiles_arg, window_arg
+from .arg_types import device_arg, percentiles_arg, thread_count, window_arg
 
 PROG = "promise-segment"
 PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal
@@ -29,7 +31,7 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): the fastest mode measured to agree with fp32 - bf16 on GPUs and on CPUs "
                         "with native bf16 (AVX512-BF16/AMX), else fp32; the engine says once which runs")
-    p.add_argument("--threads", type=int_at_least(1), help="CPU threads for PyTorch (default: all usable CPUs)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for PyTorch (default: all usable CPUs)")
 
 
 def engine_options(args) -> dict:
@@ -57,13 +59,25 @@ def intensity_from_args(args, default: Optional[IntensityRule] = None) -> Intens
         return IntensityRule("percentile", low=args.percentiles[0], high=args.percentiles[1])
     return default or IntensityRule()
 
+def progress_interval() -> float:
+    """Seconds between progress lines (``PROMISE_SEGMENT_PROGRESS_SECONDS``), checked at start-up."""
+    text = os.environ.get(PROGRESS_ENV, "10")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"{PROGRESS_ENV}={text!r}: expected a number of seconds (0 or more)")
+    return value
+
+
 class LineProgress:
     """Progress for logs (stderr is not a terminal: CI, nohup): a line at most every ``PROMISE_SEGMENT_
     PROGRESS_SECONDS`` (default 10) seconds, and a last one when a run that printed any finishes."""
 
     def __init__(self, desc: str, unit: str):
         self.desc, self.unit, self.values = desc, unit, {}
-        self.interval = float(os.environ.get(PROGRESS_ENV, "10"))
+        self.interval = progress_interval()
         self.start = self.last = time.monotonic()
         self.done, self.total, self.printed = 0, None, False
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .preprocessing import (InputError, IntensityRule, check_volume, is_rgb, resolve_axis, slice_geometry,
+from .preprocessing import (InputError, IntensityRule, check_volume, resolve_axis, slice_geometry,
                             take_slice, to_uint8_rgb)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -53,7 +53,7 @@ def volume_cases(name: str, volume: np.ndarray, labelmap: np.ndarray, ijk_to_ras
     if not target.any():
         raise InputError(f"{name}: the segment/label is empty; nothing to learn from")
     ax = resolve_axis(axis, ijk_to_ras)
-    vr = (0.0, 255.0) if is_rgb(volume) else rule.value_range(volume)
+    vr = rule.value_range(volume)
     present = [s for s in range(volume.shape[ax]) if take_slice(target, ax, s).any()]
     empty = [s for s in range(volume.shape[ax]) if s not in set(present)]
     rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ from .acceleration import Precision, after_out_of_memory, auto_batch_size, confi
     resolve_precision
 from .backbone import LOW_RES, LoadedBackbone
 from .decoder import HalfDecoder, decode_masks
+from .errors import InputError
 from .devices import is_out_of_memory, pick_device
 from .embedding_cache import EmbeddingCache, lookup
 from .errors import Cancelled  # noqa: F401  (re-exported)
@@ -49,6 +50,11 @@ class Prompts:
                 raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels")
         if self.box is not None:
             self.box = np.asarray(self.box, float).reshape(4)
+            if not np.all(np.isfinite(self.box)) or self.box[2] <= self.box[0] or self.box[3] <= self.box[1]:
+                raise InputError(f"a box is x0, y0, x1, y1 with finite numbers, x0 < x1 and y0 < y1; got "
+                                 f"{self.box.tolist()}")
+        if self.points is not None and not np.all(np.isfinite(self.points)):
+            raise InputError(f"point coordinates must be finite numbers; got {self.points.tolist()}")
 
     @property
     def empty(self) -> bool:

@@ -89,15 +89,19 @@ def in_plane_spacing(ijk_to_ras: np.ndarray, axis: int) -> Tuple[float, float]:
     return float(sp[r]), float(sp[c])
 
 
-INTENSITY_KINDS = ("window", "percentile", "range", "rgb")
+INTENSITY_KINDS = ("window", "percentile", "range", "rgb", "auto")
 
 
 @dataclass(frozen=True)
 class IntensityRule:
     """How scalar voxels become SAM's 0-255 RGB: CT window/level, percentiles, or a fixed range.
-    NaN and infinite voxels are ignored when the range is computed and shown as black."""
+    NaN and infinite voxels are ignored when the range is computed and shown as black.
 
-    kind: str = "percentile"  # "window" | "percentile" | "range" | "rgb"
+    "auto" (the default when neither an adapter nor the user chose): 8-bit volumes pass through as
+    pictures, anything else gets percentiles ``low``-``high``. An explicit "percentile" rule applies to 8-bit
+    volumes too."""
+
+    kind: str = "auto"  # "window" | "percentile" | "range" | "rgb" | "auto"
     center: float = 40.0
     width: float = 400.0
     low: float = 0.5
@@ -129,20 +133,40 @@ class IntensityRule:
             raise InputError(f"intensity settings must be finite numbers, got {self.to_dict()}")
         if self.kind == "window" and self.width <= 0:
             raise InputError(f"window width must be positive, got {self.width:g}")
-        if self.kind == "percentile" and not 0 <= self.low < self.high <= 100:
+        if self.kind in ("percentile", "auto") and not 0 <= self.low < self.high <= 100:
             raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.low:g}, {self.high:g}")
         if self.kind == "range" and not self.low < self.high:
             raise InputError(f"intensity range must have low < high, got {self.low:g}, {self.high:g}")
+        if self.kind in ("window", "range"):
+            lo, hi = self.fixed_range()
+            if not (hi > lo and np.isfinite(255.0 / (hi - lo))):
+                raise InputError(f"intensity window {lo:g}..{hi:g} is too narrow to map intensities to 0-255 "
+                                 f"(center {self.center:g}, width {self.width:g})")
 
-    def value_range(self, volume: np.ndarray) -> Tuple[float, float]:
-        """(lo, hi) intensities mapped to 0 and 255, computed once per volume so slices agree."""
-        self.check()
+    def fixed_range(self) -> Tuple[float, float]:
         if self.kind == "window":
             return self.center - self.width / 2, self.center + self.width / 2
-        if self.kind == "range":
-            return self.low, self.high
-        if self.kind == "rgb" or volume.dtype == np.uint8:
-            return 0.0, 255.0
+        return self.low, self.high
+
+    def value_range(self, volume: np.ndarray) -> Tuple[float, float]:
+        """(lo, hi) intensities mapped to 0 and 255, computed once per volume so slices agree.
+
+        Colour volumes and the "rgb" rule (adapters trained on photos) decode the voxels as a picture
+        (``picture_range``); a scalar volume whose values cannot be a picture is refused under "rgb"
+        rather than clipped to 0-255 (CT in HU would turn into a black-and-white silhouette)."""
+        self.check()
+        if is_rgb(volume) or self.kind == "rgb" or (self.kind == "auto" and volume.dtype == np.uint8):
+            found = picture_range(volume)
+            if found is None:
+                lo, hi = finite_min_max(volume)
+                raise InputError(
+                    f"{'colour voxel' if is_rgb(volume) else 'voxel'} values span {lo:g}..{hi:g}, which is not "
+                    f"a picture's range (0-255, 0-1, or an unsigned type's range)"
+                    + ("" if is_rgb(volume) else "; this adapter expects pictures: give --window CENTER,WIDTH "
+                       "or --percentiles LOW,HIGH (in Slicer: a custom window)"))
+            return found.range
+        if self.kind in ("window", "range"):
+            return self.fixed_range()
         sample = volume.ravel()
         if sample.size > 2_000_000:  # percentiles of a strided sample: same answer, 1/40 of the time
             sample = sample[:: sample.size // 2_000_000]
@@ -156,16 +180,51 @@ class IntensityRule:
         return float(lo), float(hi)
 
 
+@dataclass(frozen=True)
+class PictureRange:
+    range: Tuple[float, float]
+    how: str
+
+
+def finite_min_max(array: np.ndarray) -> Tuple[float, float]:
+    a = np.asarray(array)
+    if np.issubdtype(a.dtype, np.inexact) and count_nonfinite(a):
+        a = a[np.isfinite(a)]
+    return (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+
+
+def picture_range(array: np.ndarray) -> Optional[PictureRange]:
+    """The one rule for decoding pictures (photos, colour volumes, image folders) whatever their type:
+    8-bit and booleans as they are; other values that fit 0-255 as they are; unsigned integers beyond that
+    by their type's full range (16-bit: 0-65535); floats within 0-1 as 0-1. None when the values fit none
+    of these (e.g. signed CT values): such data is not a picture."""
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return PictureRange((0.0, 255.0), "8-bit")
+    if a.dtype == bool:
+        return PictureRange((0.0, 1.0), "binary")
+    lo, hi = finite_min_max(a)
+    if np.issubdtype(a.dtype, np.floating) and 0 <= lo and hi <= 1:
+        return PictureRange((0.0, 1.0), "floats 0-1 scaled to 0-255")
+    if 0 <= lo and hi <= 255:
+        return PictureRange((0.0, 255.0), f"{a.dtype} values within 0-255")
+    if np.issubdtype(a.dtype, np.unsignedinteger) and lo >= 0:
+        top = float(np.iinfo(a.dtype).max)
+        return PictureRange((0.0, top), f"{8 * a.dtype.itemsize}-bit, scaled by its type's range 0-{top:g}")
+    return None
+
+
 def to_uint8_rgb(slice2d: np.ndarray, value_range: Tuple[float, float]) -> np.ndarray:
-    """A scalar slice (rows, cols) or RGB slice (rows, cols, 3) -> uint8 (rows, cols, 3)."""
-    if slice2d.ndim == 3:
-        return np.ascontiguousarray(slice2d.astype(np.uint8) if slice2d.dtype != np.uint8 else slice2d)
+    """A scalar slice (rows, cols) or RGB slice (rows, cols, 3) -> uint8 (rows, cols, 3): ``value_range``
+    (lo, hi) maps to 0..255 (for 8-bit colour it is 0..255 and the pixels pass through unchanged)."""
+    if slice2d.ndim == 3 and slice2d.dtype == np.uint8 and tuple(value_range) == (0.0, 255.0):
+        return np.ascontiguousarray(slice2d)
     lo, hi = value_range
     scaled = (slice2d.astype(np.float32) - lo) * (255.0 / (hi - lo))
     if count_nonfinite(slice2d):
         scaled = np.where(np.isfinite(slice2d), scaled, 0.0)  # NaN/inf voxels: black
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return np.repeat(out[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(out) if out.ndim == 3 else np.repeat(out[:, :, None], 3, axis=2)
 
 
 @dataclass

@@ -6,7 +6,7 @@ k = 12.5 would land on slice 12 in one place and 13 in another; every caller use
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -27,10 +27,11 @@ def voxel(ijk: Sequence[float]) -> Tuple[int, int, int]:
 
 
 def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
-                      shape: Sequence[int], axis: int) -> None:
+                      shape: Sequence[int], axis: int) -> List[str]:
     """Refuse, with one sentence, prompts no model could use: coordinates that are not finite numbers,
     labels other than 0/1, voxels outside a KJI volume of ``shape``, boxes with no area in the slice
-    plane of KJI ``axis``. Called before any model is loaded."""
+    plane of KJI ``axis``, two boxes on one slice (a slice takes one box). Called before any model is
+    loaded; returns notes for boxes that will be clipped to the volume."""
     from .errors import InputError
 
     size = np.array(shape[:3][::-1])  # I, J, K extents
@@ -52,6 +53,41 @@ def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequenc
         in_plane = [a for a in range(3) if a != 2 - axis]
         if np.any(np.abs(corners[1, in_plane] - corners[0, in_plane]) < 1):
             raise InputError(f"box {_text(b)} has no area in the slice plane: give two opposite corners")
+    _check_one_box_per_slice(boxes, shape, axis)
+    return box_clip_notes(boxes, shape)
+
+
+def box_clip_notes(boxes: Sequence[Sequence[float]], shape: Sequence[int]) -> List[str]:
+    """One line per box that reaches outside the volume (and will be clipped to it)."""
+    return [f"box {_text(b)} reaches outside the volume; clipped to {_text(clip_box(b, shape))}"
+            for b in boxes if list(clip_box(b, shape)) != [float(v) for v in b]]
+
+
+def clip_box(box: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """A box's corners clipped to the centres of the volume's edge voxels: a corner far outside would
+    reach the model as a box it never saw (and give nothing)."""
+    top = np.array(shape[:3][::-1], float) - 1  # last I, J, K index
+    corners = np.asarray(box, float).reshape(2, 3)
+    return np.clip(corners, 0, top).reshape(6)
+
+
+def box_slices(box: Sequence[float], shape: Sequence[int], axis: int) -> range:
+    """The slices along KJI ``axis`` a box spans, inside the volume (bounded by its size)."""
+    normal = 2 - axis
+    lo, hi = sorted((voxel_index(box[normal]), voxel_index(box[normal + 3])))
+    return range(max(lo, 0), min(hi, shape[axis] - 1) + 1)
+
+
+def _check_one_box_per_slice(boxes, shape, axis) -> None:
+    from .errors import InputError
+
+    owner: Dict[int, Sequence[float]] = {}
+    for b in boxes:
+        for n in box_slices(b, shape, axis):
+            if n in owner:
+                raise InputError(f"boxes {_text(owner[n])} and {_text(b)} both cover slice {n}: one box per slice "
+                                 "(segment the objects separately, into separate segments)")
+            owner[n] = b
 
 
 def _finite(values, what: str) -> np.ndarray:
@@ -92,10 +128,10 @@ def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Se
         s["points"].append((ijk[col], ijk[row]))
         s["labels"].append(int(p[3]) if len(p) > 3 else 1)
     for b in boxes:
-        lo, hi = np.minimum(b[:3], b[3:]), np.maximum(b[:3], b[3:])
+        clipped = clip_box(b, shape)
+        lo, hi = np.minimum(clipped[:3], clipped[3:]), np.maximum(clipped[:3], clipped[3:])
         # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
-        for n in range(voxel_index(lo[normal]), voxel_index(hi[normal]) + 1):
-            if 0 <= n < shape[axis]:
-                per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
+        for n in box_slices(b, shape, axis):
+            per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
     return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
             for n, d in per_slice.items()}

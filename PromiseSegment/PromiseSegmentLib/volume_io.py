@@ -1,11 +1,18 @@
 """Reading images/volumes (NRRD, NIfTI, DICOM folder, PNG/JPEG) and writing Slicer ``.seg.nrrd`` files.
 
 Geometry is carried as a 4x4 IJK->RAS matrix (Slicer's convention); files store LPS, so the
-first two rows flip on the way in and out.
+first two rows flip on the way in and out. A read never returns a geometry the file does not say: a DICOM
+folder is checked slice by slice (``dicom_series``: irregular spacing is resampled at the real positions,
+tilt/mixed orientations refused), and a NIfTI whose sform ITK cannot follow (a shear, voxel sizes other
+than pixdim, a qform that disagrees) is refused rather than read at ITK's substitute geometry.
 """
 from __future__ import annotations
 
+import gzip
+import itertools
 import logging
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -53,15 +60,18 @@ def _ijk_to_ras(image) -> np.ndarray:
     return LPS_TO_RAS @ m
 
 
-def read_volume(path, what: str = "input") -> Volume:
-    """Read a 3D volume or 2D image; a folder is read as one DICOM series. NaN/infinite voxels are allowed
-    (reported once; intensity rules ignore them)."""
+def read_volume(path, what: str = "input", labels: bool = False) -> Volume:
+    """Read a 3D volume or 2D image; a folder is read as one DICOM series (``labels``: a resampled series
+    takes the nearest slice's labels). NaN/infinite voxels are allowed (reported once; intensity rules
+    ignore them)."""
     from .validation import check_input
 
     path = check_input(path, what, kind="any")
-    image = _read_image(path)
+    image = _read_image(path, labels)
     if image.GetDimension() > 3:
         raise InputError(f"{path} is a {image.GetDimension()}D image; extract one 3D frame first")
+    ijk_to_ras = _ijk_to_ras(image)
+    _check_nifti_sform(path, image, ijk_to_ras)
     components = image.GetNumberOfComponentsPerPixel()
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"{path} has complex-valued voxels; save the magnitude image first")
@@ -78,26 +88,70 @@ def read_volume(path, what: str = "input") -> Volume:
         log.warning("%s: %d of %d voxels are NaN or infinite; they are ignored for the intensity range and "
                     "shown as black", path, bad, array.size)
     name = path.name.split(".")[0] or "volume"
-    return Volume(array, _ijk_to_ras(image), name)
+    return Volume(array, ijk_to_ras, name)
 
 
-def _read_image(path: Path):
-    sitk = _sitk()
+def _read_image(path: Path, labels: bool = False):
+    from .dicom_series import read_series
+
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{path} is a folder with no DICOM series")
-            if len(series) > 1:
-                raise InputError(f"{path} holds {len(series)} DICOM series ({', '.join(series)}); "
-                                 f"point at a folder with exactly one")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+        return read_series(path, labels) if path.is_dir() else _sitk().ReadImage(str(path))
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise InputError(f"cannot read {path}: {lines[-1] if lines else 'unknown format'}") from None
+        raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from None
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The sentence of an ITK exception that says what is wrong (not where in ITK it was thrown)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    for line in lines:
+        if "ITK ERROR:" in line:
+            reason = re.sub(r"^.*ITK ERROR:\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", line)
+            return re.sub(r"\s*Refusing to change .*$", "", reason) or line
+    return lines[-1] if lines else "unknown format"
+
+
+def _nifti_sform(path: Path) -> Optional[np.ndarray]:
+    """The sform (voxel -> RAS, 4x4) of a NIfTI-1/-2 file whose sform code says it is set; else None."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        header = f.read(540)
+    layouts = {348: ("h", 254, "12f", 280), 540: ("i", 348, "12d", 400)}  # code type, offset; rows, offset
+    for endian in "<>":
+        layout = layouts.get(struct.unpack_from(endian + "i", header)[0]) if len(header) >= 348 else None
+        if layout:
+            code_type, code_at, rows_type, rows_at = layout
+            if struct.unpack_from(endian + code_type, header, code_at)[0] <= 0:
+                return None
+            rows = np.reshape(struct.unpack_from(endian + rows_type, header, rows_at), (3, 4))
+            return np.vstack([rows, [0, 0, 0, 1]])
+    return None
+
+
+def _check_nifti_sform(path: Path, image, ijk_to_ras: np.ndarray) -> None:
+    """ITK keeps only a rotation, pixdim voxel sizes and sometimes the qform: refuse a NIfTI whose sform
+    places any corner voxel elsewhere than ITK's geometry does (1 % of a voxel or 0.01 mm)."""
+    sform = _nifti_sform(path)
+    if sform is None:
+        return
+    size = list(image.GetSize()) + [1] * (3 - image.GetDimension())
+    corners = np.array([[*c, 1.0] for c in itertools.product(*[(0, s - 1) for s in size])]).T
+    apart = np.linalg.norm((sform - ijk_to_ras) @ corners, axis=0).max()
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    if apart <= max(0.01, 0.01 * spacing.min()):
+        return
+    axes = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
+    cosines = np.abs(axes.T @ axes - np.eye(3)).max()
+    if cosines > 1e-4:
+        why = f"its sform has a shear (axes {np.degrees(np.arccos(cosines)):.1f} degrees apart, not 90)"
+    elif not np.allclose(np.linalg.norm(sform[:3, :3], axis=0), spacing, rtol=1e-4):
+        sizes = "x".join(f"{v:g}" for v in np.linalg.norm(sform[:3, :3], axis=0))
+        why = f"its sform's voxel size ({sizes} mm) is not its pixdim ({'x'.join(f'{v:g}' for v in spacing)} mm)"
+    else:
+        why = "its qform (which ITK uses) and its sform disagree"
+    raise InputError(f"{path}: {why}, so ITK would place it up to {apart:.1f} mm from where the sform does; "
+                     f"make the qform and sform agree (or resample the image) first")
 
 
 def write_segmentation(path, labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: Sequence[Segment],
@@ -151,23 +205,56 @@ def _segmentation_image(labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: 
 
 def read_labelmap(path) -> Volume:
     """Read a label map / ``.seg.nrrd`` (single layer) as a KJI integer array."""
-    vol = read_volume(path, "label map")
+    vol = read_volume(path, "label map", labels=True)
     return Volume(vol.array.astype(np.int32), vol.ijk_to_ras, vol.name)
 
 
-def read_rgb(path) -> np.ndarray:
-    """A 2D image file as uint8 RGB (H, W, 3) (greyscale is repeated into three channels)."""
+def read_picture(path) -> np.ndarray:
+    """A 2D image file's pixels in their own type: (H, W) grey (16-bit stays 16-bit) or (H, W, 3) colour
+    (alpha dropped, palettes expanded). Pillow's ``convert`` would clip 16-bit grey at 255."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in ("L", "I;16", "I;16L", "I;16B", "F"):
+            return np.asarray(im)
+        if im.mode == "I":  # 16-bit PNGs in older Pillow; 32-bit TIFFs
+            a = np.asarray(im)
+            return a.astype(np.uint16) if a.size and 0 <= a.min() and a.max() <= 65535 else a
+        if im.mode in ("1", "LA"):
+            return np.asarray(im.convert("L"))
         return np.asarray(im.convert("RGB"))
 
 
-def read_mask(path) -> np.ndarray:
-    from PIL import Image
+def read_rgb(path) -> np.ndarray:
+    """A 2D image file as uint8 RGB (H, W, 3), decoded by the one picture rule
+    (``preprocessing.picture_range``: 16-bit by its type's range, floats 0-1 ...); grey is repeated into
+    three channels."""
+    from .preprocessing import picture_range, to_uint8_rgb
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
+    pixels = read_picture(path)
+    found = picture_range(pixels)
+    if found is None:
+        raise InputError(f"{path}: pixel values {pixels.min():g}..{pixels.max():g} are not a picture's range "
+                         f"(0-255, 0-1, or an unsigned type's range)")
+    if found.how != "8-bit":
+        log.info("%s: %s", path, found.how)
+    return to_uint8_rgb(pixels, found.range)
+
+
+def read_mask(path) -> np.ndarray:
+    """A mask picture as booleans: 0/1 masks (any type) are > 0; others are above half their picture range
+    (0/255 masks, JPEG-noisy masks, 16-bit 0/65535 masks)."""
+    from .preprocessing import picture_range
+
+    pixels = read_picture(path)
+    grey = pixels if pixels.ndim == 2 else pixels.max(axis=2)
+    if grey.size and grey.max() <= 1:
+        return grey > 0
+    found = picture_range(grey)
+    if found is None:
+        raise InputError(f"{path}: mask values {grey.min():g}..{grey.max():g} are not 0/1 or a picture's range")
+    lo, hi = found.range
+    return grey > (lo + hi) / 2
 
 
 def overlay_rgb(rgb: np.ndarray, masks: Sequence[np.ndarray], colors: Optional[List[Tuple[int, int, int]]] = None,

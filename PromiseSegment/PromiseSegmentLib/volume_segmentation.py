@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Un
 import numpy as np
 
 from .engine import Cancelled, ImageEmbedding, Prediction, Prompts, SamEngine
-from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, is_rgb, mask_bbox, resolve_axis,
+from .preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, mask_bbox, resolve_axis,
                             slice_geometry, take_slice, put_slice, to_uint8_rgb)
 
 class SliceModel(Protocol):
@@ -86,7 +86,7 @@ def slice_indices(n: int, slice_range: Optional[Tuple[int, int]]) -> range:
 
 
 def volume_value_range(volume: np.ndarray, intensity: Optional[IntensityRule]) -> Tuple[float, float]:
-    return (0.0, 255.0) if is_rgb(volume) else (intensity or IntensityRule()).value_range(volume)
+    return (intensity or IntensityRule()).value_range(volume)
 
 
 def slice_image(volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int,

@@ -211,7 +211,8 @@ class SceneLogic:
             raise InputError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         if intensity is not None:
             intensity.check()
-        check_ijk_prompts(points, boxes, shape, ax)
+        for note in check_ijk_prompts(points, boxes, shape, ax):
+            logging.warning("PromiseSegment: %s", note)
         return ijk_prompts(ax, list(points), list(boxes), shape)
 
     @exclusive
