@@ -204,3 +204,21 @@ def test_a_closed_stdout_does_not_fail_a_completed_run():
     err = process.stderr.read().decode()
     assert process.wait(timeout=300) == 0, err
     assert "error" not in err
+
+
+@pytest.mark.parametrize("values", [(0.0, 0.5), (0.0, np.nan)], ids=["0/0.5", "NaN"])
+def test_a_label_map_with_fractional_values_is_refused_not_emptied(tmp_path, values):
+    from PromiseSegmentLib.volume_io import read_labelmap
+
+    labels = np.full((3, 8, 8), values[0], np.float32)
+    labels[1, 2:6, 2:6] = values[1]
+    with pytest.raises(InputError, match="whole numbers"):
+        read_labelmap(write_nrrd(tmp_path / "soft.nrrd", labels))
+
+
+def test_a_float_label_map_with_whole_values_reads_as_labels(tmp_path):
+    from PromiseSegmentLib.volume_io import read_labelmap
+
+    labels = np.zeros((3, 8, 8), np.float32)
+    labels[1, 2:6, 2:6] = 2.0
+    assert np.array_equal(read_labelmap(write_nrrd(tmp_path / "labels.nrrd", labels)).array, labels.astype(np.int32))

@@ -206,7 +206,15 @@ def _segmentation_image(labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: 
 def read_labelmap(path) -> Volume:
     """Read a label map / ``.seg.nrrd`` (single layer) as a KJI integer array."""
     vol = read_volume(path, "label map", labels=True)
-    return Volume(vol.array.astype(np.int32), vol.ijk_to_ras, vol.name)
+    labels = vol.array
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            odd = labels[~np.isfinite(labels) | (labels != np.round(labels))].ravel()[0]
+            raise InputError(f"{path}: label values must be whole numbers, found {odd:g} (a probability map? "
+                             "threshold it into a label map first)")
+    if labels.size and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
+        raise InputError(f"{path}: label values {labels.min():g}..{labels.max():g} do not fit 32-bit labels")
+    return Volume(labels.astype(np.int32), vol.ijk_to_ras, vol.name)
 
 
 def read_picture(path) -> np.ndarray:
