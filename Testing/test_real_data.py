@@ -14,7 +14,7 @@ def test_evaluate_on_kvasir_writes_csv_and_figure(tmp_path, capsys, data_dir):
     assert main(["evaluate", "--data", str(data_dir / "kvasir-seg"), "--split", "val", "--limit", "4",
                  "--mode", "vanilla", "--prompt", "gt-box", "--out", str(out)]) == 0
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "id,dice,iou,hd95_px" and len(lines) == 5
+    assert lines[0] == "id,dice,iou,hd95_px,note" and len(lines) == 5
     # LiteMedSAM, the default backbone, with its native prompt segments real polyps (0.918 over all 101)
     assert np.mean([float(row.split(",")[1]) for row in lines[1:]]) > 0.8
     assert (out / "figure.png").stat().st_size > 10_000

@@ -1,4 +1,7 @@
-"""Evaluate a model on image+mask cases: per-case Dice/IoU/HD95, a CSV, a summary table and a figure."""
+"""Evaluate a model on image+mask cases: per-case Dice/IoU/HD95, a CSV, a summary table and a figure.
+
+A case with an empty ground truth is scored like any other, by the convention in ``metrics`` (Dice 1.0 only
+if nothing is predicted; HD95 NaN or inf), and its CSV row says so in the ``note`` column."""
 from __future__ import annotations
 
 import csv
@@ -6,15 +9,18 @@ import io
 import math
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .datasets import Case, sample_points
 from .engine import Prompts
 from .metrics import dice, hd95, iou
-from .paths import write_atomically, write_bytes_atomically
+from .paths import Output, bytes_output, write_all
 from .preprocessing import mask_bbox
+
+EMPTY_TRUTH = "empty ground truth: Dice and IoU 1 only if nothing is predicted; HD95 nan if so, else inf"
+NO_BOX = "no box (empty ground truth): nothing predicted, which is right; HD95 nan"
 
 
 def simulated_prompts(case: Case, prompt: str) -> Prompts:
@@ -29,15 +35,23 @@ def simulated_prompts(case: Case, prompt: str) -> Prompts:
     return Prompts()
 
 
+def predict_case(model, case: Case, mode: str, prompt: str) -> Tuple[np.ndarray, str]:
+    """(predicted mask, note for the CSV). With ``gt-box`` an empty ground truth has no box to give: the
+    simulated user gives none and nothing is predicted (never a failure of the whole evaluation)."""
+    note = "" if case.mask.any() else EMPTY_TRUTH
+    if note and prompt == "gt-box":
+        return np.zeros(case.mask.shape, bool), NO_BOX
+    emb = model.engine.encode([case.rgb])[0]
+    return model.predict(emb, simulated_prompts(case, prompt), mode=mode).masks[0], note
+
+
 def evaluate_cases(model, cases: List[Case], mode: str = "auto", prompt: str = "none",
                    progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
     rows = []
     for n, case in enumerate(cases):
-        emb = model.engine.encode([case.rgb])[0]
-        pred = model.predict(emb, simulated_prompts(case, prompt), mode=mode)
-        m = pred.masks[0]
+        m, note = predict_case(model, case, mode, prompt)
         rows.append({"id": case.id, "dice": dice(m, case.mask), "iou": iou(m, case.mask),
-                     "hd95": hd95(m, case.mask), "pred": m})
+                     "hd95": hd95(m, case.mask), "pred": m, "note": note})
         if progress:
             progress(n + 1, len(cases))
     return rows
@@ -49,33 +63,48 @@ def summary(rows: List[Dict]) -> Dict[str, float]:
     finite = h[np.isfinite(h)]
     return {"cases": len(rows), "dice_mean": float(d.mean()), "dice_std": float(d.std()),
             "dice_median": float(np.median(d)), "iou_mean": float(np.mean([r["iou"] for r in rows])),
-            "hd95_median": float(np.median(finite)) if finite.size else math.inf,
-            "hd95_undefined": int((~np.isfinite(h)).sum())}
+            "hd95_median": float(np.median(finite)) if finite.size else math.nan,
+            "hd95_undefined": int((~np.isfinite(h)).sum()),
+            "empty_truth": sum(1 for r in rows if r.get("note"))}
+
+
+def metrics_csv(rows: List[Dict]) -> bytes:
+    """One row per case: id, dice, iou, hd95_px (``nan``/``inf`` by the empty-mask convention), note."""
+    lines = io.StringIO()
+    w = csv.writer(lines)
+    w.writerow(["id", "dice", "iou", "hd95_px", "note"])
+    for r in rows:
+        w.writerow([r["id"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", f"{r['hd95']:.2f}", r.get("note", "")])
+    return lines.getvalue().encode()
 
 
 def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool = True) -> str:
-    """``metrics.csv`` and ``figure.png`` in ``out`` (each written atomically; existing ones are replaced
-    only with ``overwrite``), and a summary line."""
+    """``metrics.csv`` and ``figure.png`` in ``out``, written as one unit (``paths.write_all``: both or, on any
+    failure, neither, with existing ones as they were; they are replaced only with ``overwrite``), and a
+    summary line."""
     out = Path(out)
     targets = [out / "metrics.csv", out / "figure.png"]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
-    lines = io.StringIO()
-    w = csv.writer(lines)
-    w.writerow(["id", "dice", "iou", "hd95_px"])
-    for r in rows:
-        w.writerow([r["id"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", f"{r['hd95']:.2f}"])
-    write_bytes_atomically(targets[0], lines.getvalue().encode())
+    fig = _figure(rows, cases)
+    try:
+        write_all([bytes_output(targets[0], metrics_csv(rows)),
+                   Output(targets[1], lambda tmp: fig.savefig(tmp, dpi=80, format="png"), ".png", _check_png)],
+                  overwrite=overwrite)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     s = summary(rows)
-    _figure(rows, cases, targets[1])
-    return (f"cases {s['cases']}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} (median {s['dice_median']:.3f})  "
-            f"IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
+    empty = f" ({s['empty_truth']} with an empty ground truth)" if s["empty_truth"] else ""
+    return (f"cases {s['cases']}{empty}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} "
+            f"(median {s['dice_median']:.3f})  IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
             f"({s['hd95_undefined']} cases with an empty prediction or truth)\n"
             f"wrote {targets[0]} and {targets[1]}")
 
 
-def _figure(rows: List[Dict], cases: List[Case], path: Path) -> None:
+def _figure(rows: List[Dict], cases: List[Case]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,11 +125,7 @@ def _figure(rows: List[Dict], cases: List[Case], path: Path) -> None:
         ax.axis("off")
     fig.suptitle("red: prediction, green: ground truth")
     fig.tight_layout()
-    try:
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), suffix=".png",
-                         verify=_check_png)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def _check_png(tmp: str) -> None:

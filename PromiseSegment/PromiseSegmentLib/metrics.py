@@ -1,4 +1,12 @@
-"""Segmentation metrics on binary masks: Dice, IoU, HD95 (in pixels/mm given spacing)."""
+"""Segmentation metrics on binary masks: Dice, IoU, HD95 (in pixels/mm given spacing).
+
+Empty masks are valid (an empty ground truth: a slice or image without the structure), with one convention
+everywhere (``evaluation`` states it in the CSV too):
+- Dice and IoU: 1.0 when prediction and truth are both empty (nothing to find, nothing found), 0.0 when
+  exactly one of them is;
+- HD95: NaN when both are empty (no surface on either side: undefined), inf when exactly one is. Summaries
+  take the median over the finite values and count the others.
+"""
 from __future__ import annotations
 
 import math
@@ -8,13 +16,14 @@ import numpy as np
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient; two empty masks agree perfectly (1.0)."""
+    """Dice coefficient; two empty masks agree perfectly (1.0), an empty and a non-empty one not at all (0.0)."""
     p, t = pred.astype(bool), truth.astype(bool)
     denom = p.sum() + t.sum()
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union; the empty-mask convention of ``dice``."""
     p, t = pred.astype(bool), truth.astype(bool)
     union = np.logical_or(p, t).sum()
     return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
@@ -27,12 +36,13 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = None) -> float:
-    """95th percentile symmetric surface distance. 0 when both are empty, inf when exactly one is."""
+    """95th percentile symmetric surface distance: NaN when both are empty (undefined), inf when exactly one
+    is (see the module's convention)."""
     from scipy import ndimage
 
     p, t = pred.astype(bool), truth.astype(bool)
     if not p.any() and not t.any():
-        return 0.0
+        return math.nan
     if not p.any() or not t.any():
         return math.inf
     spacing = spacing or [1.0] * p.ndim

@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from .errors import InputError, PromiseError
 from .names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
+from .paths import expect_outputs, name_max
 
 TEST_BACKBONES = ("tiny_random",)  # hidden registry entries (test fixtures), accepted but never listed
 SEGMENT_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".png")
@@ -74,29 +75,82 @@ def check_input(path, what: str, kind: str = "file") -> Path:
 
 
 def check_output(path, overwrite: bool, what: str, suffixes: Optional[Sequence[str]] = None) -> Path:
-    """An output file that may be written: a known extension, a writable folder, and no existing file
-    unless ``overwrite``."""
-    p = Path(path).expanduser()
+    """An output file that may be written: a usable name (``_output_text``, ``_check_name``), a known
+    extension, a writable folder, and nothing at the name unless ``overwrite`` - never a folder, FIFO, device
+    or socket, which the final rename would replace (a FIFO's reader, /dev/null)."""
+    raw = os.fspath(path)
+    p = _output_text(raw, what)
+    if raw.endswith("/"):
+        raise InputError(f"{what} {raw} ends with '/': give a file name, not a folder")
     if suffixes and not any(p.name.lower().endswith(s) for s in suffixes):
         found = "".join(p.suffixes[-2:]) if p.suffixes else "no extension"
         raise InputError(f"{what} {p}: unknown output type ({found}); use {', '.join(suffixes)}")
+    _check_name(p, what)
     if p.is_dir():
         raise InputError(f"{what} {p} is a folder; give a file name")
-    if (p.exists() or p.is_symlink()) and not overwrite:
+    try:
+        st = os.lstat(p)
+    except OSError:
+        st = None  # nothing there, or a path check_writable_folder explains
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise InputError(f"{what} {p} is not a regular file ({kind}); it is never replaced: remove it or choose "
+                         f"another name")
+    if st is not None and not overwrite:
         raise InputError(f"{what} {p} already exists; choose another name or pass --overwrite")
     check_writable_folder(p.parent, what)
     return p
 
 
+def check_output_folder(path, what: str) -> Path:
+    """An output folder: a usable name, not a file, writable or creatable."""
+    out = _output_text(path, what)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{what} {out} is a file; give a folder")
+    check_writable_folder(out, what)
+    return out
+
+
+def _output_text(raw, what: str) -> Path:
+    """An output as typed, with '~' expanded as a shell would have: not empty (an unset shell variable would
+    mean the current folder) and without a line break or other control character (a paste gone wrong; it
+    would also break one-line messages and the CSV)."""
+    text = os.fspath(raw)
+    if not text.strip():
+        raise InputError(f"{what} is empty; give a name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InputError(f"{what} {text!r} contains a line break or another control character; rename it")
+    return Path(text).expanduser()
+
+
+def _check_name(p: Path, what: str) -> None:
+    """The file name fits the file system (NAME_MAX bytes): refused here rather than after the model has
+    run. Its hidden temporary name then fits too (``paths.make_temp`` shortens it)."""
+    n, limit = len(os.fsencode(p.name)), name_max(p.parent)
+    if n > limit:
+        raise InputError(f"{what} {p.name[:40]}...: the file name is too long ({n} bytes; this file system allows "
+                         f"{limit})")
+
+
 def check_writable_folder(folder, what: str) -> None:
-    """``folder`` exists and is writable, or can be created (its nearest existing parent is)."""
-    existing = Path(folder).expanduser().absolute()
-    while not existing.exists() and existing != existing.parent:
+    """``folder`` exists and is writable, or can be created: its nearest existing parent is a writable folder,
+    reached through no dangling or looping symbolic link, and no '..' follows a folder still to be made
+    ('missing/..' exists only once 'missing' does: the file would land where nothing was checked)."""
+    existing, missing = Path(folder).expanduser().absolute(), []
+    while not os.path.lexists(existing) and existing != existing.parent:
+        missing.append(existing.name)
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise InputError(f"cannot write {what} into {folder}: {existing} is a symbolic link to nothing (or a loop)")
+    if ".." in missing:
+        raise InputError(f"cannot write {what} into {folder}: {existing / missing[-1]} does not exist")
     if not existing.is_dir():
         raise InputError(f"cannot write {what} into {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {what} into {folder}: {existing} is not writable")
+    long = [m for m in missing if len(os.fsencode(m)) > name_max(existing)]
+    if long:
+        raise InputError(f"cannot write {what} into {folder}: the folder name {long[0][:40]}... is too long")
 
 
 def check_distinct(named: Dict[str, Optional[Path]]) -> None:
@@ -248,29 +302,36 @@ def check_train_settings(values: Dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------- the commands
 def validate(args) -> None:
     """Everything about a command's arguments that needs no model: run right after parsing. Sets
-    ``args.outputs`` (the files the command may write) and ``args.adapter_meta``."""
+    ``args.outputs`` (the files the command may write; the path arguments become the checked paths, '~'
+    expanded, so the command writes where the checks looked) and ``args.adapter_meta``; tells the writer
+    (``paths.expect_outputs``) whether existing outputs may be replaced."""
     args.outputs, args.adapter_meta = [], None
     check = {"segment": _segment, "train": _train, "evaluate": _evaluate, "demo": _demo,
              "checkpoints": _checkpoints}[args.command]
     check(args)
     if getattr(args, "adapter", None):
+        args.adapter = str(Path(args.adapter).expanduser())
         args.adapter_meta = read_adapter_metadata(args.adapter)
     if hasattr(args, "backbone"):
         check_backbone(args.backbone)
+    expect_outputs(args.outputs, getattr(args, "overwrite", False) or getattr(args, "resume", False))
 
 
 def _segment(args) -> None:
     inp = check_input(args.input, "input", kind="any")
     out = check_output(args.output, args.overwrite, "output (-o)", SEGMENT_SUFFIXES)
+    _check_nifti_case(out)
     overlay = check_output(args.overlay, args.overwrite, "overlay", (".png",)) if args.overlay else None
     check_distinct({"the input": inp, "-o": out, "--overlay": overlay,
                     "--adapter": Path(args.adapter) if args.adapter else None})
     args.outputs = [p for p in (out, overlay) if p is not None]
+    args.output, args.overlay = str(out), str(overlay) if overlay else None
 
 
 def _train(args) -> None:
     if args.data:
         root = check_input(args.data, "--data", kind="folder")
+        args.data = str(root)
         base = root / "train" if (root / "train").is_dir() else root
         for sub in ("images", "masks"):
             check_input(base / sub, f"--data needs {sub}/:", kind="folder")
@@ -294,7 +355,17 @@ def _train(args) -> None:
         raise InputError("--cache-features needs --no-augment (augmented images are encoded afresh each time)")
     if args.no_apm and args.no_ips:
         raise InputError("--no-apm and --no-ips leave nothing to train")
-    args.outputs = [out, state]
+    args.outputs, args.output = [out, state], str(out)
+
+
+def _check_nifti_case(out: Path) -> None:
+    """.nii/.nii.gz in lower or upper case (written exactly, the temporary name lower-cased for ITK); mixed
+    case is refused: ITK writes it, then neither it nor Slicer reads it back."""
+    ext = ".nii.gz" if out.name.lower().endswith(".nii.gz") else ".nii" if out.name.lower().endswith(".nii") else ""
+    found = out.name[len(out.name) - len(ext):]
+    if ext and found not in (ext, ext.upper()):
+        raise InputError(f"output (-o) {out.name}: NIfTI names in mixed case ({found}) cannot be read back by ITK "
+                         f"or Slicer; use {ext} or {ext.upper()}")
 
 
 def train_values(args) -> Dict[str, Any]:
@@ -312,20 +383,21 @@ def _evaluate(args) -> None:
     base = root / args.split if args.split else root
     for sub in ("images", "masks"):
         check_input(base / sub, f"--data{'/' + args.split if args.split else ''} needs {sub}/:", kind="folder")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
-    check_writable_folder(out, "--out")
+    out = check_output_folder(args.out, "--out")
+    for inputs in (base / "images", base / "masks"):
+        inside = os.path.relpath(os.path.realpath(out), os.path.realpath(inputs))
+        if inside.split(os.sep)[0] != "..":
+            raise InputError(f"--out {out} is inside --data's {inputs.name}/ folder; its figure.png would be read "
+                             f"as an input next time: choose another folder")
     args.outputs = [check_output(out / name, args.overwrite, "output") for name in ("metrics.csv", "figure.png")]
+    args.out, args.data = str(out), str(root)
 
 
 def _demo(args) -> None:
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
+    out = check_output_folder(args.out, "--out")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InputError(f"{out} is not empty; choose another --out or pass --overwrite")
-    check_writable_folder(out, "--out")
+    args.out = str(out)
     check_train_settings(dict(TRAIN_DEFAULTS, epochs=args.warmup + args.epochs, apm_warmup_epochs=args.warmup,
                               lr=args.lr))
     args.outputs = [out]

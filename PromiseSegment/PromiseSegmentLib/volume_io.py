@@ -178,7 +178,8 @@ def write_segmentation(path, labelmap: np.ndarray, ijk_to_ras: np.ndarray, segme
         if not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(tmp)), labelmap):
             raise OSError(f"{tmp} does not read back as what was written")
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    return write_atomically(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=suffix, verify=verify)
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=suffix, verify=verify,
+                            overwrite=overwrite)
 
 
 def _segmentation_image(labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: Sequence[Segment]):
