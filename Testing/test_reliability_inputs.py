@@ -222,3 +222,55 @@ def test_a_float_label_map_with_whole_values_reads_as_labels(tmp_path):
     labels = np.zeros((3, 8, 8), np.float32)
     labels[1, 2:6, 2:6] = 2.0
     assert np.array_equal(read_labelmap(write_nrrd(tmp_path / "labels.nrrd", labels)).array, labels.astype(np.int32))
+
+
+# ------------------------------------------------------------------------------------------ more pictures
+def pil_variants(original):
+    """The same picture saved in the modes image folders hold in practice."""
+    from PIL import Image
+
+    rgb = Image.fromarray(original)
+    return {"RGBA": rgb.convert("RGBA"), "palette": rgb.quantize(256).convert("RGB").convert("P"),
+            "CMYK JPEG-free": rgb.convert("CMYK"), "grey L": rgb.convert("L")}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "palette", "CMYK JPEG-free", "grey L"])
+def test_picture_modes_decode_to_8_bit_rgb(tmp_path, mode):
+    from PromiseSegmentLib.volume_io import read_rgb
+
+    original = picture()
+    image = pil_variants(original)[mode]
+    path = tmp_path / ("x.tif" if mode.startswith("CMYK") else "x.png")
+    image.save(path)
+    decoded = read_rgb(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == original.shape
+    expected = np.asarray(image.convert("RGB"))
+    assert np.abs(decoded.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["1", "RGB"])
+def test_one_bit_and_colour_masks_read_as_their_foreground(tmp_path, mode):
+    from PIL import Image
+
+    from PromiseSegmentLib.volume_io import read_mask
+
+    truth = np.zeros((20, 30), bool)
+    truth[4:15, 3:22] = True
+    Image.fromarray((truth * 255).astype(np.uint8)).convert(mode).save(tmp_path / "m.png")
+    assert np.array_equal(read_mask(tmp_path / "m.png"), truth)
+
+
+def test_a_16_bit_grey_picture_under_the_picture_rule_keeps_its_contrast():
+    """A 16-bit X-ray picture segmented with an adapter trained on photos: scaled by its type's range,
+    no longer clipped to 0-255 (which made everything above 255 white)."""
+    volume = (picture()[..., 0].astype(np.uint16) * 256)[None]
+    lo, hi = IntensityRule("rgb").value_range(volume)
+    decoded = to_uint8_rgb(volume[0], (lo, hi))[..., 0]
+    assert np.abs(decoded.astype(int) - picture()[..., 0]).max() <= 1
+
+
+def test_points_that_are_not_finite_are_refused_by_the_python_api():
+    from PromiseSegmentLib.engine import Prompts
+
+    with pytest.raises(InputError, match="finite"):
+        Prompts(points=[[np.nan, 3.0]])
