@@ -131,6 +131,9 @@ def test_registry_has_the_design_hashes_and_the_default():
     # the torch-free names the CLI and Slicer lists use are the registries themselves
     assert tuple(user_backbones()) == USER_BACKBONES and DEFAULT_BACKBONE == USER_BACKBONES[0] == "lite_medsam"
     assert "tiny_random" in BACKBONES and "tiny_random" not in USER_BACKBONES  # a test fixture, never offered
+    from PromiseSegmentLib.names import BACKBONE_KINDS
+
+    assert BACKBONE_KINDS == {n: (b.family, tuple(b.tap_channels)) for n, b in BACKBONES.items()}
     assert BOX_ONLY_BACKBONES == tuple(n for n, b in BACKBONES.items() if b.box_only)
     from PromiseSegmentLib import promise
     from PromiseSegmentLib.devices import pick_device

@@ -339,7 +339,9 @@ def test_resume_with_changed_options_says_what_differs(interrupted, tmp_path, ca
 
 def test_resume_with_other_data_says_so(interrupted, tmp_path, capsys, files, no_model):
     folder, out, argv = _copy_run(interrupted, tmp_path)
-    more = save_folder(tmp_path / "more", [(np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), bool))] * 6)
+    square = np.zeros((32, 32), bool)
+    square[8:20, 10:24] = True  # a real target: all-ones masks are refused before the counts are compared
+    more = save_folder(tmp_path / "more", [(np.zeros((32, 32, 3), np.uint8), square)] * 6)
     argv = [a if a != str(files["data"]) else str(more) for a in argv]
     rc, stdout, err = cli(capsys, *argv, "--resume")
     one_error(rc, err, "written for 2 training and 1 validation cases")

@@ -274,3 +274,52 @@ def test_points_that_are_not_finite_are_refused_by_the_python_api():
 
     with pytest.raises(InputError, match="finite"):
         Prompts(points=[[np.nan, 3.0]])
+
+
+# ------------------------------------------------------------------------------------------ messages
+def test_file_names_that_are_not_utf8_are_refused_before_any_work(capsys, tmp_path, files, request):  # noqa: F811
+    import os
+    import shutil
+
+    bad_input = os.fsdecode(bytes(tmp_path) + b"/scan\xff.nrrd")
+    shutil.copy(files["vol"], bad_input)
+    request.getfixturevalue("no_model")
+    rc, out, err = cli(capsys, "segment", bad_input, "-o", tmp_path / "out.seg.nrrd", "--point", "16,16,1", *TINY)
+    one_error(rc, err, "not valid UTF-8", "scan\\xff")
+    bad_output = os.fsdecode(bytes(tmp_path) + b"/out\xfe.seg.nrrd")
+    rc, out, err = cli(capsys, "segment", files["vol"], "-o", bad_output, "--point", "16,16,1", *TINY)
+    one_error(rc, err, "not valid UTF-8")
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(bad_input)], "nothing written, no temporary left"
+
+
+def test_an_adapter_and_a_backbone_that_cannot_work_together_are_refused_before_any_download(capsys, tmp_path,
+                                                                                             files, request):  # noqa: F811
+    from PromiseSegmentLib.adapter import Adapter, BackboneRecord, save_adapter
+    from PromiseSegmentLib.ips import IPS
+
+    record = BackboneRecord("lite_medsam", "lite_medsam", "sha256:0", 256, (160, 160, 320))
+    adapter = save_adapter(Adapter(record, ips=IPS()), tmp_path / "lite.safetensors")
+    request.getfixturevalue("no_model")
+    rc, out, err = cli(capsys, "segment", files["vol"], "-o", tmp_path / "o.seg.nrrd", "--box", "2,2,0,20,20,1",
+                       "--adapter", adapter, "--backbone", "sam_vit_b")
+    one_error(rc, err, "trained on backbone lite_medsam", "--backbone sam_vit_b cannot use it")
+
+
+def test_a_cache_setting_that_is_a_file_is_named(capsys, tmp_path, files, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PROMISE_SEGMENT_CACHE", str(files["vol"]))
+    rc, out, err = cli(capsys, "segment", files["vol"], "-o", tmp_path / "o.seg.nrrd", "--point", "16,16,1", *TINY)
+    one_error(rc, err, "PROMISE_SEGMENT_CACHE")
+
+
+def test_a_negative_seed_is_refused_by_its_option(capsys, tmp_path, files):  # noqa: F811
+    rc, out, err = cli(capsys, "train", "--data", files["data"], "-o", tmp_path / "a.safetensors", "--seed", "-1")
+    one_error(rc, err, "--seed", "at least 0")
+
+
+def test_only_train_is_told_to_resume_after_an_interruption(tmp_path):
+    from PromiseSegmentLib.cli import _cancelled_message
+
+    state = tmp_path / "a.safetensors.state.pt"
+    state.write_bytes(b"state")
+    assert "--resume" in _cancelled_message([state], {}, resumable=True)
+    assert "--resume" not in _cancelled_message([state], {}, resumable=False)

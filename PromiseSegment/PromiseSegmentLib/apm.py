@@ -14,6 +14,7 @@ training may add an auxiliary loss on the box and objectness (``training.TrainCo
 """
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -24,10 +25,44 @@ from torch import nn
 RESNET34_BLOCKS = (3, 4, 6, 3)
 PROMPT_KINDS = ("points", "box")
 MAX_REFINEMENT = 3
+# Bounds on an APM's sizes (an adapter file's metadata is untrusted): the largest APM they allow, on ViT-H's
+# taps, has about 180 M parameters (0.7 GB), so a hostile width cannot ask for gigabytes.
+MAX_TAPS, MAX_TAP_CHANNELS, MAX_IMAGE_SIZE, MAX_SLOTS = 8, 4096, 4096, 256
+MAX_FUSION_DIM, MAX_HEAD_BLOCKS, MAX_TAP_POOL = 1024, 16, 64
 
 
 def default_slot_labels(n_points: int, n_positive: int) -> List[int]:
     return [1] * n_positive + [0] * (n_points - n_positive)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(value, name: str, low: int, high: int) -> None:
+    if not (_is_int(value) and low <= value <= high):
+        raise ValueError(f"APM {name} must be an integer in {low}..{high}, got {reprlib.repr(value)}")
+
+
+def _check_ints(values, name: str, low: int, high: int, counts: range) -> None:
+    if not (isinstance(values, (list, tuple)) and len(values) in counts
+            and all(_is_int(v) and low <= v <= high for v in values)):
+        n = f"{counts.start}" if len(counts) == 1 else f"{counts.start}..{counts.stop - 1}"
+        raise ValueError(f"APM {name} must be {n} integers in {low}..{high}, got {reprlib.repr(values)}")
+
+
+def check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool) -> None:
+    """Refuse an APM configuration that cannot be built or would be absurdly large (e.g. an edited adapter
+    file), before a single layer is allocated."""
+    _check_ints(tap_channels, "tap_channels", 1, MAX_TAP_CHANNELS, range(1, MAX_TAPS + 1))
+    _check_int(image_size, "image_size", 1, MAX_IMAGE_SIZE)
+    _check_int(fusion_dim, "fusion_dim", 1, MAX_FUSION_DIM)
+    _check_int(tap_pool, "tap_pool", 1, MAX_TAP_POOL)
+    _check_ints(head_blocks, "head_blocks", 1, MAX_HEAD_BLOCKS, range(4, 5))
+    if (not isinstance(prompts, (list, tuple)) or not prompts or
+            any(not isinstance(p, str) or p not in PROMPT_KINDS for p in prompts)):
+        raise ValueError(f"APM prompts must be some of {PROMPT_KINDS}, got {reprlib.repr(prompts)}")
+    _check_ints(slot_labels, "slot_labels", 0, 1, range(1 if "points" in prompts else 0, MAX_SLOTS + 1))
 
 
 @dataclass
@@ -115,9 +150,8 @@ class APM(nn.Module):
                  head_blocks: Sequence[int] = RESNET34_BLOCKS, tap_pool: int = 1, box_refinement: int = 0,
                  refinement_margin: float = 0.0):
         super().__init__()
+        check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool)
         prompts = tuple(prompts)
-        if not prompts or any(p not in PROMPT_KINDS for p in prompts):
-            raise ValueError(f"APM prompts must be some of {PROMPT_KINDS}, got {prompts}")
         self.config = {"tap_channels": [int(c) for c in tap_channels], "image_size": int(image_size),
                        "prompts": list(prompts), "slot_labels": [int(v) for v in slot_labels],
                        "fusion_dim": int(fusion_dim), "head_blocks": [int(b) for b in head_blocks],
@@ -140,6 +174,9 @@ class APM(nn.Module):
         """How inference refines the box (``promise.ProMISeModel``): ``steps`` re-decodes, each with the
         previous mask's bounding box grown by ``margin`` of its size on every side. Chosen on held-out
         images after training (``training.choose_box_refinement``) and kept in the adapter's metadata."""
+        if not _is_int(steps) or isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise ValueError(f"box refinement must be a whole number of steps and a margin, got {steps!r} and "
+                             f"{margin!r}")
         steps, margin = int(steps), float(margin)
         if not 0 <= steps <= MAX_REFINEMENT or not 0.0 <= margin <= 1.0:
             raise ValueError(f"box refinement must be 0..{MAX_REFINEMENT} steps with a margin in [0, 1], "

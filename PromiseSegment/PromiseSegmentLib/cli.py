@@ -218,11 +218,12 @@ def _stats(paths: List[Path]) -> Dict[str, tuple]:
     return found
 
 
-def _cancelled_message(outputs: List[Path], before: Dict[str, tuple]) -> str:
+def _cancelled_message(outputs: List[Path], before: Dict[str, tuple], resumable: bool) -> str:
+    """Which complete files the interrupted run wrote; ``--resume`` is named only where the command has it."""
     kept = [p for p, s in _stats(outputs).items() if before.get(p) != s]
     if not kept:
         return f"{PROG}: cancelled; no output was written"
-    resume = " (continue with --resume)" if any(p.endswith(".state.pt") for p in kept) else ""
+    resume = " (continue with --resume)" if resumable and any(p.endswith(".state.pt") for p in kept) else ""
     return f"{PROG}: cancelled; complete files written before the interruption: {', '.join(kept)}{resume}"
 
 
@@ -249,7 +250,7 @@ def _run(args) -> int:
     try:
         return args.func(args)
     except (KeyboardInterrupt, Cancelled):
-        print(_cancelled_message(args.outputs, before), file=sys.stderr)
+        print(_cancelled_message(args.outputs, before, args.command == "train"), file=sys.stderr)
         return 130
 
 
@@ -296,7 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _drop_output_once_stdout_closes()
     with _sigterm_as_interrupt():
         try:
-            progress_interval()  # a bad environment variable: refused now, not after the model load
+            progress_interval()  # bad environment variables: refused now, not after the model load
+            cache_dir()
             return _run(args)
         except (KeyboardInterrupt, Cancelled):
             print(f"{PROG}: cancelled; no output was written", file=sys.stderr)

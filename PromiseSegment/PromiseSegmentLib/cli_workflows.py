@@ -8,7 +8,7 @@ import numpy as np
 
 from .cli_args import (add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
                        progress_bar)
-from .arg_types import (any_int, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
+from .arg_types import (any_int, seed_arg, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
                         non_negative_int, open_fraction, positive_float, positive_int, volume_pair_arg)
 from .validation import LR_SCHEDULES, TRAIN_DEFAULTS, preflight, train_values
 
@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     output = Path(args.output)
     train, val = _training_cases(args, rule)
     if args.resume:  # a damaged state, other options or other data: refused before the backbone is loaded
-        read_resume_state(Path(str(output) + ".state.pt"), cfg, (len(train), len(val)))
+        read_resume_state(Path(str(output) + ".state.pt"), cfg, (train, val))
     from .registry import load_backbone
     from .promise import engine_for
     from .training import train_adapter
@@ -207,7 +207,7 @@ def _add_train_command(sub) -> None:
     p.add_argument("--epochs", type=positive_int, default=d["epochs"])
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
     p.add_argument("--lr", type=positive_float, default=d["lr"])
-    p.add_argument("--seed", type=any_int, default=d["seed"])
+    p.add_argument("--seed", type=seed_arg, default=d["seed"])
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--cache-features", action="store_true", help="encode once, keep fp16 features (needs --no-augment)")
     p.add_argument("--augmented-copies", type=non_negative_int, default=d["augmented_copies"], metavar="K",

@@ -6,6 +6,11 @@
 
 DEFAULT_BACKBONE = "lite_medsam"
 USER_BACKBONES = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")  # the default first
+# name -> (family, tap channels): what decides whether an adapter fits a backbone (same name, or same family
+# and taps: MedSAM is a fine-tuned ViT-B), known before torch or any download
+BACKBONE_KINDS = {"lite_medsam": ("lite_medsam", (160, 160, 320)), "sam_vit_b": ("sam_vit", (768, 768, 768)),
+                  "sam_vit_l": ("sam_vit", (1024, 1024, 1024)), "sam_vit_h": ("sam_vit", (1280, 1280, 1280)),
+                  "medsam": ("sam_vit", (768, 768, 768)), "tiny_random": ("sam_vit", (64, 64, 64))}
 BOX_ONLY_BACKBONES = ("lite_medsam",)  # trained on box prompts: points alone segment nothing
 MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
 DEFAULT_COLOR = (0.9, 0.3, 0.2)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import PromiseError
+from .errors import InputError, PromiseError
 
 CACHE_ENV = "PROMISE_SEGMENT_CACHE"
 # Fault injection for the reliability tests: "NAME" or "NAME:N" holds the N-th write of a file called NAME
@@ -69,7 +69,10 @@ def cache_dir() -> Path:
     """Per-user cache (``$PROMISE_SEGMENT_CACHE``, else ``$XDG_CACHE_HOME``/``~/.cache``/promise-segment)."""
     env = os.environ.get(CACHE_ENV)
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{CACHE_ENV}={env} is a file, not a folder: point it at a folder (or unset it)")
+        return path
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "promise-segment"
 

@@ -11,6 +11,7 @@ frozen and checked bit-identical after training.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import logging
 import time
@@ -37,7 +38,7 @@ from .validation import OPTION_NAMES, USER_PROMPTS, check_train_settings  # noqa
 
 log = logging.getLogger(__name__)
 STATE_KEYS = ("modules", "optim", "generator", "history", "best", "epoch", "best_modules", "config", "cases",
-              "backbone")
+              "backbone", "data")
 RESUMABLE_CHANGES = ("epochs",)  # options that may differ between an interrupted run and its resumption
 
 
@@ -259,6 +260,7 @@ class Trainer:
         self.engine, self.train, self.val, self.cfg = engine, train, val, cfg
         self.output = Path(output) if output else None
         self.state_path = Path(str(output) + ".state.pt") if output else None
+        self.data = data_fingerprint(train, val) if output else None
         self.adapter = build_adapter(cfg, engine.backbone).to(engine.device)
         engine.capture_taps = self.adapter.apm is not None
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -281,7 +283,7 @@ class Trainer:
     def resume(self) -> None:
         if not (self.state_path and self.state_path.exists()):
             return
-        st = read_resume_state(self.state_path, self.cfg, (len(self.train), len(self.val)))
+        st = read_resume_state(self.state_path, self.cfg, (self.train, self.val))
         if st["backbone"] != self.engine.backbone.identity:
             raise InputError(f"{self.state_path} was written on backbone weights {st['backbone']}, now "
                              f"{self.engine.backbone.identity}: resume with the same --backbone")
@@ -400,7 +402,7 @@ class Trainer:
                  "optim": self.optim.state_dict(), "generator": self.gen.get_state(), "history": self.history,
                  "best": self.best, "epoch": epoch, "best_modules": self.best_state,
                  "config": resume_config(self.cfg), "cases": [len(self.train), len(self.val)],
-                 "backbone": self.engine.backbone.identity}
+                 "backbone": self.engine.backbone.identity, "data": self.data}
         write_atomically(self.state_path, lambda tmp: torch.save(state, tmp), verify=_check_zip)
 
     def run(self, resume: bool, progress, cancel) -> TrainResult:
@@ -444,6 +446,26 @@ def check_training_cases(train: List[Case], val: List[Case]) -> None:
     if not any(c.mask.any() for c in train):
         raise InputError(f"every training mask is empty ({len(train)} cases): there is nothing to learn (check "
                          f"the label value or the mask files)")
+    if all(c.mask.all() for c in train):
+        raise InputError(f"every training mask covers its whole image ({len(train)} cases): nothing tells the "
+                         f"target from its surroundings (check the label value or the mask files)")
+
+
+def case_digests(cases: Sequence[Case]) -> List[str]:
+    """SHA-256 of each case's name, image and mask (shapes, types, pixels as decoded), in order: how a resumed
+    run knows its data are the interrupted run's (the same number of other cases would pass a count)."""
+    digests = []
+    for c in cases:
+        rgb, mask = np.ascontiguousarray(c.rgb), np.ascontiguousarray(c.mask)
+        h = hashlib.sha256(json.dumps([c.id, rgb.shape, rgb.dtype.str, mask.shape, mask.dtype.str]).encode())
+        h.update(rgb.data)
+        h.update(mask.data)
+        digests.append(h.hexdigest())
+    return digests
+
+
+def data_fingerprint(train: Sequence[Case], val: Sequence[Case]) -> Dict[str, List[str]]:
+    return {"train": case_digests(train), "val": case_digests(val)}
 
 
 def resume_config(cfg: TrainConfig) -> Dict:
@@ -452,10 +474,10 @@ def resume_config(cfg: TrainConfig) -> Dict:
             if k not in RESUMABLE_CHANGES}
 
 
-def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence[int]] = None) -> Dict:
-    """An interrupted run's state; ``InputError`` if it is damaged or was written with other options or
-    (``cases``: training and validation counts) other data; the message says what differs. Needs no
-    backbone: the command line calls it before loading one."""
+def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence] = None) -> Dict:
+    """An interrupted run's state; ``InputError`` if it is damaged, was written with other options or for more
+    epochs than ``cfg`` has, or (``cases``: the training and validation cases, or only their counts) for other
+    data; the message says what differs. Needs no backbone: the command line calls it before loading one."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -465,17 +487,47 @@ def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence[int
     if missing:
         raise InputError(f"{path} is damaged or from an older PromiseSegment (it lacks {', '.join(missing)}); "
                          f"start again with --overwrite")
+    if not (isinstance(st["config"], dict) and type(st["epoch"]) is int and isinstance(st["cases"], (list, tuple))):
+        raise InputError(f"{path} is damaged (its options, epoch or case counts are unreadable); start again with "
+                         f"--overwrite")
+    _check_options(path, st, cfg)
+    if cases is not None:
+        _check_data(path, st, cases)
+    return st
+
+
+def _check_options(path: Path, st: Dict, cfg: TrainConfig) -> None:
     now = resume_config(cfg)
     diffs = [f"{OPTION_NAMES.get(k, k)} {st['config'].get(k)!r} then, {now.get(k)!r} now"
              for k in sorted(set(now) | set(st["config"])) if st["config"].get(k) != now.get(k)]
     if diffs:
         raise InputError(f"{path} was written with other options ({'; '.join(diffs)}): resume with the same "
                          f"options, or start again with --overwrite")
-    if cases is not None and list(st["cases"]) != list(cases):
+    done = st["epoch"] + 1
+    if cfg.epochs < done:
+        raise InputError(f"{path}: the interrupted run has already trained {done} epochs, more than --epochs "
+                         f"{cfg.epochs}: resume with --epochs {done} or more, or start again with --overwrite")
+
+
+def _check_data(path: Path, st: Dict, cases: Sequence) -> None:
+    """Counts, then (given the cases themselves) each case's digest against the interrupted run's."""
+    counts = [c if isinstance(c, int) else len(c) for c in cases]
+    if list(st["cases"]) != counts:
         raise InputError(f"{path} was written for {st['cases'][0]} training and {st['cases'][1]} validation cases, "
-                         f"now there are {cases[0]} and {cases[1]}: resume with the same data, or start again "
+                         f"now there are {counts[0]} and {counts[1]}: resume with the same data, or start again "
                          f"with --overwrite")
-    return st
+    if isinstance(cases[0], int):
+        return
+    data = st["data"]
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("train", "val"))
+            and [len(data["train"]), len(data["val"])] == counts):
+        raise InputError(f"{path} is damaged (its data fingerprint is unreadable); start again with --overwrite")
+    for what, key, now in (("training", "train", cases[0]), ("validation", "val", cases[1])):
+        changed = sum(a != b for a, b in zip(data[key], case_digests(now)))
+        if changed:
+            raise InputError(f"{path}: the {what} data differ from the interrupted run's ({changed} of {len(now)} "
+                             f"cases changed): resume with the same data, or remove --resume and start again "
+                             f"with --overwrite")
 
 
 def _check_zip(tmp: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from .errors import InputError, PromiseError
-from .names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
+from .names import BACKBONE_KINDS, BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
 from .paths import expect_outputs, name_max
 
 TEST_BACKBONES = ("tiny_random",)  # hidden registry entries (test fixtures), accepted but never listed
@@ -54,6 +54,7 @@ class AdapterError(PromiseError, ValueError):
 def check_input(path, what: str, kind: str = "file") -> Path:
     """An existing, readable input: ``kind`` "file", "folder" or "any" (a file or a DICOM folder)."""
     p = Path(path).expanduser()
+    check_utf8(p, what)
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -123,9 +124,21 @@ def _output_text(raw, what: str) -> Path:
     return Path(text).expanduser()
 
 
+def check_utf8(p: Path, what: str) -> None:
+    """Names that are not valid UTF-8 (legal on Linux; Python keeps them as surrogates) crash ITK's C++
+    readers and writers mid-run: refused with the name as the user sees it."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(str(p)).decode("utf-8", "backslashreplace")
+        raise InputError(f"{what} {shown}: the path is not valid UTF-8, which the image libraries cannot open; "
+                         "rename it") from None
+
+
 def _check_name(p: Path, what: str) -> None:
     """The file name fits the file system (NAME_MAX bytes): refused here rather than after the model has
     run. Its hidden temporary name then fits too (``paths.make_temp`` shortens it)."""
+    check_utf8(p, what)
     n, limit = len(os.fsencode(p.name)), name_max(p.parent)
     if n > limit:
         raise InputError(f"{what} {p.name[:40]}...: the file name is too long ({n} bytes; this file system allows "
@@ -174,6 +187,17 @@ def check_backbone(spec: Optional[str]) -> None:
     check_input(p, "backbone checkpoint")
 
 
+def check_adapter_fits(backbone: Optional[str], meta: Optional[Dict[str, Any]], path) -> None:
+    """An adapter and a ``--backbone`` registry name that cannot work together are refused before any
+    download or load (the same rule as ``registry._compatible``, from the torch-free catalogue)."""
+    if not backbone or meta is None or backbone not in BACKBONE_KINDS:
+        return
+    trained = meta["backbone"].get("name")
+    if trained in BACKBONE_KINDS and trained != backbone and BACKBONE_KINDS[trained] != BACKBONE_KINDS[backbone]:
+        raise AdapterError(f"{path} was trained on backbone {trained}; --backbone {backbone} cannot use it "
+                           f"(leave out --backbone to use {trained})")
+
+
 # ------------------------------------------------------------------------------------- adapter metadata
 def read_safetensors_header(path) -> dict:
     """The JSON header of a safetensors file, checked against the file's size (a truncated or padded file
@@ -188,13 +212,25 @@ def read_safetensors_header(path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path} is not a readable adapter file (safetensors): {exc}") from None
+    except RecursionError:
+        raise AdapterError(f"{path} is damaged: its header nests too deeply to be an adapter's") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path} is not a readable adapter file (safetensors): its header is not a table")
-    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    entries = [t for k, t in header.items() if k != "__metadata__"]
+    if not isinstance(header.get("__metadata__", {}), dict) or not all(_is_tensor_entry(t) for t in entries):
+        raise AdapterError(f"{path} is damaged: its header's metadata or tensor table is malformed")
+    ends = [t["data_offsets"][1] for t in entries]
     if 8 + n + max(ends, default=0) != size:
         raise AdapterError(f"{path} is truncated or damaged: {size} bytes, its header describes "
                            f"{8 + n + max(ends, default=0)}")
     return header
+
+
+def _is_tensor_entry(t) -> bool:
+    """A tensor entry as safetensors writes it: a dtype name, a shape and two whole-number byte offsets."""
+    offsets = t.get("data_offsets") if isinstance(t, dict) else None
+    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int and v >= 0 for v in offsets)
+            and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list))
 
 
 def read_adapter_metadata(path) -> Dict[str, Any]:
@@ -207,10 +243,14 @@ def read_adapter_metadata(path) -> Dict[str, Any]:
     raw = (read_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)
     if raw is None:
         raise AdapterError(f"{path} is a safetensors file without PromiseSegment metadata; not an adapter")
+    if not isinstance(raw, str):
+        raise AdapterError(f"{path} is damaged: its {METADATA_KEY} metadata is not text")
     try:
         meta = json.loads(raw)
     except ValueError as exc:
         raise AdapterError(f"{path}: its metadata is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterError(f"{path} is damaged: its metadata nests too deeply to be an adapter's") from None
     _check_format(meta, path)
     try:
         _check_adapter_parts(meta)
@@ -314,6 +354,7 @@ def validate(args) -> None:
         args.adapter_meta = read_adapter_metadata(args.adapter)
     if hasattr(args, "backbone"):
         check_backbone(args.backbone)
+        check_adapter_fits(args.backbone, args.adapter_meta, getattr(args, "adapter", None))
     expect_outputs(args.outputs, getattr(args, "overwrite", False) or getattr(args, "resume", False))
 
 
