@@ -333,7 +333,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with ProgressWithCancel(_("Getting / verifying {spec}").format(spec=spec),
                                 _("Checkpoint download or verification failed; nothing was kept.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the import below)
-            from PromiseSegmentLib.registry import BACKBONES
+            from PromiseSegmentLib.backbones.registry import BACKBONES
 
             if spec in BACKBONES:
                 path = BACKBONES[spec].locate(progress=lambda done, total: progress.progress(done, total or 1),
@@ -354,7 +354,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with ProgressWithCancel(_("ProMISe: training adapter"), _("Training failed.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
-            from PromiseSegmentLib.training import TrainConfig
+            from PromiseSegmentLib.training.trainer import TrainConfig
 
             from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 

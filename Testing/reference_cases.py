@@ -5,14 +5,14 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "bundled" / "ct-spleen"
+BUNDLED = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "data" / "bundled" / "ct-spleen"
 OUT = Path(__file__).resolve().parent / "reference" / "ct-spleen"
 CASES = ("10003_spleen_26", "10019_spleen_8", "10024_spleen_59")
 
 
 def reference_prediction(engine, case: str) -> np.ndarray:
     """LiteMedSAM on one bundled CT slice with the expert mask's bounding box as the prompt."""
-    from PromiseSegmentLib.engine import Prompts
+    from PromiseSegmentLib.data.prompts import Prompts
 
     rgb = np.asarray(Image.open(BUNDLED / "images" / f"{case}.jpg").convert("RGB"))
     truth = np.asarray(Image.open(BUNDLED / "masks" / f"{case}.png")) > 0

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from PromiseSegmentLib import paths
-from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.cli_args import PROGRESS_ENV
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
 from PromiseSegmentLib.paths import HOLD_ENV, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def _quiet_progress(monkeypatch):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Inputs shared by the battery: a small oblique NRRD volume, image folders, a valid IPS adapter."""
-    from PromiseSegmentLib.sample_data import make_sample_volume, make_training_slices
+    from sample_data import make_sample_volume, make_training_slices
 
     root = tmp_path_factory.mktemp("inputs")
     vol, truth = make_sample_volume(3, (4, 32, 32))
@@ -159,8 +159,8 @@ def files(tmp_path_factory):
 
 
 def tiny_record():
-    from PromiseSegmentLib.adapter import BackboneRecord
-    from PromiseSegmentLib.registry import load_backbone
+    from PromiseSegmentLib.model.adapter import BackboneRecord
+    from PromiseSegmentLib.backbones.registry import load_backbone
 
     return BackboneRecord.of(load_backbone("tiny_random"))
 
@@ -169,8 +169,8 @@ def make_adapter(path, variant=0, record=None):
     """A valid IPS-only adapter for the tiny backbone (random first layers, so variants differ)."""
     import torch
 
-    from PromiseSegmentLib.adapter import Adapter, save_adapter
-    from PromiseSegmentLib.ips import IPS
+    from PromiseSegmentLib.model.adapter import Adapter, save_adapter
+    from PromiseSegmentLib.model.ips import IPS
 
     torch.manual_seed(variant)
     return save_adapter(Adapter(record or tiny_record(), ips=IPS(), target_name="Lesion"), path)
@@ -179,7 +179,7 @@ def make_adapter(path, variant=0, record=None):
 @pytest.fixture
 def ws(tmp_path, files):
     """A workspace with existing outputs of every kind (which no failed run may change)."""
-    from PromiseSegmentLib.volume_io import Segment, save_png, write_segmentation
+    from PromiseSegmentLib.data.volume_io import Segment, save_png, write_segmentation
 
     old = write_segmentation(tmp_path / "old.seg.nrrd", np.ones((4, 32, 32)), files["ijk_to_ras"], [Segment("x")])
     png = save_png(tmp_path / "old.png", np.full((8, 8, 3), 7, np.uint8))
@@ -201,7 +201,7 @@ def ws(tmp_path, files):
 @pytest.fixture
 def no_model(monkeypatch):
     """Any backbone load fails the test: the refusals below must come before any model work."""
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     def loaded(*a, **k):
         raise AssertionError("a backbone was loaded before the arguments were refused")

@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from PromiseSegmentLib.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
-from PromiseSegmentLib.apm import APM
-from PromiseSegmentLib.datasets import Case
-from PromiseSegmentLib.engine import Prompts
+from PromiseSegmentLib.model.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
+from PromiseSegmentLib.model.apm import APM
+from PromiseSegmentLib.data.datasets import Case
+from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.errors import Cancelled, InputError
-from PromiseSegmentLib.ips import IPS
-from PromiseSegmentLib.promise import PromptBatch, ProMISeModel, engine_for, promise_forward, resolve_mode
-from PromiseSegmentLib.sample_data import make_training_slices
-from PromiseSegmentLib.training import TrainConfig, backbone_fingerprint, build_adapter, train_adapter
+from PromiseSegmentLib.model.ips import IPS
+from PromiseSegmentLib.model.promise import PromptBatch, ProMISeModel, engine_for, promise_forward, resolve_mode
+from sample_data import make_training_slices
+from PromiseSegmentLib.training.trainer import TrainConfig, backbone_fingerprint, build_adapter, train_adapter
 
 LIGHT = dict(apm_fusion_dim=32, apm_head_blocks=(1, 1, 1, 1))
 
@@ -43,8 +43,8 @@ def _square_taps(gen, n):
 
 
 def test_box_head_learns_to_localise_and_is_sorted_in_the_input_frame():
-    from PromiseSegmentLib.losses import apm_aux_loss, box_iou
-    from PromiseSegmentLib.training import Batch
+    from PromiseSegmentLib.training.losses import apm_aux_loss, box_iou
+    from PromiseSegmentLib.training.trainer import Batch
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -89,7 +89,7 @@ def test_mode_rule_refusals(make_backbone):
 
 
 def _tiny():
-    from PromiseSegmentLib.sam_vit import build_seeded_sam
+    from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 
     return build_seeded_sam("tiny", 7)
 
@@ -119,7 +119,7 @@ def test_zero_shift_with_the_users_prompts_is_the_plain_backbone(tiny_backbone, 
 
 
 def test_litemedsam_decodes_token_zero_and_refuses_points_alone(lite_medsam, spleen_cases):
-    from PromiseSegmentLib.preprocessing import mask_bbox
+    from PromiseSegmentLib.data.preprocessing import mask_bbox
 
     adapter = build_adapter(TrainConfig(use_apm=False), lite_medsam)
     model = ProMISeModel(engine_for(lite_medsam, adapter, "cpu", precision="fp32"), adapter)  # exact comparison
@@ -161,7 +161,7 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
 
 
 def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained, tiny_backbone):
-    from PromiseSegmentLib.training import REFINEMENT_GAIN, REFINEMENTS
+    from PromiseSegmentLib.training.trainer import REFINEMENT_GAIN, REFINEMENTS
 
     result, out, _, _ = trained
     meta = read_metadata(out)
@@ -174,7 +174,7 @@ def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained
     loaded = load_adapter(out, tiny_backbone).apm
     assert (loaded.box_refinement, loaded.refinement_margin) == chosen
     assert by_choice[(0, 0.0)] == pytest.approx(result.best_val_dice)  # no refinement: what selection measured
-    from PromiseSegmentLib.cli_workflows import refinement_summary
+    from PromiseSegmentLib.cli.workflows import refinement_summary
 
     line = refinement_summary(result.adapter)
     assert f"without {by_choice[(0, 0.0)]:.3f}" in line and f"validation Dice {by_choice[best]:.3f}" in line
@@ -226,7 +226,7 @@ def test_bad_adapter_metadata_names_the_file(tmp_path, meta, message):
 
 def test_nan_weights_are_refused(trained, tmp_path, tiny_backbone):
     result, _, _, _ = trained
-    from PromiseSegmentLib.adapter import save_adapter
+    from PromiseSegmentLib.model.adapter import save_adapter
 
     state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in result.adapter.modules().items()}
     state["ips"]["mlp.0.weight"][0, 0] = float("nan")
@@ -236,7 +236,7 @@ def test_nan_weights_are_refused(trained, tmp_path, tiny_backbone):
 
 
 def test_resume_after_an_interruption_restores_the_exact_state(trained, tiny_backbone, tmp_path):
-    from PromiseSegmentLib.embedding_cache import EmbeddingCache
+    from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
 
     _, _, cases, cfg = trained
     engine = engine_for(tiny_backbone, None, "cpu", cache=EmbeddingCache())  # the three runs encode once
@@ -270,7 +270,7 @@ def test_bad_training_options_are_refused_before_any_work(bad):
 
 
 def test_warm_up_flips_keep_taps_target_and_boxes_consistent():
-    from PromiseSegmentLib.training import Batch, flip_batch
+    from PromiseSegmentLib.training.trainer import Batch, flip_batch
 
     target = torch.zeros(1, 256, 256)
     target[0, 40:100, 10:60] = 1  # rows 40..99, cols 10..59 of the padded input square (size 256 here)
@@ -288,7 +288,7 @@ def test_warm_up_flips_keep_taps_target_and_boxes_consistent():
 
 
 def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained, tiny_backbone):
-    from PromiseSegmentLib.training import Trainer
+    from PromiseSegmentLib.training.trainer import Trainer
 
     _, _, cases, cfg = trained
     frozen = TrainConfig(**{**cfg.__dict__, "epochs": 2, "apm_warmup_epochs": 1, "apm_joint_lr": 0.0})
@@ -302,7 +302,7 @@ def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained,
 
 
 def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():
-    from PromiseSegmentLib.promise import low_res_box
+    from PromiseSegmentLib.model.promise import low_res_box
 
     low = torch.full((1, 1, 256, 256), -5.0)
     low[0, 0, 10:21, 30:41] = 5.0  # rows 10..20, columns 30..40
@@ -316,7 +316,7 @@ def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():
 
 
 def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, rng, make_image):
-    from PromiseSegmentLib.promise import low_res_box
+    from PromiseSegmentLib.model.promise import low_res_box
 
     adapter = build_adapter(TrainConfig(apm_prompts=("box",), **LIGHT), tiny_backbone)
     with torch.no_grad():
@@ -344,7 +344,7 @@ def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, r
 
 
 def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backbone):
-    from PromiseSegmentLib.training import Trainer, lr_factor
+    from PromiseSegmentLib.training.trainer import Trainer, lr_factor
 
     cfg = TrainConfig(epochs=6, apm_warmup_epochs=2, lr=1e-3, lr_schedule="cosine", apm_joint_lr=0.5)
     warm = [lr_factor(cfg, e, True) for e in range(2)]
@@ -361,7 +361,7 @@ def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backb
 
 
 def test_augmented_copies_are_encoded_once_each_and_reproducible(tiny_backbone):
-    from PromiseSegmentLib.training import FeatureSource
+    from PromiseSegmentLib.training.trainer import FeatureSource
 
     pairs = make_training_slices([1, 2], empty_share=0.0)[:3]
     cases = [Case(str(i), rgb, m) for i, (rgb, m) in enumerate(pairs)]
@@ -390,7 +390,7 @@ def test_augmented_copies_are_encoded_once_each_and_reproducible(tiny_backbone):
 
 
 def augment_copy(case, seed, i, v):
-    from PromiseSegmentLib.augment import augment
+    from PromiseSegmentLib.training.augment import augment
 
     return augment(case.rgb, case.mask, torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + v))
 
@@ -407,7 +407,7 @@ def test_augment_takes_read_only_images_silently():
     """Cached and memory-mapped data sets hand out read-only arrays; augmenting them must not warn."""
     import warnings
 
-    from PromiseSegmentLib.augment import augment
+    from PromiseSegmentLib.training.augment import augment
 
     rgb, mask = make_training_slices([1], empty_share=0.0)[0]
     rgb, mask = np.array(rgb), np.array(mask)

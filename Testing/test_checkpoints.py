@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from PromiseSegmentLib import checkpoints
-from PromiseSegmentLib.registry import BACKBONES, load_backbone, user_backbones
-from PromiseSegmentLib.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
+from PromiseSegmentLib.backbones import checkpoints
+from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone, user_backbones
+from PromiseSegmentLib.backbones.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
 from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
-from PromiseSegmentLib.sam_vit import build_seeded_sam
+from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 from local_http import serve
 
 
@@ -85,7 +85,7 @@ def test_interrupted_download_leaves_nothing(server, tiny_file, tmp_path):
 
 
 def test_cancelled_download_leaves_nothing(server, tiny_file, tmp_path):
-    from PromiseSegmentLib.engine import Cancelled
+    from PromiseSegmentLib.inference.engine import Cancelled
 
     _Handler.files["/big.pth"] = (tiny_file.read_bytes(), None)
     with pytest.raises(Cancelled):
@@ -135,8 +135,8 @@ def test_registry_has_the_design_hashes_and_the_default():
 
     assert BACKBONE_KINDS == {n: (b.family, tuple(b.tap_channels)) for n, b in BACKBONES.items()}
     assert BOX_ONLY_BACKBONES == tuple(n for n, b in BACKBONES.items() if b.box_only)
-    from PromiseSegmentLib import promise
-    from PromiseSegmentLib.devices import pick_device
+    from PromiseSegmentLib.model import promise
+    from PromiseSegmentLib.inference.devices import pick_device
 
     assert promise.MODES == MODES
     for name in DEVICES[1:]:  # every listed device is one pick_device understands (available here or not)
@@ -203,8 +203,9 @@ def test_tiny_fixture_gain_scales_logits_but_changes_no_mask(rng, make_backbone,
     and the IoU head are those of the plain seeded model; only what training sees is rescaled."""
     import numpy as np
 
-    from PromiseSegmentLib.engine import Prompts, SamEngine
-    from PromiseSegmentLib.sam_vit import TINY_DECODER_GAIN, TINY_SEED
+    from PromiseSegmentLib.data.prompts import Prompts
+    from PromiseSegmentLib.inference.engine import SamEngine
+    from PromiseSegmentLib.backbones.sam_vit import TINY_DECODER_GAIN, TINY_SEED
 
     plain = SamEngine(make_backbone(build_seeded_sam("tiny", TINY_SEED)), "cpu")
     calibrated = SamEngine(BACKBONES["tiny_random"].load(), "cpu")

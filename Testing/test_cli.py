@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.metrics import dice
-from PromiseSegmentLib.prompts import ijk_prompts
-from PromiseSegmentLib.sample_data import make_sample_volume
-from PromiseSegmentLib.volume_io import Segment, read_volume, write_segmentation
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.evaluation.metrics import dice
+from PromiseSegmentLib.data.prompts import ijk_prompts
+from sample_data import make_sample_volume
+from PromiseSegmentLib.data.volume_io import Segment, read_volume, write_segmentation
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_rgb_png_is_a_single_slice_volume_and_the_engine_says_once_what_runs(tmp
 
 def test_checkpoints_list_and_verify(tmp_path, capsys):
     import torch
-    from PromiseSegmentLib.sam_vit import build_seeded_sam
+    from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 
     assert main(["checkpoints", "list"]) == 0
     listing = capsys.readouterr().out
@@ -146,9 +146,9 @@ def test_write_segmentation_is_atomic_on_failure(tmp_path, monkeypatch):
 def test_demo_trains_on_real_ct_and_reports_a_true_dice(tmp_path, capsys):
     """The README's main job, shortened (2 epochs): files written for the 3 held-out patients, and each
     Dice in the report is the Dice of the written segmentation against the bundled expert mask."""
-    from PromiseSegmentLib.cli_workflows import DEMO_TEST, bundled_spleen
-    from PromiseSegmentLib.metrics import dice
-    from PromiseSegmentLib.volume_io import read_labelmap, read_mask
+    from PromiseSegmentLib.cli.workflows import DEMO_TEST, bundled_spleen
+    from PromiseSegmentLib.evaluation.metrics import dice
+    from PromiseSegmentLib.data.volume_io import read_labelmap, read_mask
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--warmup", "1", "--epochs", "1"]) == 0
@@ -175,7 +175,7 @@ def test_openmp_waiting_is_set_before_torch_unless_the_user_chose(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import os, sys\nfrom PromiseSegmentLib import cli\nassert 'torch' not in sys.modules\n"
+    code = ("import os, sys\nfrom PromiseSegmentLib.cli import main as cli\nassert 'torch' not in sys.modules\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     root = Path(__file__).resolve().parents[1] / "PromiseSegment"

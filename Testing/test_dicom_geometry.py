@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.volume_io import Segment, read_labelmap, read_volume, write_segmentation
+from PromiseSegmentLib.data.volume_io import Segment, read_labelmap, read_volume, write_segmentation
 
 AXIAL = (1.0, 0, 0, 0, 1.0, 0)
 UID = "1.2.826.0.1.3680043.2.1125.7"
@@ -181,8 +181,8 @@ def test_mixed_orientations_are_refused(tmp_path):
 
 
 def test_command_line_refuses_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    from PromiseSegmentLib import promise
-    from PromiseSegmentLib.cli import main
+    from PromiseSegmentLib.model import promise
+    from PromiseSegmentLib.cli.main import main
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for an input that must be refused")
@@ -196,7 +196,7 @@ def test_command_line_refuses_before_loading_a_model(tmp_path, capsys, monkeypat
 
 
 def test_command_line_writes_an_uneven_series_at_its_real_positions(tmp_path, capsys):
-    from PromiseSegmentLib.cli import main
+    from PromiseSegmentLib.cli.main import main
 
     slices = write_series(tmp_path / "uneven", UNEVEN, shape=(32, 32))
     out = tmp_path / "out.seg.nrrd"

@@ -3,7 +3,7 @@ node, Apply through the editor logic (one undo step), adapter folder, dependency
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.preprocessing import InputError
+from PromiseSegmentLib.data.preprocessing import InputError
 from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix
 
 SHAPE = (9, 40, 44)
@@ -86,8 +86,8 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
 
 
 def test_automatic_mode_runs_the_apm_and_takes_clicks_as_refinements(logic):
-    from PromiseSegmentLib.registry import BACKBONES
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.backbones.registry import BACKBONES
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.interaction import ClickSession
 
     app, m, volume, seg, truth = scene()
@@ -122,11 +122,11 @@ def test_box_mode_uses_the_last_two_corners(logic):
 
 
 def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path):
-    from PromiseSegmentLib.adapter import save_adapter
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.model.adapter import save_adapter
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.adapter_folder import describe, import_adapter, installed_adapters
 
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), target_name="Liver"),
                             BACKBONES["tiny_random"].load())

@@ -2,8 +2,9 @@
 import numpy as np
 import torch
 
-from PromiseSegmentLib.embedding_cache import EmbeddingCache, image_key
-from PromiseSegmentLib.engine import ImageEmbedding, Prompts, SamEngine
+from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache, image_key
+from PromiseSegmentLib.inference.engine import ImageEmbedding, SamEngine
+from PromiseSegmentLib.data.prompts import Prompts
 
 
 def fake_embedding(mb: int) -> ImageEmbedding:

@@ -22,7 +22,7 @@ def imported_modules(path: Path):
 @pytest.mark.parametrize("folder, forbidden", [("PromiseSegmentLib", {"slicer", "qt", "vtk", "ctk"}),
                                                ("PromiseSegmentSlicerLib", {"qt", "ctk"})])
 def test_layers_do_not_import_what_they_must_not(folder, forbidden):
-    for path in sorted((MODULE / folder).glob("*.py")):
+    for path in sorted((MODULE / folder).rglob("*.py")):
         bad = forbidden & set(imported_modules(path))
         assert not bad, f"{path.name} imports {bad}"
 
@@ -150,20 +150,32 @@ def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def package_imports(folder: Path) -> dict:
-    """module -> the sibling modules it imports (top level or inside functions: a cycle either way)."""
+CORE = MODULE / "PromiseSegmentLib"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(MODULE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def core_imports() -> dict:
+    """core module -> the core modules it imports (top level or inside functions: a cycle either way)."""
+    modules = {module_name(p): p for p in CORE.rglob("*.py")}
     graph = {}
-    for path in folder.glob("*.py"):
+    for name, path in modules.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-        graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("PromiseSegmentLib"):
+                deps.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                            for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in modules)
+        graph[name] = {d for d in deps if d in modules and d != name and not name.startswith(d + ".")}
     return graph
 
 
 def test_the_core_has_no_import_cycle():
-    graph = package_imports(MODULE / "PromiseSegmentLib")
+    graph = core_imports()
     state = {}
 
     def visit(node, path):
@@ -177,6 +189,46 @@ def test_the_core_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_core_uses_absolute_imports_only():
+    """Sub-packages import each other by full name: a relative import hides which layer it reaches."""
+    for path in CORE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path.relative_to(MODULE)}:{node.lineno}"
+
+
+# Which sub-package may import which: the command line on top, then training/evaluation, inference, the
+# model, backbones, data; the shared modules (errors, names, modes, paths) at the bottom import nothing.
+LAYERS = {"cli": {"training", "evaluation", "inference", "model", "backbones", "data", "base"},
+          "training": {"inference", "model", "backbones", "data", "base", "evaluation"},
+          "evaluation": {"inference", "model", "backbones", "data", "base"},
+          "inference": {"model", "backbones", "data", "base"}, "model": {"inference", "backbones", "data", "base"},
+          "backbones": {"inference", "data", "base"}, "data": {"base"}, "base": {"base"}}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (CORE / parts[1]).is_dir()) else "base"
+
+
+def test_sub_packages_import_only_the_layers_below():
+    bad = [f"{m} -> {d}" for m, deps in core_imports().items() for d in deps
+           if layer(d) not in LAYERS[layer(m)] | {layer(m)}]
+    assert not bad
+
+
+def test_every_sub_package_imports_without_torch():
+    """The command line answers argument errors before torch is imported: no sub-package's __init__ may
+    pull it in."""
+    import subprocess
+    import sys
+
+    packages = sorted(module_name(p) for p in CORE.rglob("__init__.py"))
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+            f"import {', '.join(packages)}, PromiseSegmentLib.cli.main")
+    done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_no_function_in_the_extension_is_over_60_lines():

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from PromiseSegmentLib import paths
-from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.cli_args import PROGRESS_ENV
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
 
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
     _seg,
@@ -43,7 +43,7 @@ from local_http import serve
 
 # ----------------------------------------------------- class 6: every writer under a full disk, Ctrl+C, kill
 def _cases(n=3, size=32):
-    from PromiseSegmentLib.datasets import Case
+    from PromiseSegmentLib.data.datasets import Case
 
     rng = np.random.default_rng(n)
     return [Case(f"c{i}", rng.integers(0, 255, (size, size, 3), dtype=np.uint8), rng.random((size, size)) > 0.5)
@@ -52,14 +52,14 @@ def _cases(n=3, size=32):
 
 @lru_cache(maxsize=1)
 def _tiny_engine():
-    from PromiseSegmentLib.registry import load_backbone
-    from PromiseSegmentLib.promise import engine_for
+    from PromiseSegmentLib.backbones.registry import load_backbone
+    from PromiseSegmentLib.model.promise import engine_for
 
     return engine_for(load_backbone("tiny_random"), None, "cpu")
 
 
 def _write_state(path, variant):
-    from PromiseSegmentLib.training import TrainConfig, Trainer
+    from PromiseSegmentLib.training.trainer import TrainConfig, Trainer
 
     trainer = Trainer(_tiny_engine(), _cases(), [], TrainConfig(use_apm=False, epochs=1, seed=variant),
                       Path(str(path)[: -len(".state.pt")]))
@@ -67,7 +67,7 @@ def _write_state(path, variant):
 
 
 def _write_report(folder, variant):
-    from PromiseSegmentLib.evaluation import write_report
+    from PromiseSegmentLib.evaluation.report import write_report
 
     cases, rng = _cases(), np.random.default_rng(variant)
     rows = [{"id": c.id, "dice": rng.random(), "iou": rng.random(), "hd95": 3.0, "pred": c.mask} for c in cases]
@@ -75,17 +75,17 @@ def _write_report(folder, variant):
 
 
 def _download(path, variant):
-    from PromiseSegmentLib.checkpoints import download_file
+    from PromiseSegmentLib.backbones.checkpoints import download_file
 
     body = bytes([variant]) * 300_000
     download_file(f"{os.environ['RELIABILITY_SERVER']}/v{variant}", Path(path), hashlib.sha256(body).hexdigest())
 
 
 WRITERS = {  # target name -> write(path, variant): each variant writes different, valid content
-    "s.seg.nrrd": lambda p, v: __import__("PromiseSegmentLib.volume_io", fromlist=["x"]).write_segmentation(
+    "s.seg.nrrd": lambda p, v: __import__("PromiseSegmentLib.data.volume_io", fromlist=["x"]).write_segmentation(
         p, np.random.default_rng(v).integers(0, 2, (4, 64, 64)), np.eye(4),
-        [__import__("PromiseSegmentLib.volume_io", fromlist=["x"]).Segment("x")], overwrite=True),
-    "o.png": lambda p, v: __import__("PromiseSegmentLib.volume_io", fromlist=["x"]).save_png(
+        [__import__("PromiseSegmentLib.data.volume_io", fromlist=["x"]).Segment("x")], overwrite=True),
+    "o.png": lambda p, v: __import__("PromiseSegmentLib.data.volume_io", fromlist=["x"]).save_png(
         p, np.random.default_rng(v).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
     "a.safetensors": lambda p, v: make_adapter(p, v, _record()),
     "t.safetensors.state.pt": _write_state,
@@ -97,7 +97,7 @@ WRITERS = {  # target name -> write(path, variant): each variant writes differen
 
 
 def _record():
-    from PromiseSegmentLib.adapter import BackboneRecord
+    from PromiseSegmentLib.model.adapter import BackboneRecord
 
     return BackboneRecord("tiny_random", "sam_vit", "seed:7", 1024, (64, 64, 64))
 
@@ -179,7 +179,7 @@ def small_disk(tmp_path):
 
 @pytest.mark.parametrize("name", list(WRITERS))
 def test_full_disk_keeps_the_old_file_and_leaves_no_temporary(name, disk, writer_env):
-    from PromiseSegmentLib.checkpoints import CheckpointError
+    from PromiseSegmentLib.backbones.checkpoints import CheckpointError
     from PromiseSegmentLib.paths import WriteError
 
     write_target(name, disk.path, 0)
@@ -227,7 +227,7 @@ def test_files_get_the_usual_permissions(tmp_path, writer_env):
 
 # --------------------------------------------------------------- class 7: the commands under the same faults
 def test_segment_on_a_full_disk_fails_in_one_line_and_keeps_the_old_result(small_disk, files, capsys):
-    from PromiseSegmentLib.volume_io import Segment, write_segmentation
+    from PromiseSegmentLib.data.volume_io import Segment, write_segmentation
 
     out = write_segmentation(small_disk.path / "r.seg.nrrd", np.ones((4, 32, 32)), files["ijk_to_ras"],
                              [Segment("good")])
@@ -283,7 +283,7 @@ def test_ctrl_c_on_the_overlay_names_the_segmentation_that_was_kept(tmp_path, fi
 def test_a_killed_segment_leaves_nothing_at_its_name_and_the_next_run_cleans_up(tmp_path, files, capsys):
     out = tmp_path / "r.seg.nrrd"
     argv = [str(a) for a in _seg(files, out)]
-    kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli", *argv], tmp_path, out.name)
+    kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli.main", *argv], tmp_path, out.name)
     assert not out.exists() and len(temps(tmp_path)) == 1
     rc, stdout, err = cli(capsys, *argv)
     assert rc == 0 and out.is_file() and not temps(tmp_path), err
@@ -291,7 +291,7 @@ def test_a_killed_segment_leaves_nothing_at_its_name_and_the_next_run_cleans_up(
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, files):
     out = tmp_path / "r.seg.nrrd"
-    rc, err = kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli", *map(str, _seg(files, out))], tmp_path,
+    rc, err = kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli.main", *map(str, _seg(files, out))], tmp_path,
                               out.name, sig=signal.SIGTERM)
     assert rc == 130 and err.strip() == "promise-segment: cancelled; no output was written"
     assert not out.exists() and not temps(tmp_path)
@@ -356,7 +356,7 @@ def test_resume_from_a_truncated_state_says_it_is_damaged(interrupted, tmp_path,
 
 
 def test_resume_finishes_the_run_and_removes_the_state(interrupted, tmp_path, capsys):
-    from PromiseSegmentLib.adapter import read_metadata
+    from PromiseSegmentLib.model.adapter import read_metadata
 
     folder, out, argv = _copy_run(interrupted, tmp_path)
     rc, stdout, err = cli(capsys, *argv, "--resume")

@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.registry import BACKBONES, load_backbone
-from PromiseSegmentLib.checkpoints import CheckpointError
-from PromiseSegmentLib.engine import Prompts, SamEngine
-from PromiseSegmentLib.lite_medsam import CHECKPOINT, TAP_BLOCKS
-from PromiseSegmentLib.preprocessing import mask_bbox
+from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone
+from PromiseSegmentLib.backbones.checkpoints import CheckpointError
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.backbones.lite_medsam import CHECKPOINT, TAP_BLOCKS
+from PromiseSegmentLib.data.preprocessing import mask_bbox
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_a_damaged_litemedsam_file_is_refused_in_one_line(lite_medsam, tmp_path,
 
 
 def _verified(path):
-    from PromiseSegmentLib.checkpoints import verify_file
+    from PromiseSegmentLib.backbones.checkpoints import verify_file
 
     verify_file(path, CHECKPOINT)
     return path

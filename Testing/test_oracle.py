@@ -4,9 +4,10 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from PromiseSegmentLib.decoder import decode_masks
-from PromiseSegmentLib.engine import Prompts, SamEngine
-from PromiseSegmentLib.sam_vit import build_seeded_sam
+from PromiseSegmentLib.model.decoder import decode_masks
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 
 PROMPTS = {
     "points": dict(point_coords=np.array([[70.0, 80.0], [20.0, 150.0], [140.0, 40.0]]), point_labels=np.array([1, 0, 1])),

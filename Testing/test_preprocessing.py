@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.engine import ImageEmbedding, SamEngine
-from PromiseSegmentLib.preprocessing import (InputError, IntensityRule, SliceGeometry, check_volume, put_slice,
+from PromiseSegmentLib.inference.engine import ImageEmbedding, SamEngine
+from PromiseSegmentLib.data.preprocessing import (InputError, IntensityRule, SliceGeometry, check_volume, put_slice,
                                              resolve_axis, slice_geometry, take_slice, to_uint8_rgb)
 
 

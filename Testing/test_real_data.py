@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.datasets import load_volume_pairs
-from PromiseSegmentLib.preprocessing import IntensityRule
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.data.datasets import load_volume_pairs
+from PromiseSegmentLib.data.preprocessing import IntensityRule
 
 pytestmark = pytest.mark.data
 
@@ -25,8 +25,8 @@ def test_evaluate_on_kvasir_writes_csv_and_figure(tmp_path, capsys, data_dir):
 def test_mr_volume_label_slices_are_square_pixel_cases(data_dir, axis):
     """brain1 is 0.78 x 0.78 x 6.5 mm: axial (K) slices are square already, coronal (J) slices are
     stretched 8x along the slice direction to square pixels, the expert mask with them."""
-    from PromiseSegmentLib.preprocessing import in_plane_spacing, take_slice
-    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+    from PromiseSegmentLib.data.preprocessing import in_plane_spacing, take_slice
+    from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 
     image, label = data_dir / "mr-volumes" / "brain1_image.nrrd", data_dir / "mr-volumes" / "brain1_label.nrrd"
     cases = load_volume_pairs([(image, label)], IntensityRule(), axis=axis, empty_share=0.2)

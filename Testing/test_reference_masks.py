@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from PromiseSegmentLib.engine import SamEngine
-from PromiseSegmentLib.metrics import dice
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.evaluation.metrics import dice
 from reference_cases import BUNDLED, CASES, OUT, reference_prediction
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.cli_args import PROGRESS_ENV, LineProgress
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV, LineProgress
 
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
     _seg,
@@ -223,7 +223,7 @@ ADAPTER_DAMAGE = {
 
 @pytest.mark.parametrize("case", list(ADAPTER_DAMAGE))
 def test_damaged_adapters_are_refused_naming_the_file(case, ws, files, capsys, no_model):
-    from PromiseSegmentLib.adapter import read_metadata
+    from PromiseSegmentLib.model.adapter import read_metadata
 
     make, phrase = ADAPTER_DAMAGE[case]
     bad = make(ws["tmp"] / f"{case}.safetensors", read_metadata(files["adapter"]), files["adapter"])
@@ -267,7 +267,7 @@ def test_a_volume_without_finite_voxels_is_refused(ws, capsys, no_model):
 def test_a_small_rgb_png_is_one_slice_never_channels_as_slices(ws, capsys, no_model):
     from PIL import Image
 
-    from PromiseSegmentLib.volume_io import read_volume
+    from PromiseSegmentLib.data.volume_io import read_volume
 
     rgb = np.arange(27, dtype=np.uint8).reshape(3, 3, 3) * 9
     Image.fromarray(rgb).save(ws["tmp"] / "rgb.png")
@@ -296,7 +296,7 @@ def unreadable(tmp_path):
 
 def test_an_unreadable_input_is_not_reported_as_missing(unreadable, tmp_path):
     path, prefix = unreadable
-    code = ("import sys; from PromiseSegmentLib.cli import main; "
+    code = ("import sys; from PromiseSegmentLib.cli.main import main; "
             f"sys.exit(main(['segment', {str(path)!r}, '-o', {str(tmp_path / 'x.seg.nrrd')!r}, '--point', '1,1,0']))")
     r = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(PKG)), timeout=120)
@@ -320,8 +320,8 @@ def test_too_few_training_images_are_refused(ws, files, capsys, no_model):
 def test_train_defaults_match_trainconfig():
     from dataclasses import asdict
 
-    from PromiseSegmentLib.training import TrainConfig
-    from PromiseSegmentLib.validation import TRAIN_DEFAULTS
+    from PromiseSegmentLib.training.trainer import TrainConfig
+    from PromiseSegmentLib.training.settings import TRAIN_DEFAULTS
 
     defaults = asdict(TrainConfig())
     assert {k: defaults[k] for k in TRAIN_DEFAULTS} == {k: (tuple(v) if isinstance(v, list) else v)
@@ -341,7 +341,7 @@ TIMED = {"epochs-0": OPTION_ERRORS["epochs-0"][:2], "device-meta": OPTION_ERRORS
 @pytest.mark.parametrize("case", list(TIMED))
 def test_argument_errors_come_in_under_a_second_without_torch(case, ws):
     base, extra = TIMED[case]
-    code = ("import json, sys, time; t = time.perf_counter(); from PromiseSegmentLib.cli import main\n"
+    code = ("import json, sys, time; t = time.perf_counter(); from PromiseSegmentLib.cli.main import main\n"
             f"try:\n    rc = main({argv_for(base + extra, ws)!r})\nexcept SystemExit as e:\n    rc = e.code\n"
             "print(json.dumps([rc, time.perf_counter() - t, 'torch' in sys.modules]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -354,7 +354,7 @@ def test_argument_errors_come_in_under_a_second_without_torch(case, ws):
 # ---------------------------------------------------------------------- class 9: no wrong result reported
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_voxels_are_ignored_by_the_intensity_rule(bad, files):
-    from PromiseSegmentLib.preprocessing import IntensityRule, to_uint8_rgb
+    from PromiseSegmentLib.data.preprocessing import IntensityRule, to_uint8_rgb
 
     clean = files["array"]
     dirty = clean.copy()
@@ -368,7 +368,7 @@ def test_non_finite_voxels_are_ignored_by_the_intensity_rule(bad, files):
 
 
 def test_a_nan_voxel_changes_nothing_but_itself_and_is_reported_once(tmp_path, files, capsys):
-    from PromiseSegmentLib.volume_io import read_labelmap
+    from PromiseSegmentLib.data.volume_io import read_labelmap
 
     dirty = files["array"].copy()
     dirty[1, 0, 0] = np.nan
@@ -385,7 +385,7 @@ def test_a_nan_voxel_changes_nothing_but_itself_and_is_reported_once(tmp_path, f
 
 def test_the_slice_count_is_along_the_chosen_axis_and_progress_lines_appear_in_logs(tmp_path, files, capsys,
                                                                                       monkeypatch):
-    from PromiseSegmentLib.volume_io import read_labelmap
+    from PromiseSegmentLib.data.volume_io import read_labelmap
 
     monkeypatch.setenv(PROGRESS_ENV, "0")  # every update: stderr is not a terminal here
     out = tmp_path / "i.seg.nrrd"

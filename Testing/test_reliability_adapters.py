@@ -21,18 +21,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from PromiseSegmentLib.adapter import METADATA_KEY, Adapter, AdapterError, BackboneRecord, load_adapter, \
+from PromiseSegmentLib.model.adapter import METADATA_KEY, Adapter, AdapterError, BackboneRecord, load_adapter, \
     read_metadata, save_adapter
-from PromiseSegmentLib.apm import APM
-from PromiseSegmentLib.cli import main
-from PromiseSegmentLib.cli_args import PROGRESS_ENV
-from PromiseSegmentLib.datasets import Case, load_image_folder
+from PromiseSegmentLib.model.apm import APM
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
+from PromiseSegmentLib.data.datasets import Case, load_image_folder
 from PromiseSegmentLib.errors import Cancelled, InputError
-from PromiseSegmentLib.ips import IPS
-from PromiseSegmentLib.preprocessing import IntensityRule
-from PromiseSegmentLib.registry import BACKBONES
-from PromiseSegmentLib.sample_data import make_sample_volume, make_training_slices
-from PromiseSegmentLib.training import TrainConfig, build_adapter, train_adapter
+from PromiseSegmentLib.model.ips import IPS
+from PromiseSegmentLib.data.preprocessing import IntensityRule
+from PromiseSegmentLib.backbones.registry import BACKBONES
+from sample_data import make_sample_volume, make_training_slices
+from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter, train_adapter
 
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
     TINY,
@@ -61,7 +61,7 @@ def named(cases):
 def fx(tmp_path_factory):
     """A valid APM (box + points) + IPS adapter for the registry's tiny backbone, its metadata and tensors, a
     volume."""
-    from PromiseSegmentLib.registry import load_backbone
+    from PromiseSegmentLib.backbones.registry import load_backbone
 
     root = tmp_path_factory.mktemp("adapters")
     adapter = build_adapter(TrainConfig(apm_prompts=("box", "points"), **LIGHT), load_backbone("tiny_random"))
@@ -276,7 +276,7 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated():
 
 
 def test_valid_adapters_still_load_and_segment(fx, tmp_path, capsys):
-    from PromiseSegmentLib.registry import load_backbone
+    from PromiseSegmentLib.backbones.registry import load_backbone
 
     rc, _, err = _segment(capsys, fx, fx["good"], tmp_path / "out.seg.nrrd")
     assert rc == 0, err
@@ -310,8 +310,8 @@ CFG = dict(epochs=3, batch_size=2, lr=3e-3, augment=False, cache_features=True, 
 
 @pytest.fixture(scope="module")
 def engine(tiny_backbone):
-    from PromiseSegmentLib.embedding_cache import EmbeddingCache
-    from PromiseSegmentLib.promise import engine_for
+    from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+    from PromiseSegmentLib.model.promise import engine_for
 
     return engine_for(tiny_backbone, None, "cpu", cache=EmbeddingCache())
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.preprocessing import IntensityRule, to_uint8_rgb
-from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts
+from PromiseSegmentLib.data.preprocessing import IntensityRule, to_uint8_rgb
+from PromiseSegmentLib.data.prompts import check_ijk_prompts, ijk_prompts
 from reliability_support import PKG, TINY, cli, files, no_model, one_error, tiny_record, write_nrrd  # noqa: F401
 
 
@@ -48,7 +48,7 @@ def save_png_of(path, array):
 
 
 def test_16_bit_grey_pictures_in_an_image_folder_keep_their_contrast(tmp_path):
-    from PromiseSegmentLib.volume_io import read_rgb
+    from PromiseSegmentLib.data.volume_io import read_rgb
 
     grey = picture()[..., 0]
     path = save_png_of(tmp_path / "grey16.png", grey.astype(np.uint16) * 257)
@@ -59,7 +59,7 @@ def test_16_bit_grey_pictures_in_an_image_folder_keep_their_contrast(tmp_path):
 
 @pytest.mark.parametrize("values", [(0, 1), (0, 255)], ids=["0/1", "0/255"])
 def test_mask_pictures_read_as_their_foreground(tmp_path, values):
-    from PromiseSegmentLib.volume_io import read_mask
+    from PromiseSegmentLib.data.volume_io import read_mask
 
     truth = np.zeros((20, 30), bool)
     truth[5:12, 8:20] = True
@@ -68,7 +68,7 @@ def test_mask_pictures_read_as_their_foreground(tmp_path, values):
 
 
 def test_one_decoding_rule_for_volumes_and_pictures():
-    from PromiseSegmentLib.preprocessing import picture_range
+    from PromiseSegmentLib.data.preprocessing import picture_range
 
     assert picture_range(np.zeros(3, np.uint16) + 4000).range == (0.0, 65535.0)
     assert picture_range(np.array([0.0, 0.5])).range == (0.0, 1.0)
@@ -101,8 +101,8 @@ def test_windows_too_narrow_to_map_are_refused(rule):
 
 
 def test_segment_refuses_a_picture_adapter_on_ct_before_loading_a_model(capsys, tmp_path, request):
-    from PromiseSegmentLib.adapter import Adapter, save_adapter
-    from PromiseSegmentLib.ips import IPS
+    from PromiseSegmentLib.model.adapter import Adapter, save_adapter
+    from PromiseSegmentLib.model.ips import IPS
 
     adapter = save_adapter(Adapter(tiny_record(), ips=IPS(), intensity=IntensityRule("rgb")), tmp_path / "rgb.safetensors")
     request.getfixturevalue("no_model")  # from here on, loading any backbone fails the test
@@ -138,7 +138,7 @@ def test_two_boxes_on_one_slice_are_refused_not_replaced():
 
 @pytest.mark.parametrize("box", [[np.nan, 0, 10, 10], [0, 0, np.inf, 10], [10, 0, 5, 10]])
 def test_the_python_api_refuses_a_box_that_cannot_be_meant(box):
-    from PromiseSegmentLib.engine import Prompts
+    from PromiseSegmentLib.data.prompts import Prompts
 
     with pytest.raises(InputError, match="box"):
         Prompts(box=box)
@@ -148,9 +148,9 @@ def test_a_clipped_box_segments_as_well_as_the_box_inside_the_picture():
     """Real CT with its expert mask, the default backbone: the expert box stretched 200 px past the image's
     left edge gives (after clipping) the same result as the box that stops at the edge; unclipped it gave
     nothing."""
-    from PromiseSegmentLib.cli_workflows import bundled_spleen
-    from PromiseSegmentLib.promise import load_model
-    from PromiseSegmentLib.volume_io import read_mask, read_rgb
+    from PromiseSegmentLib.cli.workflows import bundled_spleen
+    from PromiseSegmentLib.model.promise import load_model
+    from PromiseSegmentLib.data.volume_io import read_mask, read_rgb
 
     image = sorted((bundled_spleen() / "images").iterdir())[0]
     rgb, truth = read_rgb(image), read_mask(bundled_spleen() / "masks" / (image.stem + ".png"))
@@ -182,7 +182,7 @@ def test_hostile_option_values_are_refused_at_once(capsys, files, argv, phrase):
 def run_cli(*argv, env=None, stdout=subprocess.PIPE):
     import os
 
-    return subprocess.run([sys.executable, "-m", "PromiseSegmentLib.cli", *map(str, argv)], cwd=PKG,
+    return subprocess.run([sys.executable, "-m", "PromiseSegmentLib.cli.main", *map(str, argv)], cwd=PKG,
                           env={**os.environ, **(env or {})}, stdout=stdout, stderr=subprocess.PIPE, text=True,
                           timeout=300)
 
@@ -197,7 +197,7 @@ def test_a_closed_stdout_does_not_fail_a_completed_run():
     """``promise-segment checkpoints list | head -1``: the reader leaves after one line; the run still succeeds."""
     import os
 
-    process = subprocess.Popen([sys.executable, "-m", "PromiseSegmentLib.cli", "checkpoints", "list"], cwd=PKG,
+    process = subprocess.Popen([sys.executable, "-m", "PromiseSegmentLib.cli.main", "checkpoints", "list"], cwd=PKG,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
     process.stdout.readline()
     process.stdout.close()  # like head -1
@@ -208,7 +208,7 @@ def test_a_closed_stdout_does_not_fail_a_completed_run():
 
 @pytest.mark.parametrize("values", [(0.0, 0.5), (0.0, np.nan)], ids=["0/0.5", "NaN"])
 def test_a_label_map_with_fractional_values_is_refused_not_emptied(tmp_path, values):
-    from PromiseSegmentLib.volume_io import read_labelmap
+    from PromiseSegmentLib.data.volume_io import read_labelmap
 
     labels = np.full((3, 8, 8), values[0], np.float32)
     labels[1, 2:6, 2:6] = values[1]
@@ -217,7 +217,7 @@ def test_a_label_map_with_fractional_values_is_refused_not_emptied(tmp_path, val
 
 
 def test_a_float_label_map_with_whole_values_reads_as_labels(tmp_path):
-    from PromiseSegmentLib.volume_io import read_labelmap
+    from PromiseSegmentLib.data.volume_io import read_labelmap
 
     labels = np.zeros((3, 8, 8), np.float32)
     labels[1, 2:6, 2:6] = 2.0
@@ -236,7 +236,7 @@ def pil_variants(original):
 
 @pytest.mark.parametrize("mode", ["RGBA", "palette", "CMYK JPEG-free", "grey L"])
 def test_picture_modes_decode_to_8_bit_rgb(tmp_path, mode):
-    from PromiseSegmentLib.volume_io import read_rgb
+    from PromiseSegmentLib.data.volume_io import read_rgb
 
     original = picture()
     image = pil_variants(original)[mode]
@@ -252,7 +252,7 @@ def test_picture_modes_decode_to_8_bit_rgb(tmp_path, mode):
 def test_one_bit_and_colour_masks_read_as_their_foreground(tmp_path, mode):
     from PIL import Image
 
-    from PromiseSegmentLib.volume_io import read_mask
+    from PromiseSegmentLib.data.volume_io import read_mask
 
     truth = np.zeros((20, 30), bool)
     truth[4:15, 3:22] = True
@@ -270,7 +270,7 @@ def test_a_16_bit_grey_picture_under_the_picture_rule_keeps_its_contrast():
 
 
 def test_points_that_are_not_finite_are_refused_by_the_python_api():
-    from PromiseSegmentLib.engine import Prompts
+    from PromiseSegmentLib.data.prompts import Prompts
 
     with pytest.raises(InputError, match="finite"):
         Prompts(points=[[np.nan, 3.0]])
@@ -294,8 +294,8 @@ def test_file_names_that_are_not_utf8_are_refused_before_any_work(capsys, tmp_pa
 
 def test_an_adapter_and_a_backbone_that_cannot_work_together_are_refused_before_any_download(capsys, tmp_path,
                                                                                              files, request):  # noqa: F811
-    from PromiseSegmentLib.adapter import Adapter, BackboneRecord, save_adapter
-    from PromiseSegmentLib.ips import IPS
+    from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord, save_adapter
+    from PromiseSegmentLib.model.ips import IPS
 
     record = BackboneRecord("lite_medsam", "lite_medsam", "sha256:0", 256, (160, 160, 320))
     adapter = save_adapter(Adapter(record, ips=IPS()), tmp_path / "lite.safetensors")
@@ -317,7 +317,7 @@ def test_a_negative_seed_is_refused_by_its_option(capsys, tmp_path, files):  # n
 
 
 def test_only_train_is_told_to_resume_after_an_interruption(tmp_path):
-    from PromiseSegmentLib.cli import _cancelled_message
+    from PromiseSegmentLib.cli.main import _cancelled_message
 
     state = tmp_path / "a.safetensors.state.pt"
     state.write_bytes(b"state")

@@ -81,7 +81,7 @@ def rows_of(path):
 
 
 def png_bytes(value=7):
-    from PromiseSegmentLib.volume_io import save_png
+    from PromiseSegmentLib.data.volume_io import save_png
 
     tmp = Path(f"/tmp/psg-test-{os.getpid()}-{value}.png")
     save_png(tmp, np.full((8, 8, 3), value, np.uint8))
@@ -104,7 +104,7 @@ def test_two_processes_racing_for_one_output_one_wins_the_other_says_so(tmp_path
         marker = tmp_path / f"{name}.marker"
         env = dict(os.environ, PYTHONPATH=str(PKG), **{HOLD_ENV: out.name, HOLD_ENV + "_MARKER": str(marker),
                                                        HOLD_ENV + "_SECONDS": "60"})
-        argv = [sys.executable, "-m", "PromiseSegmentLib.cli", *map(str, _seg(files, out, "--name", name))]
+        argv = [sys.executable, "-m", "PromiseSegmentLib.cli.main", *map(str, _seg(files, out, "--name", name))]
         runs[name] = (marker, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                text=True))
     deadline = time.monotonic() + 180
@@ -203,7 +203,7 @@ def test_evaluate_overwrite_restores_the_old_metrics_when_the_figure_cannot_be_r
 @pytest.fixture(scope="module")
 def one_empty(files, tmp_path_factory):
     """Three cases, the middle one (c1) with an empty ground-truth mask."""
-    from PromiseSegmentLib.volume_io import read_mask, read_rgb
+    from PromiseSegmentLib.data.volume_io import read_mask, read_rgb
 
     data = files["data"]
     pairs = [(read_rgb(data / "images" / f"c{n}.png"), read_mask(data / "masks" / f"c{n}.png")) for n in range(3)]
@@ -234,7 +234,7 @@ def test_an_empty_ground_truth_with_point_prompts_is_scored_and_noted(one_empty,
 
 
 def test_metrics_conventions_for_empty_masks():
-    from PromiseSegmentLib.metrics import dice, hd95, iou
+    from PromiseSegmentLib.evaluation.metrics import dice, hd95, iou
 
     empty, some = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     some[2:5, 2:5] = True
@@ -248,7 +248,7 @@ def test_metrics_conventions_for_empty_masks():
 @pytest.mark.parametrize("suffix, magic", [(".NII", None), (".NII.GZ", b"\x1f\x8b"), (".NRRD", b"NRRD"),
                                            (".SEG.NRRD", b"NRRD"), (".Seg.Nrrd", b"NRRD")])
 def test_upper_case_extensions_are_written_in_their_format(suffix, magic, tmp_path, files, capsys):
-    from PromiseSegmentLib.volume_io import read_labelmap
+    from PromiseSegmentLib.data.volume_io import read_labelmap
 
     lower = tmp_path / f"lower{suffix.lower()}"
     upper = tmp_path / f"upper{suffix}"

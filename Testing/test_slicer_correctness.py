@@ -4,7 +4,7 @@ propagation with the effect's window, re-entrant calls while a run processes GUI
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.preprocessing import InputError, IntensityRule, mask_bbox
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, mask_bbox
 from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix, write_mask
 
 SHAPE = (9, 40, 44)  # K, J, I
@@ -19,8 +19,8 @@ def logic():
 
 @pytest.fixture(scope="module")
 def adapter():
-    from PromiseSegmentLib.registry import BACKBONES
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.backbones.registry import BACKBONES
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
     return build_adapter(cfg, BACKBONES["tiny_random"].load()).eval()
@@ -325,7 +325,7 @@ def lesion_pairs(scene):
 
 
 def test_training_never_replaces_an_existing_adapter(logic, tmp_path):
-    from PromiseSegmentLib.training import TrainConfig
+    from PromiseSegmentLib.training.trainer import TrainConfig
 
     out = tmp_path / "lesion.safetensors"
     out.write_bytes(b"an earlier adapter")
@@ -337,7 +337,7 @@ def test_training_never_replaces_an_existing_adapter(logic, tmp_path):
 def test_a_full_disk_while_saving_an_adapter_leaves_no_partial_file(logic, tmp_path):
     import subprocess
 
-    from PromiseSegmentLib.training import TrainConfig
+    from PromiseSegmentLib.training.trainer import TrainConfig
 
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -3,9 +3,9 @@ Editor's masking and undo, RGB photos, propagation, training from segmentation n
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.engine import Cancelled
-from PromiseSegmentLib.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
-from PromiseSegmentLib.training import TrainConfig, build_adapter
+from PromiseSegmentLib.inference.engine import Cancelled
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
+from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix, write_mask
 
 SHAPE = (9, 40, 44)  # K, J, I
@@ -26,7 +26,7 @@ def logic():
 @pytest.fixture(scope="module")
 def adapter():
     """An untrained (but complete) APM+IPS adapter for the embedded backbone: automatic mode on every slice."""
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
     return build_adapter(cfg, BACKBONES["tiny_random"].load()).eval()
@@ -78,7 +78,7 @@ def test_segment_volume_equals_the_core_result_along_every_axis(app, logic, adap
 
 
 def test_clicks_in_ijk_reach_the_right_slice_pixels(app, logic):
-    from PromiseSegmentLib.engine import Prompts
+    from PromiseSegmentLib.data.prompts import Prompts
 
     image, truth = phantom()
     m = oblique_matrix()
@@ -286,7 +286,7 @@ def test_propagation_with_the_default_backbone_follows_the_object_to_its_ends(ap
 
 
 def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
-    from PromiseSegmentLib.adapter import read_metadata
+    from PromiseSegmentLib.model.adapter import read_metadata
     from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
@@ -347,7 +347,7 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
     with the core on the volume's own geometry."""
     import slicer
 
-    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+    from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
     from PromiseSegmentSlicerLib.mrml import segment_mask
     from PromiseSegmentSlicerLib.logic import SceneLogic
     from slicer_scene import load_nrrd, save_segmentation

@@ -11,17 +11,20 @@ import pytest
 import torch
 from torch import nn
 
-from PromiseSegmentLib import acceleration as acc, heap
-from PromiseSegmentLib.registry import load_backbone
-from PromiseSegmentLib.checkpoints import file_sha256
-from PromiseSegmentLib.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.engine import Prompts, SamEngine
-from PromiseSegmentLib import lite_medsam as lite
-from PromiseSegmentLib.lite_medsam import _window_attention, CHECKPOINT
-from PromiseSegmentLib.metrics import dice
-from PromiseSegmentLib.preprocessing import mask_bbox
-from PromiseSegmentLib.sample_data import make_sample_volume
-from PromiseSegmentLib.volume_segmentation import segment_slice
+from PromiseSegmentLib.inference import acceleration as acc
+
+from PromiseSegmentLib.inference import heap
+from PromiseSegmentLib.backbones.registry import load_backbone
+from PromiseSegmentLib.backbones.checkpoints import file_sha256
+from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.backbones import lite_medsam as lite
+from PromiseSegmentLib.backbones.lite_medsam import _window_attention, CHECKPOINT
+from PromiseSegmentLib.evaluation.metrics import dice
+from PromiseSegmentLib.data.preprocessing import mask_bbox
+from sample_data import make_sample_volume
+from PromiseSegmentLib.inference.volume_loop import segment_slice
 
 needs_bf16 = pytest.mark.skipif(not acc.cpu_bf16()[0], reason="this CPU has no native bf16")
 
@@ -126,8 +129,8 @@ LIB = Path(__file__).resolve().parents[1] / "PromiseSegment"
 HEAP_PROBE = """
 import resource
 import numpy as np
-from PromiseSegmentLib.registry import load_backbone
-from PromiseSegmentLib.engine import SamEngine
+from PromiseSegmentLib.backbones.registry import load_backbone
+from PromiseSegmentLib.inference.engine import SamEngine
 engine = SamEngine(load_backbone("lite_medsam"), "cpu", capture_taps=True, precision="auto")
 print(engine.heap)
 image = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
@@ -226,7 +229,7 @@ def test_batch_memory_estimate_follows_the_precision_of_the_peak(lite_medsam, ti
 
 
 def test_a_real_cpu_allocation_failure_counts_as_out_of_memory():
-    from PromiseSegmentLib.devices import is_out_of_memory
+    from PromiseSegmentLib.inference.devices import is_out_of_memory
 
     with pytest.raises(RuntimeError) as err:
         torch.empty(1 << 60, dtype=torch.uint8)  # refused by the allocator at once, nothing is touched
@@ -275,7 +278,7 @@ def test_sam_vit_attention_through_sdpa_keeps_outputs(tiny_sam):
     position tables made non-zero (so the additive mask matters)."""
     import copy
 
-    from PromiseSegmentLib.sam_vit import sdpa_encoder_attention
+    from PromiseSegmentLib.backbones.sam_vit import sdpa_encoder_attention
 
     plain = copy.deepcopy(tiny_sam)
     with torch.no_grad():
@@ -355,8 +358,8 @@ def test_prompts_on_a_cached_slice_run_the_decoder_only(lite_medsam):
 @needs_bf16
 def test_promise_decodes_in_the_engine_precision_with_fp32_prompts(lite_medsam, spleen_cases):
     """The automatic path's decoder runs in bf16; the APM's box (the prompt) stays exactly the fp32 one."""
-    from PromiseSegmentLib.promise import ProMISeModel
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.model.promise import ProMISeModel
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=32, apm_tap_pool=2), lite_medsam)
     with torch.no_grad():  # a non-zero IPS shift, so the shifted decode is what is compared

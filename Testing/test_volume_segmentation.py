@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from PromiseSegmentLib.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.engine import Cancelled, Prompts, SamEngine
-from PromiseSegmentLib.preprocessing import InputError, mask_bbox, take_slice
-from PromiseSegmentLib.sample_data import make_sample_volume
-from PromiseSegmentLib.volume_segmentation import PlainBackbone, segment_slice, segment_volume
+from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+from PromiseSegmentLib.inference.engine import Cancelled, SamEngine
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.data.preprocessing import InputError, mask_bbox, take_slice
+from sample_data import make_sample_volume
+from PromiseSegmentLib.inference.volume_loop import PlainBackbone, segment_slice, segment_volume
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_bad_requests_are_explained(tiny_backbone, sample):
 def test_box_runs_go_middle_out_with_the_previous_result_box(tiny_backbone, sample):
     """LiteMedSAM's reference 3D inference: the user's box on the middle slice only; each next slice is
     prompted with the previous slice's result box + 3 px (the middle box when that result is empty)."""
-    from PromiseSegmentLib.engine import Prediction
-    from PromiseSegmentLib.volume_segmentation import box_parents
+    from PromiseSegmentLib.inference.engine import Prediction
+    from PromiseSegmentLib.inference.volume_loop import box_parents
 
     vol, _ = sample
     boxes = {k: Prompts(box=[10, 12, 30, 32]) for k in range(2, 9)}
@@ -92,7 +93,7 @@ def test_box_runs_go_middle_out_with_the_previous_result_box(tiny_backbone, samp
 def _box_adapter(backbone, presence: float):
     import torch
 
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 
     adapter = build_adapter(TrainConfig(apm_prompts=("box",), apm_fusion_dim=16, apm_tap_pool=2), backbone)
     with torch.no_grad():
@@ -106,7 +107,7 @@ def _box_adapter(backbone, presence: float):
 def test_automatic_batches_decode_as_one_and_equal_slice_by_slice(tiny_backbone, sample):
     """APM + IPS + decoder + box refinement + resampling for a batch of slices at once (the GPU path, run
     on the CPU) give the masks that one slice at a time gives."""
-    from PromiseSegmentLib.promise import ProMISeModel
+    from PromiseSegmentLib.model.promise import ProMISeModel
 
     vol, _ = sample
     adapter = _box_adapter(tiny_backbone, 5.0)

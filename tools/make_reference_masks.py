@@ -18,8 +18,8 @@ from reference_cases import CASES, OUT, reference_prediction  # noqa: E402
 
 
 def main() -> None:
-    from PromiseSegmentLib.registry import load_backbone
-    from PromiseSegmentLib.engine import SamEngine
+    from PromiseSegmentLib.backbones.registry import load_backbone
+    from PromiseSegmentLib.inference.engine import SamEngine
 
     engine = SamEngine(load_backbone("lite_medsam"), device="cpu")
     OUT.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))
 
-from PromiseSegmentLib.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
-from PromiseSegmentLib.metrics import dice  # noqa: E402
-from PromiseSegmentLib.volume_io import overlay_rgb  # noqa: E402
+from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
+from PromiseSegmentLib.data.volume_io import overlay_rgb  # noqa: E402
 
 CASES = ("10003_spleen_26", "10024_spleen_59", "10019_spleen_8")
 
 
 def main() -> None:
-    bundled = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "bundled" / "ct-spleen"
+    bundled = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "data" / "bundled" / "ct-spleen"
     engine = SamEngine(load_backbone("lite_medsam"))
     tiles = []
     for case in CASES:

@@ -13,3 +13,16 @@ class InputError(PromiseError, ValueError):
 
 class Cancelled(Exception):
     """The user cancelled a long run; nothing was written."""
+
+
+class AdapterError(PromiseError, ValueError):
+    """An adapter file is unreadable or does not fit the chosen backbone."""
+
+
+class CheckpointError(PromiseError, RuntimeError):
+    """A checkpoint could not be found, downloaded, verified or loaded. The message says how to fix it."""
+
+
+class WriteError(PromiseError, OSError):
+    """A file could not be written completely (a full disk, no permission, another run's file at its name);
+    nothing was left at its name (an existing file there is unchanged). The message says which file and why."""

@@ -3,8 +3,8 @@ line checks it before importing torch; ``promise`` decides with it at run time).
 from __future__ import annotations
 
 
-from .errors import InputError
-from .names import MODES
+from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.names import MODES
 
 APM_MODES = ("apm+ips", "apm+clicks")
 

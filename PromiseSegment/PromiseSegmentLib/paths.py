@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import InputError, PromiseError
+from PromiseSegmentLib.errors import InputError, WriteError  # noqa: F401  (WriteError: raised here)
 
 CACHE_ENV = "PROMISE_SEGMENT_CACHE"
 # Fault injection for the reliability tests: "NAME" or "NAME:N" holds the N-th write of a file called NAME
@@ -35,11 +35,6 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, er
 _holds: dict = {}
 _policy: Dict[str, bool] = {}  # a command's outputs -> whether a file found there may be replaced
 _ours: Dict[str, Tuple[int, int]] = {}  # an output -> (device, inode) of the file this process put there
-
-
-class WriteError(PromiseError, OSError):
-    """A file could not be written completely (a full disk, no permission, another run's file at its name);
-    nothing was left at its name (an existing file there is unchanged). The message says which file and why."""
 
 
 class _Appeared(FileExistsError):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List
 
 from PromiseSegmentLib.paths import cache_dir, write_atomically
-from PromiseSegmentLib.validation import read_adapter_metadata
+from PromiseSegmentLib.model.adapter_format import read_adapter_metadata
 
 
 def adapter_dir() -> Path:

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.prompts import voxel
+from PromiseSegmentLib.data.prompts import voxel
 
 from . import mrml
 

@@ -15,15 +15,15 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from PromiseSegmentLib.adapter import Adapter, load_adapter, read_metadata
-from PromiseSegmentLib.backbone import LoadedBackbone
-from PromiseSegmentLib.registry import load_backbone
+from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
+from PromiseSegmentLib.backbones.base import LoadedBackbone
+from PromiseSegmentLib.backbones.registry import load_backbone
 from PromiseSegmentLib.names import MODES
-from PromiseSegmentLib.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
-from PromiseSegmentLib.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
-from PromiseSegmentLib.promise import ProMISeModel, engine_for
-from PromiseSegmentLib.volume_segmentation import slice_indices, volume_value_range
+from PromiseSegmentLib.data.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
+from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
+from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
+from PromiseSegmentLib.inference.volume_loop import slice_indices, volume_value_range
 
 from . import mrml
 from .editor_write import write_block
@@ -345,7 +345,7 @@ class SceneLogic:
         """Slice results {index: mask} -> (``vtkOrientedImageData`` spanning those slices in the
         segmentation's frame, its IJK extent): what a preview, Apply or Propagate writes (slices in
         between are cleared)."""
-        from PromiseSegmentLib.preprocessing import put_slice
+        from PromiseSegmentLib.data.preprocessing import put_slice
 
         if not masks:
             raise InputError("no slice result to write")
@@ -376,7 +376,7 @@ class SceneLogic:
         +1/-1, or 0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative
         points on backbones that take points. ``intensity`` overrides the adapter's rule, as it does for
         the accepted slice's preview. Returns {slice index: mask}; nothing is written."""
-        from PromiseSegmentLib.engine import Cancelled
+        from PromiseSegmentLib.inference.engine import Cancelled
 
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
@@ -423,7 +423,7 @@ class SceneLogic:
                       axis: Union[int, str] = "K", emptyShare: float = 0.1, seed: int = 0):
         """(volume node, segmentation node, segment ID) triples -> training slices: each segment is
         exported on its volume's grid (Slicer's own export), then sliced like files would be."""
-        from PromiseSegmentLib.datasets import volume_cases
+        from PromiseSegmentLib.data.datasets import volume_cases
 
         cases = []
         for volumeNode, segmentationNode, segmentId in pairs:
@@ -443,7 +443,7 @@ class SceneLogic:
         """Train an APM+IPS adapter from segmentations already in the scene; the backbone stays frozen.
         ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output`` (a new file: an
         existing one is refused before any work unless ``resume`` continues its interrupted run)."""
-        from PromiseSegmentLib.training import TrainConfig, train_adapter
+        from PromiseSegmentLib.training.trainer import TrainConfig, train_adapter
 
         config = config or TrainConfig()
         config.check()
@@ -473,7 +473,7 @@ def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> 
 
 
 def load_family(name: str) -> str:
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     return BACKBONES[name].family if name in BACKBONES else ""
 

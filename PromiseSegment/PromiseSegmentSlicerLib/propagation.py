@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.engine import Prompts
-from PromiseSegmentLib.preprocessing import mask_bbox, take_slice
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.data.preprocessing import mask_bbox, take_slice
 
 
 def intensity_band(image: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:

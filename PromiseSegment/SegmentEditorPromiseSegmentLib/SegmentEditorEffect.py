@@ -154,7 +154,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def intensity(self):
         if not self.scriptedEffect.integerParameter("CustomWindow"):
             return None  # the adapter's own rule (or percentiles without an adapter)
-        from PromiseSegmentLib.preprocessing import IntensityRule
+        from PromiseSegmentLib.data.preprocessing import IntensityRule
 
         return IntensityRule.ct(self.scriptedEffect.doubleParameter("WindowCenter"),
                                 self.scriptedEffect.doubleParameter("WindowWidth"))

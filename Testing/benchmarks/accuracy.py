@@ -25,14 +25,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
-from PromiseSegmentLib.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.datasets import load_image_folder  # noqa: E402
-from PromiseSegmentLib.engine import ImageEmbedding, Prompts  # noqa: E402
-from PromiseSegmentLib.metrics import dice, iou  # noqa: E402
-from PromiseSegmentLib.preprocessing import mask_bbox  # noqa: E402
-from PromiseSegmentLib.promise import ProMISeModel, engine_for  # noqa: E402
-from PromiseSegmentLib.training import Encoded, TrainConfig, Trainer, mask_box  # noqa: E402
-from PromiseSegmentLib.engine import mask_to_low_res  # noqa: E402
+from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
+from PromiseSegmentLib.data.datasets import load_image_folder  # noqa: E402
+from PromiseSegmentLib.inference.engine import ImageEmbedding
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.evaluation.metrics import dice, iou  # noqa: E402
+from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
+from PromiseSegmentLib.model.promise import ProMISeModel, engine_for  # noqa: E402
+from PromiseSegmentLib.training.trainer import Encoded, TrainConfig, Trainer, mask_box  # noqa: E402
+from PromiseSegmentLib.inference.engine import mask_to_low_res  # noqa: E402
 
 LIGHT = dict(apm_fusion_dim=128, apm_tap_pool=2, lr=1e-3, batch_size=8, augment=False, cache_features=True)
 CONFIGS = {
@@ -110,7 +111,7 @@ def evaluate(model, encs, cases, mode, prompt):
             p = Prompts(points=[[w / 2, h / 2]], labels=[1])
         t = time.time()
         if mode == "vanilla":  # the raw backbone, even where it refuses such prompts (LiteMedSAM: points)
-            from PromiseSegmentLib.volume_segmentation import vanilla_predict
+            from PromiseSegmentLib.inference.volume_loop import vanilla_predict
 
             emb = as_embedding(e)
             pred = vanilla_predict(model.engine, emb, p, emb.original_size)
@@ -129,10 +130,10 @@ def evaluate(model, encs, cases, mode, prompt):
 
 
 def mr_rows(args, backbone):
-    from PromiseSegmentLib.prompts import ijk_prompts
-    from PromiseSegmentLib.datasets import volume_cases
-    from PromiseSegmentLib.preprocessing import IntensityRule
-    from PromiseSegmentLib.volume_io import read_labelmap, read_volume
+    from PromiseSegmentLib.data.prompts import ijk_prompts
+    from PromiseSegmentLib.data.datasets import volume_cases
+    from PromiseSegmentLib.data.preprocessing import IntensityRule
+    from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 
     names = ("brain1", "brain2", "breast1")
     vols = {n: (read_volume(args.data / "mr-volumes" / f"{n}_image.nrrd"),
@@ -157,7 +158,7 @@ def mr_rows(args, backbone):
             warmup = args.warmup if extra.get("use_apm", True) else 0
             cfg = TrainConfig(**{**LIGHT, **extra, "apm_warmup_epochs": warmup, "epochs": warmup + args.epochs,
                                  "batch_size": 4})
-            from PromiseSegmentLib.training import train_adapter
+            from PromiseSegmentLib.training.trainer import train_adapter
 
             result = train_adapter(engine_for(backbone, None, "cpu"), train, train, cfg)
             model = ProMISeModel(engine_for(backbone, result.adapter, "cpu"), result.adapter)
@@ -212,7 +213,7 @@ def main():
                 model = ProMISeModel(engine_for(backbone, result.adapter, "cpu"), result.adapter)
                 mode, prompt = ("ips", "box") if cfg.user_prompt == "box" else ("apm+ips", "none")
                 if args.save_adapters:
-                    from PromiseSegmentLib.adapter import save_adapter
+                    from PromiseSegmentLib.model.adapter import save_adapter
 
                     args.save_adapters.mkdir(parents=True, exist_ok=True)
                     save_adapter(result.adapter, args.save_adapters / f"{name}_{config}.safetensors")

@@ -33,17 +33,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
-from PromiseSegmentLib.openmp import set_default_waiting  # noqa: E402
+from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # what the command line runs with (before torch is imported)
 import torch  # noqa: E402
 
-from PromiseSegmentLib.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.engine import Prompts, SamEngine  # noqa: E402
-from PromiseSegmentLib.metrics import dice  # noqa: E402
-from PromiseSegmentLib.preprocessing import mask_bbox  # noqa: E402
-from PromiseSegmentLib.promise import ProMISeModel  # noqa: E402
-from PromiseSegmentLib.volume_segmentation import slice_image  # noqa: E402
+from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
+from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
+from PromiseSegmentLib.model.promise import ProMISeModel  # noqa: E402
+from PromiseSegmentLib.inference.volume_loop import slice_image  # noqa: E402
 
 from speed_inputs import WINDOW, Reference, ijk_to_ras, real_cases, synthetic_ct  # noqa: E402
 
@@ -154,7 +155,7 @@ def bench_prompts(models, vol, repeats: int):
     """Latency of a new box on an already-encoded slice, (b) and (c) interleaved: the engine's decoder
     alone, and a Slicer-like ``segment_slice`` call with the embedding cache warm (slice, window, hash,
     IPS + decoder, resampling)."""
-    from PromiseSegmentLib.embedding_cache import EmbeddingCache
+    from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
 
     k, ijk, vr = vol.shape[0] // 2, ijk_to_ras(), WINDOW.value_range(vol)
     _, image = slice_image(vol, ijk, 0, k, vr)
@@ -180,7 +181,7 @@ def bench_prompts(models, vol, repeats: int):
 def bench_training(engine, cases):
     """Seconds of the first epoch (encodes every image once, keeps fp16 features) and of the next (cached
     features only: APM + IPS + decoder, forward and backward; fp32 on a CPU)."""
-    from PromiseSegmentLib.training import TrainConfig, Trainer
+    from PromiseSegmentLib.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=128,
                       apm_tap_pool=2)
@@ -191,10 +192,10 @@ def bench_training(engine, cases):
 # ------------------------------------------------------------------------------------------- report
 def make_adapter(path, backbone):
     if path:
-        from PromiseSegmentLib.adapter import load_adapter
+        from PromiseSegmentLib.model.adapter import load_adapter
 
         return load_adapter(path, backbone).eval(), f"trained adapter {path}"
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=128, apm_tap_pool=2), backbone)
     with torch.no_grad():
@@ -203,7 +204,7 @@ def make_adapter(path, backbone):
 
 
 def machine_line(engine) -> str:
-    from PromiseSegmentLib.acceleration import available_cpus, cpu_bf16
+    from PromiseSegmentLib.inference.acceleration import available_cpus, cpu_bf16
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else "?"
@@ -280,7 +281,7 @@ class _Stage0Engine:
 
 @contextlib.contextmanager
 def stage_0_in_bf16():
-    from PromiseSegmentLib import lite_medsam
+    from PromiseSegmentLib.backbones import lite_medsam
 
     lite_medsam.FP32_STAGE_0 = False
     try:
@@ -312,7 +313,7 @@ def warm_up(ref, models, engines, vol):
 
 def child_memory(args) -> None:
     """One variant over the whole volume in a fresh process: JSON with RSS before the run, peak, seconds."""
-    from PromiseSegmentLib.registry import BACKBONES
+    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     vol = synthetic_ct(args.slices, args.size)
     if args.child == "a":
@@ -423,7 +424,7 @@ def report_training(args, backbone) -> None:
     kvasir = Path(args.data) / "kvasir-seg"
     if not (args.train_images and kvasir.is_dir()):
         return
-    from PromiseSegmentLib.datasets import load_image_folder
+    from PromiseSegmentLib.data.datasets import load_image_folder
 
     train = load_image_folder(kvasir, "train", limit=args.train_images)
     engine = SamEngine(backbone, args.device, precision="auto", threads=args.threads)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from PromiseSegmentLib.preprocessing import IntensityRule
+from PromiseSegmentLib.data.preprocessing import IntensityRule
 
 WINDOW = IntensityRule.ct(40, 400)
 SPACING = (0.8, 0.8, 2.5)  # i, j, k in mm
@@ -43,7 +43,7 @@ def ijk_to_ras() -> np.ndarray:
 
 def real_cases(data: Path, sets: str, n: int):
     """Up to ``n`` image/mask cases, shared out over ``sets`` ("folder[:split],..." under ``data``)."""
-    from PromiseSegmentLib.datasets import load_image_folder
+    from PromiseSegmentLib.data.datasets import load_image_folder
 
     cases, names = [], [s for s in sets.split(",") if s]
     for name in names:

@@ -23,11 +23,11 @@ def child(shape, slices, cache_mb):
     import numpy as np
 
     sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
-    from PromiseSegmentLib.openmp import set_default_waiting
+    from PromiseSegmentLib.inference.openmp import set_default_waiting
 
     set_default_waiting()  # as the command line (before torch is imported)
-    from PromiseSegmentLib.registry import load_backbone
-    from PromiseSegmentLib.training import TrainConfig, build_adapter
+    from PromiseSegmentLib.backbones.registry import load_backbone
+    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
     from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
 

@@ -168,9 +168,9 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         """Whole-volume scope with an (untrained) adapter; Cancel is pressed in the effect's progress dialog
         while slices are being segmented: the segment stays empty and there is nothing to undo."""
         self.requirePackages()
-        from PromiseSegmentLib.adapter import save_adapter
-        from PromiseSegmentLib.registry import load_backbone
-        from PromiseSegmentLib.training import TrainConfig, build_adapter
+        from PromiseSegmentLib.model.adapter import save_adapter
+        from PromiseSegmentLib.backbones.registry import load_backbone
+        from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
         image, truth, m, volume, seg, sid, editor = self._scene()

@@ -1,0 +1,1 @@
+"""Frozen backbones: the base class, the registry, LiteMedSAM, SAM ViT, checkpoint files."""

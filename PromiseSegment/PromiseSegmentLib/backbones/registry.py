@@ -1,0 +1,74 @@
+"""The backbone registry (as ``segment_anything.sam_model_registry``): every backbone by name, and
+loading one by name or from a checkpoint file. Adding a backbone is one module plus one entry here;
+``backbone`` holds the base class and knows no backbone, so the two form no import cycle."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from PromiseSegmentLib.backbones.base import Backbone, LoadedBackbone, ProgressFn
+from PromiseSegmentLib.backbones.checkpoints import CheckpointError
+from PromiseSegmentLib.backbones.lite_medsam import LiteMedSAM
+from PromiseSegmentLib.names import DEFAULT_BACKBONE
+from PromiseSegmentLib.backbones.sam_vit import SAM_VIT_BACKBONES
+
+
+def _registry() -> Dict[str, Backbone]:
+    entries: List[Backbone] = [LiteMedSAM(), *SAM_VIT_BACKBONES]
+    return {b.name: b for b in entries}
+
+
+BACKBONES: Dict[str, Backbone] = _registry()
+
+
+def user_backbones() -> List[str]:
+    """Names offered to users (CLI choices, Slicer lists), the default first."""
+    return [n for n, b in BACKBONES.items() if b.user_visible]
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise CheckpointError(f"unknown backbone {name!r}; one of {', '.join(user_backbones())}, or a checkpoint file")
+    return BACKBONES[name]
+
+
+def identify(state: Mapping[str, torch.Tensor]) -> Backbone:
+    """The registered backbone whose architecture a state dict fits (first match; MedSAM fits sam_vit_b)."""
+    for b in BACKBONES.values():
+        if b.recognises(state):
+            return b
+    raise CheckpointError("the weights match no known backbone (LiteMedSAM, SAM ViT-B/L/H, MedSAM)")
+
+
+def load_backbone(spec: Optional[str] = None, expected: Optional[str] = None,
+                  progress: Optional[ProgressFn] = None, cancel=None, optimise: bool = True) -> LoadedBackbone:
+    """A backbone by registry name (``None`` = the default, LiteMedSAM) or by checkpoint path.
+
+    ``expected`` (a registry name, e.g. from an adapter's metadata) is checked against what is loaded.
+    ``optimise=False`` keeps the model exactly as built (no load-time rewrites; for comparisons).
+    """
+    from PromiseSegmentLib.backbones.checkpoints import load_state_dict
+
+    spec = spec or DEFAULT_BACKBONE
+    if spec in BACKBONES:
+        loaded = BACKBONES[spec].load(progress=progress, cancel=cancel, optimise=optimise)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"backbone {spec!r} is neither a file nor one of: {', '.join(user_backbones())}")
+        if expected in BACKBONES and BACKBONES[expected].recognises(load_state_dict(path)):
+            loaded = BACKBONES[expected].load(path, optimise=optimise)
+        else:
+            loaded = identify(load_state_dict(path)).load(path, optimise=optimise)
+    if expected and not _compatible(loaded.spec, expected):
+        raise CheckpointError(f"the adapter needs backbone {expected} but {spec} is {loaded.name}; "
+                              f"choose --backbone {expected}")
+    return loaded
+
+
+def _compatible(spec: Backbone, expected: str) -> bool:
+    other = BACKBONES.get(expected)
+    return spec.name == expected or (other is not None and other.family == spec.family
+                                     and other.tap_channels == spec.tap_channels)

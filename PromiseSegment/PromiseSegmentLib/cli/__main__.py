@@ -1,0 +1,5 @@
+import sys
+
+from PromiseSegmentLib.cli.main import main
+
+sys.exit(main())

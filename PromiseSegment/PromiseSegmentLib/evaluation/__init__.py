@@ -1,0 +1,1 @@
+"""Scoring results: metrics (with their empty-mask conventions) and the evaluation report."""

@@ -1,0 +1,1 @@
+"""Training an adapter: configuration, trainer and resume, losses, augmentation."""
