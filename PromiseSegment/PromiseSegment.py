@@ -16,8 +16,12 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from PromiseSegmentLib.names import AXES, DEVICES, USER_BACKBONES
@@ -355,7 +359,6 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with ProgressWithCancel(_("ProMISe: training adapter"), _("Training failed.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
             from PromiseSegmentLib.training.trainer import TrainConfig
-
             from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 
             fallback = {p.segmentation.GetID(): p.inputVolume} if p.segmentation and p.inputVolume else {}

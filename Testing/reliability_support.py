@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from PromiseSegmentLib import paths
-from PromiseSegmentLib.cli.main import main
 from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
+from PromiseSegmentLib.cli.main import main
 from PromiseSegmentLib.paths import HOLD_ENV, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +159,8 @@ def files(tmp_path_factory):
 
 
 def tiny_record():
-    from PromiseSegmentLib.model.adapter import BackboneRecord
     from PromiseSegmentLib.backbones.registry import load_backbone
+    from PromiseSegmentLib.model.adapter import BackboneRecord
 
     return BackboneRecord.of(load_backbone("tiny_random"))
 

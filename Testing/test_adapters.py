@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from sample_data import make_training_slices
 
-from PromiseSegmentLib.model.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
-from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.data.datasets import Case
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.errors import Cancelled, InputError
+from PromiseSegmentLib.model.adapter import METADATA_KEY, AdapterError, load_adapter, read_metadata
+from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
-from PromiseSegmentLib.model.promise import PromptBatch, ProMISeModel, engine_for, promise_forward, resolve_mode
-from sample_data import make_training_slices
+from PromiseSegmentLib.model.promise import ProMISeModel, PromptBatch, engine_for, promise_forward, resolve_mode
 from PromiseSegmentLib.training.trainer import TrainConfig, backbone_fingerprint, build_adapter, train_adapter
 
 LIGHT = dict(apm_fusion_dim=32, apm_head_blocks=(1, 1, 1, 1))

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from PromiseSegmentLib.backbones import checkpoints
-from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone, user_backbones
-from PromiseSegmentLib.backbones.checkpoints import CheckpointError, CheckpointInfo, cache_dir, download_file, ensure_checkpoint
-from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
-from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 from local_http import serve
+
+from PromiseSegmentLib.backbones.checkpoints import (
+    CheckpointError,
+    CheckpointInfo,
+    cache_dir,
+    download_file,
+    ensure_checkpoint,
+)
+from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone, user_backbones
+from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
+from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, DEVICES, MODES, USER_BACKBONES
 
 
 def load_sam(spec):
@@ -65,7 +70,8 @@ def _sha(path):
 def test_download_verifies_and_moves_into_place(server, tiny_file, tmp_path):
     _Handler.files["/ok.pth"] = (tiny_file.read_bytes(), None)
     seen = []
-    dest = download_file(server + "/ok.pth", tmp_path / "c" / "ok.pth", _sha(tiny_file), lambda d, t: seen.append((d, t)))
+    dest = download_file(server + "/ok.pth", tmp_path / "c" / "ok.pth", _sha(tiny_file),
+                         lambda d, t: seen.append((d, t)))
     assert _sha(dest) == _sha(tiny_file) and seen[-1][0] == seen[-1][1] == tiny_file.stat().st_size
     assert _no_partial_files(tmp_path / "c") == ["ok.pth"]
 
@@ -135,8 +141,8 @@ def test_registry_has_the_design_hashes_and_the_default():
 
     assert BACKBONE_KINDS == {n: (b.family, tuple(b.tap_channels)) for n, b in BACKBONES.items()}
     assert BOX_ONLY_BACKBONES == tuple(n for n, b in BACKBONES.items() if b.box_only)
-    from PromiseSegmentLib.model import promise
     from PromiseSegmentLib.inference.devices import pick_device
+    from PromiseSegmentLib.model import promise
 
     assert promise.MODES == MODES
     for name in DEVICES[1:]:  # every listed device is one pick_device understands (available here or not)
@@ -203,9 +209,9 @@ def test_tiny_fixture_gain_scales_logits_but_changes_no_mask(rng, make_backbone,
     and the IoU head are those of the plain seeded model; only what training sees is rescaled."""
     import numpy as np
 
+    from PromiseSegmentLib.backbones.sam_vit import TINY_DECODER_GAIN, TINY_SEED
     from PromiseSegmentLib.data.prompts import Prompts
     from PromiseSegmentLib.inference.engine import SamEngine
-    from PromiseSegmentLib.backbones.sam_vit import TINY_DECODER_GAIN, TINY_SEED
 
     plain = SamEngine(make_backbone(build_seeded_sam("tiny", TINY_SEED)), "cpu")
     calibrated = SamEngine(BACKBONES["tiny_random"].load(), "cpu")

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from sample_data import make_sample_volume
 
 from PromiseSegmentLib.cli.main import main
-from PromiseSegmentLib.evaluation.metrics import dice
 from PromiseSegmentLib.data.prompts import ijk_prompts
-from sample_data import make_sample_volume
 from PromiseSegmentLib.data.volume_io import Segment, read_volume, write_segmentation
+from PromiseSegmentLib.evaluation.metrics import dice
 
 
 @pytest.fixture
@@ -117,6 +117,7 @@ def test_rgb_png_is_a_single_slice_volume_and_the_engine_says_once_what_runs(tmp
 
 def test_checkpoints_list_and_verify(tmp_path, capsys):
     import torch
+
     from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 
     assert main(["checkpoints", "list"]) == 0
@@ -147,8 +148,8 @@ def test_demo_trains_on_real_ct_and_reports_a_true_dice(tmp_path, capsys):
     """The README's main job, shortened (2 epochs): files written for the 3 held-out patients, and each
     Dice in the report is the Dice of the written segmentation against the bundled expert mask."""
     from PromiseSegmentLib.cli.workflows import DEMO_TEST, bundled_spleen
-    from PromiseSegmentLib.evaluation.metrics import dice
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_mask
+    from PromiseSegmentLib.evaluation.metrics import dice
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--warmup", "1", "--epochs", "1"]) == 0

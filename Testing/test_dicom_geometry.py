@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.data.volume_io import Segment, read_labelmap, read_volume, write_segmentation
+from PromiseSegmentLib.errors import InputError
 
 AXIAL = (1.0, 0, 0, 0, 1.0, 0)
 UID = "1.2.826.0.1.3680043.2.1125.7"
@@ -181,8 +181,8 @@ def test_mixed_orientations_are_refused(tmp_path):
 
 
 def test_command_line_refuses_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    from PromiseSegmentLib.model import promise
     from PromiseSegmentLib.cli.main import main
+    from PromiseSegmentLib.model import promise
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for an input that must be refused")

@@ -8,10 +8,10 @@ The reference for "what Slicer does inside the block" is Slicer's own Set mode l
 import numpy as np
 import pytest
 import slicer
+from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix, write_mask
 
 from PromiseSegmentSlicerLib.logic import SceneLogic
 from PromiseSegmentSlicerLib.mrml import labelmap_from_mask, on_reference_grid, segment_mask, slice_extent
-from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix, write_mask
 
 SHAPE = (9, 40, 44)  # K, J, I
 NODE = slicer.vtkMRMLSegmentEditorNode
@@ -78,7 +78,8 @@ def reference_inside_block(overwrite, masking, first, last):
     modifier = slicer.vtkOrientedImageData()
     modifier.DeepCopy(reference)
     modifier.GetPointData().GetScalars().Fill(0)
-    slicer.vtkOrientedImageDataResample.ModifyImage(modifier, block, slicer.vtkOrientedImageDataResample.OPERATION_MAXIMUM)
+    resample = slicer.vtkOrientedImageDataResample
+    resample.ModifyImage(modifier, block, resample.OPERATION_MAXIMUM)
     editor.ModifySegmentByLabelmap(seg, ids["a"], modifier, slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet,
                                    list(block_extent), False, False)
     return state(seg, volume, ids)

@@ -2,9 +2,9 @@
 node, Apply through the editor logic (one undo step), adapter folder, dependency list."""
 import numpy as np
 import pytest
+from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix
 
 from PromiseSegmentLib.data.preprocessing import InputError
-from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix
 
 SHAPE = (9, 40, 44)
 
@@ -122,11 +122,10 @@ def test_box_mode_uses_the_last_two_corners(logic):
 
 
 def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path):
+    from PromiseSegmentLib.backbones.registry import BACKBONES
     from PromiseSegmentLib.model.adapter import save_adapter
     from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.adapter_folder import describe, import_adapter, installed_adapters
-
-    from PromiseSegmentLib.backbones.registry import BACKBONES
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), target_name="Liver"),
                             BACKBONES["tiny_random"].load())

@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
+from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache, image_key
 from PromiseSegmentLib.inference.engine import ImageEmbedding, SamEngine
-from PromiseSegmentLib.data.prompts import Prompts
 
 
 def fake_embedding(mb: int) -> ImageEmbedding:

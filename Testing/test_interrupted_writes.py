@@ -17,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from PromiseSegmentLib import paths
-from PromiseSegmentLib.cli.main import main
-from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
-
+from local_http import serve
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
-    _seg,
     ROOT,
     TINY,
     TRAIN_FAST,
     _quiet_progress,
+    _seg,
     cli,
     contents,
     files,
@@ -38,8 +34,13 @@ from reliability_support import (  # noqa: F401  (fixtures are used by name)
     one_error,
     save_folder,
     temps,
-    ws)
-from local_http import serve
+    ws,
+)
+
+from PromiseSegmentLib import paths
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
+from PromiseSegmentLib.cli.main import main
+
 
 # ----------------------------------------------------- class 6: every writer under a full disk, Ctrl+C, kill
 def _cases(n=3, size=32):
@@ -291,7 +292,7 @@ def test_a_killed_segment_leaves_nothing_at_its_name_and_the_next_run_cleans_up(
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, files):
     out = tmp_path / "r.seg.nrrd"
-    rc, err = kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli.main", *map(str, _seg(files, out))], tmp_path,
+    rc, err = kill_held_write([sys.executable, "-m", "PromiseSegmentLib.cli", *map(str, _seg(files, out))], tmp_path,
                               out.name, sig=signal.SIGTERM)
     assert rc == 130 and err.strip() == "promise-segment: cancelled; no output was written"
     assert not out.exists() and not temps(tmp_path)

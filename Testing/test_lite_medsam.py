@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone
 from PromiseSegmentLib.backbones.checkpoints import CheckpointError
+from PromiseSegmentLib.backbones.lite_medsam import CHECKPOINT, TAP_BLOCKS
+from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone
+from PromiseSegmentLib.data.preprocessing import mask_bbox
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.backbones.lite_medsam import CHECKPOINT, TAP_BLOCKS
-from PromiseSegmentLib.data.preprocessing import mask_bbox
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from PromiseSegmentLib.model.decoder import decode_masks
+from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam
+from PromiseSegmentLib.model.decoder import decode_masks
 
 PROMPTS = {
-    "points": dict(point_coords=np.array([[70.0, 80.0], [20.0, 150.0], [140.0, 40.0]]), point_labels=np.array([1, 0, 1])),
+    "points": dict(point_coords=np.array([[70.0, 80.0], [20.0, 150.0], [140.0, 40.0]]),
+                   point_labels=np.array([1, 0, 1])),
     "box": dict(box=np.array([30.0, 40.0, 160.0, 170.0])),
     "both": dict(point_coords=np.array([[90.0, 95.0]]), point_labels=np.array([1]), box=np.array([25, 30, 170, 180.0])),
 }

@@ -3,9 +3,18 @@ import numpy as np
 import pytest
 import torch
 
+from PromiseSegmentLib.data.preprocessing import (
+    InputError,
+    IntensityRule,
+    SliceGeometry,
+    check_volume,
+    put_slice,
+    resolve_axis,
+    slice_geometry,
+    take_slice,
+    to_uint8_rgb,
+)
 from PromiseSegmentLib.inference.engine import ImageEmbedding, SamEngine
-from PromiseSegmentLib.data.preprocessing import (InputError, IntensityRule, SliceGeometry, check_volume, put_slice,
-                                             resolve_axis, slice_geometry, take_slice, to_uint8_rgb)
 
 
 def oblique_matrix(spacing=(0.7, 0.7, 3.0), degrees=25.0):

@@ -5,10 +5,10 @@ with ``tools/make_reference_masks.py``."""
 import numpy as np
 import pytest
 from PIL import Image
-
-from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.evaluation.metrics import dice
 from reference_cases import BUNDLED, CASES, OUT, reference_prediction
+
+from PromiseSegmentLib.evaluation.metrics import dice
+from PromiseSegmentLib.inference.engine import SamEngine
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from PromiseSegmentLib.cli.arguments import PROGRESS_ENV, LineProgress
-
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
-    _seg,
     PKG,
     TINY,
     TRAIN_FAST,
     _quiet_progress,
+    _seg,
     argv_for,
     cli,
     contents,
@@ -30,7 +27,10 @@ from reliability_support import (  # noqa: F401  (fixtures are used by name)
     one_error,
     temps,
     write_nrrd,
-    ws)
+    ws,
+)
+
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV, LineProgress
 
 # ----------------------------------------------------------------------------- class 1: options (exit 2)
 SEG = ["segment", "{vol}", "-o", "{old}", "--overwrite", "--point", "16,16,1", *TINY]
@@ -320,8 +320,8 @@ def test_too_few_training_images_are_refused(ws, files, capsys, no_model):
 def test_train_defaults_match_trainconfig():
     from dataclasses import asdict
 
-    from PromiseSegmentLib.training.trainer import TrainConfig
     from PromiseSegmentLib.training.settings import TRAIN_DEFAULTS
+    from PromiseSegmentLib.training.trainer import TrainConfig
 
     defaults = asdict(TrainConfig())
     assert {k: defaults[k] for k in TRAIN_DEFAULTS} == {k: (tuple(v) if isinstance(v, list) else v)

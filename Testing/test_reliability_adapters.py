@@ -19,21 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from PromiseSegmentLib.model.adapter import METADATA_KEY, Adapter, AdapterError, BackboneRecord, load_adapter, \
-    read_metadata, save_adapter
-from PromiseSegmentLib.model.apm import APM
-from PromiseSegmentLib.cli.main import main
-from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
-from PromiseSegmentLib.data.datasets import Case, load_image_folder
-from PromiseSegmentLib.errors import Cancelled, InputError
-from PromiseSegmentLib.model.ips import IPS
-from PromiseSegmentLib.data.preprocessing import IntensityRule
-from PromiseSegmentLib.backbones.registry import BACKBONES
-from sample_data import make_sample_volume, make_training_slices
-from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter, train_adapter
-
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
     TINY,
     TRAIN_FAST,
@@ -46,6 +31,27 @@ from reliability_support import (  # noqa: F401  (fixtures are used by name)
     save_folder,
     write_nrrd,
 )
+from safetensors.torch import save_file
+from sample_data import make_sample_volume, make_training_slices
+
+from PromiseSegmentLib.backbones.registry import BACKBONES
+from PromiseSegmentLib.cli.arguments import PROGRESS_ENV
+from PromiseSegmentLib.cli.main import main
+from PromiseSegmentLib.data.datasets import Case, load_image_folder
+from PromiseSegmentLib.data.preprocessing import IntensityRule
+from PromiseSegmentLib.errors import Cancelled, InputError
+from PromiseSegmentLib.model.adapter import (
+    METADATA_KEY,
+    Adapter,
+    AdapterError,
+    BackboneRecord,
+    load_adapter,
+    read_metadata,
+    save_adapter,
+)
+from PromiseSegmentLib.model.apm import APM
+from PromiseSegmentLib.model.ips import IPS
+from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter, train_adapter
 
 LIGHT = dict(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), apm_tap_pool=2)
 

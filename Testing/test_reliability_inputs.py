@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from reliability_support import PKG, TINY, cli, files, no_model, one_error, tiny_record, write_nrrd  # noqa: F401
 
-from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.data.preprocessing import IntensityRule, to_uint8_rgb
 from PromiseSegmentLib.data.prompts import check_ijk_prompts, ijk_prompts
-from reliability_support import PKG, TINY, cli, files, no_model, one_error, tiny_record, write_nrrd  # noqa: F401
+from PromiseSegmentLib.errors import InputError
 
 
 def picture(rng=None):
@@ -104,7 +104,8 @@ def test_segment_refuses_a_picture_adapter_on_ct_before_loading_a_model(capsys, 
     from PromiseSegmentLib.model.adapter import Adapter, save_adapter
     from PromiseSegmentLib.model.ips import IPS
 
-    adapter = save_adapter(Adapter(tiny_record(), ips=IPS(), intensity=IntensityRule("rgb")), tmp_path / "rgb.safetensors")
+    adapter = save_adapter(Adapter(tiny_record(), ips=IPS(), intensity=IntensityRule("rgb")),
+                           tmp_path / "rgb.safetensors")
     request.getfixturevalue("no_model")  # from here on, loading any backbone fails the test
     vol = write_nrrd(tmp_path / "ct.nrrd", ct_volume())
     rc, out, err = cli(capsys, "segment", vol, "-o", tmp_path / "out.seg.nrrd", "--adapter", adapter,
@@ -149,8 +150,8 @@ def test_a_clipped_box_segments_as_well_as_the_box_inside_the_picture():
     left edge gives (after clipping) the same result as the box that stops at the edge; unclipped it gave
     nothing."""
     from PromiseSegmentLib.cli.workflows import bundled_spleen
-    from PromiseSegmentLib.model.promise import load_model
     from PromiseSegmentLib.data.volume_io import read_mask, read_rgb
+    from PromiseSegmentLib.model.promise import load_model
 
     image = sorted((bundled_spleen() / "images").iterdir())[0]
     rgb, truth = read_rgb(image), read_mask(bundled_spleen() / "masks" / (image.stem + ".png"))

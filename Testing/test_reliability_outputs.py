@@ -19,15 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from PromiseSegmentLib.paths import HOLD_ENV
-
 from reliability_support import (  # noqa: F401  (fixtures are used by name)
-    _seg,
     PKG,
     TINY,
     TRAIN_FAST,
     _quiet_progress,
+    _seg,
     argv_for,
     cli,
     contents,
@@ -37,8 +34,11 @@ from reliability_support import (  # noqa: F401  (fixtures are used by name)
     one_error,
     save_folder,
     temps,
-    ws)
+    ws,
+)
 from test_interrupted_writes import mounted_tmpfs
+
+from PromiseSegmentLib.paths import HOLD_ENV
 
 EVAL = ["evaluate", "--prompt", "gt-box", *TINY]
 

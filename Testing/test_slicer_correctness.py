@@ -3,9 +3,9 @@ slice rounding, the editor's masking on a segmentation grid unlike the volume's,
 propagation with the effect's window, re-entrant calls while a run processes GUI events."""
 import numpy as np
 import pytest
-
-from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, mask_bbox
 from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix, write_mask
+
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule
 
 SHAPE = (9, 40, 44)  # K, J, I
 
@@ -213,8 +213,8 @@ def test_the_preview_has_the_segmentations_geometry_under_a_shared_transform():
 
 def test_propagation_sees_the_image_through_the_effects_window(logic, adapter):
     """The accepted slice was previewed with a custom window; propagation must use the same one."""
-    from PromiseSegmentSlicerLib.propagation import propagation_prompts
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
+    from PromiseSegmentSlicerLib.propagation import propagation_prompts
 
     app = make_app()
     image, truth = phantom()

@@ -2,11 +2,11 @@
 Editor's masking and undo, RGB photos, propagation, training from segmentation nodes."""
 import numpy as np
 import pytest
-
-from PromiseSegmentLib.inference.engine import Cancelled
-from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
-from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, oblique_matrix, write_mask
+
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
+from PromiseSegmentLib.inference.engine import Cancelled
+from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
 
 SHAPE = (9, 40, 44)  # K, J, I
 
@@ -43,7 +43,6 @@ def test_written_mask_lands_on_the_truth_voxels_of_an_oblique_anisotropic_volume
     import slicer
     import vtk
 
-    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import node_matrix, segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -113,7 +112,6 @@ def test_second_run_on_the_same_slice_reuses_the_embedding(app, logic):
 
 
 def test_slice_range_changes_only_those_slices_of_an_existing_segment(app, logic, adapter):
-    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -180,7 +178,6 @@ def test_a_write_that_fails_half_way_leaves_the_scene_as_it_was(app, logic, adap
 def test_editor_path_honours_overwrite_and_editable_area_and_undoes_in_one_step(app, logic, adapter):
     import slicer
 
-    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import segment_mask, volume_ijk_to_ras
 
     image, truth = phantom()
@@ -287,7 +284,6 @@ def test_propagation_with_the_default_backbone_follows_the_object_to_its_ends(ap
 
 def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
     from PromiseSegmentLib.model.adapter import read_metadata
-    from PromiseSegmentSlicerLib.logic import SceneLogic
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
 
     pairs = []
@@ -314,9 +310,8 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
 
 def test_training_pairs_are_found_across_the_scene(app):
     """A cohort in one scene: each segmentation with the named segment, paired with its own volume."""
-    from PromiseSegmentSlicerLib.logic import SceneLogic
-    from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
     from PromiseSegmentSlicerLib.mrml import volume_ijk_to_ras
+    from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 
     volumes = []
     for n, name in enumerate(("Lesion", "lesion ", "liver")):
@@ -346,11 +341,11 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
     node, segment the tumour slices automatically into a new segmentation, save .seg.nrrd, read it back
     with the core on the volume's own geometry."""
     import slicer
+    from slicer_scene import load_nrrd, save_segmentation
 
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
-    from PromiseSegmentSlicerLib.mrml import segment_mask
     from PromiseSegmentSlicerLib.logic import SceneLogic
-    from slicer_scene import load_nrrd, save_segmentation
+    from PromiseSegmentSlicerLib.mrml import segment_mask
 
     folder = data_dir / "mr-volumes"
     volume = load_nrrd(app.scene, folder / "brain1_image.nrrd")
@@ -392,8 +387,9 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
 def test_a_labelmap_takes_over_the_mask_memory_and_outlives_the_array(app):
     import gc
 
-    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask
     from vtk.util import numpy_support
+
+    from PromiseSegmentSlicerLib.mrml import labelmap_from_mask
 
     mask = np.zeros((4, 5, 6), np.uint8)
     mask[1:3, 2:4, 1:5] = 1

@@ -9,21 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sample_data import make_sample_volume
 from torch import nn
 
-from PromiseSegmentLib.inference import acceleration as acc
-
-from PromiseSegmentLib.inference import heap
-from PromiseSegmentLib.backbones.registry import load_backbone
-from PromiseSegmentLib.backbones.checkpoints import file_sha256
-from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.inference.engine import SamEngine
 from PromiseSegmentLib.backbones import lite_medsam as lite
-from PromiseSegmentLib.backbones.lite_medsam import _window_attention, CHECKPOINT
-from PromiseSegmentLib.evaluation.metrics import dice
+from PromiseSegmentLib.backbones.checkpoints import file_sha256
+from PromiseSegmentLib.backbones.lite_medsam import CHECKPOINT, _window_attention
+from PromiseSegmentLib.backbones.registry import load_backbone
 from PromiseSegmentLib.data.preprocessing import mask_bbox
-from sample_data import make_sample_volume
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.evaluation.metrics import dice
+from PromiseSegmentLib.inference import acceleration as acc
+from PromiseSegmentLib.inference import heap
+from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+from PromiseSegmentLib.inference.engine import SamEngine
 from PromiseSegmentLib.inference.volume_loop import segment_slice
 
 needs_bf16 = pytest.mark.skipif(not acc.cpu_bf16()[0], reason="this CPU has no native bf16")
@@ -111,7 +110,8 @@ def test_stage_0_runs_in_fp32_under_bf16_autocast(lite_medsam):
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)).contiguous(
         memory_format=torch.channels_last)
     seen = []
-    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out)) for m in (enc.layers[0], enc.layers[1].blocks[0])]
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out))
+             for m in (enc.layers[0], enc.layers[1].blocks[0])]
     try:
         with torch.no_grad():
             lite_medsam.spec.encode(lite_medsam.sam, x, True)

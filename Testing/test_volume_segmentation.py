@@ -1,12 +1,12 @@
 """Streaming slice-by-slice runs: axes, slice ranges, prompts per slice, progress and cancel."""
 import numpy as np
 import pytest
+from sample_data import make_sample_volume
 
+from PromiseSegmentLib.data.preprocessing import InputError, mask_bbox, take_slice
+from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
 from PromiseSegmentLib.inference.engine import Cancelled, SamEngine
-from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.data.preprocessing import InputError, mask_bbox, take_slice
-from sample_data import make_sample_volume
 from PromiseSegmentLib.inference.volume_loop import PlainBackbone, segment_slice, segment_volume
 
 

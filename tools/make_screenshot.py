@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT / "PromiseSegment"))
 
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
 from PromiseSegmentLib.data.volume_io import overlay_rgb  # noqa: E402
+from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
+from PromiseSegmentLib.inference.engine import SamEngine
 
 CASES = ("10003_spleen_26", "10024_spleen_59", "10019_spleen_8")
 

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Sequence
 from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.paths import name_max
 
+
 def check_input(path, what: str, kind: str = "file") -> Path:
     """An existing, readable input: ``kind`` "file", "folder" or "any" (a file or a DICOM folder)."""
     p = Path(path).expanduser()

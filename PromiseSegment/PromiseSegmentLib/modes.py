@@ -2,7 +2,6 @@
 line checks it before importing torch; ``promise`` decides with it at run time)."""
 from __future__ import annotations
 
-
 from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.names import MODES
 

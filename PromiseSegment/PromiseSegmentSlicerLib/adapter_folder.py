@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from PromiseSegmentLib.paths import cache_dir, write_atomically
 from PromiseSegmentLib.model.adapter_format import read_adapter_metadata
+from PromiseSegmentLib.paths import cache_dir, write_atomically
 
 
 def adapter_dir() -> Path:

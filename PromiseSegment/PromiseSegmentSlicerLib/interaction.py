@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.data.prompts import voxel
+from PromiseSegmentLib.errors import InputError
 
 from . import mrml
 

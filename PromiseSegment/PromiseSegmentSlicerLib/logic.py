@@ -15,15 +15,15 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.backbones.base import LoadedBackbone
 from PromiseSegmentLib.backbones.registry import load_backbone
-from PromiseSegmentLib.names import MODES
+from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
 from PromiseSegmentLib.data.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
-from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
-from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.inference.volume_loop import slice_indices, volume_value_range
+from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
+from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
+from PromiseSegmentLib.names import MODES
 
 from . import mrml
 from .editor_write import write_block

@@ -6,8 +6,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.data.preprocessing import mask_bbox, take_slice
+from PromiseSegmentLib.data.prompts import Prompts
 
 
 def intensity_band(image: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
@@ -26,7 +26,8 @@ def band_agreement(image: np.ndarray, mask: np.ndarray, band: Tuple[float, float
 
 def propagation_prompts(model, previous: np.ndarray, negativeMask: Optional[np.ndarray], ax: int,
                         index: int) -> Prompts:
-    """``model``: a ``ProMISeModel``. The previous slice's box (+3 px on box-only backbones, as their reference does; else +1) and, on
+    """``model``: a ``ProMISeModel``. The previous slice's box (+3 px on box-only backbones, as their reference
+    does; else +1) and, on
     backbones that take points, up to 3 negative points from ``negativeMask`` on this slice."""
     box_only = model.backbone.spec.box_only
     pts = labels = None

@@ -19,8 +19,8 @@ import os
 import qt
 import slicer
 import vtk
-from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+from slicer.i18n import tr as _
 
 from PromiseSegmentLib.names import DEFAULT_BACKBONE, DEVICES, USER_BACKBONES  # torch-free (registries need torch)
 

@@ -27,13 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.data.datasets import load_image_folder  # noqa: E402
-from PromiseSegmentLib.inference.engine import ImageEmbedding
+from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.evaluation.metrics import dice, iou  # noqa: E402
-from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
+from PromiseSegmentLib.inference.engine import (
+    ImageEmbedding,
+    mask_to_low_res,  # noqa: E402
+)
 from PromiseSegmentLib.model.promise import ProMISeModel, engine_for  # noqa: E402
 from PromiseSegmentLib.training.trainer import Encoded, TrainConfig, Trainer, mask_box  # noqa: E402
-from PromiseSegmentLib.inference.engine import mask_to_low_res  # noqa: E402
 
 LIGHT = dict(apm_fusion_dim=128, apm_tap_pool=2, lr=1e-3, batch_size=8, augment=False, cache_features=True)
 CONFIGS = {
@@ -130,9 +132,9 @@ def evaluate(model, encs, cases, mode, prompt):
 
 
 def mr_rows(args, backbone):
-    from PromiseSegmentLib.data.prompts import ijk_prompts
     from PromiseSegmentLib.data.datasets import volume_cases
     from PromiseSegmentLib.data.preprocessing import IntensityRule
+    from PromiseSegmentLib.data.prompts import ijk_prompts
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 
     names = ("brain1", "brain2", "breast1")
@@ -152,7 +154,8 @@ def mr_rows(args, backbone):
         per_slice = {int(s): Prompts(box=mask_bbox(truth[s])) for s in k}
         results["vanilla + box on each slice (2D)"].append(dice(plain.segment_volume(
             vol.array, vol.ijk_to_ras, prompts=per_slice, box_propagation=False) > 0, truth))
-        results["vanilla + 3D box"].append(dice(plain.segment_volume(vol.array, vol.ijk_to_ras, prompts=box) > 0, truth))
+        plain_mask = plain.segment_volume(vol.array, vol.ijk_to_ras, prompts=box) > 0
+        results["vanilla + 3D box"].append(dice(plain_mask, truth))
         for row, extra, mode, prompts in (("IPS + 3D box", dict(use_apm=False, user_prompt="box"), "ips", box),
                                           ("APM+IPS automatic", dict(), "apm+ips", None)):
             warmup = args.warmup if extra.get("use_apm", True) else 0
@@ -191,7 +194,8 @@ def main():
             mr_rows(args, backbone)
             continue
         fit, select, test = splits(args.data, name)
-        print(f"\n## {name}: {len(fit)} fit, {len(select)} select, {len(test)} test; backbone {backbone.name}", flush=True)
+        print(f"\n## {name}: {len(fit)} fit, {len(select)} select, {len(test)} test; backbone {backbone.name}",
+              flush=True)
         enc = {k: encode_all(engine, cs, args.cache / f"{backbone.name}_{name}_{k}.pt")
                for k, cs in (("fit", fit), ("select", select), ("test", test))}
         rows = []

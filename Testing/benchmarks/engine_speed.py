@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
 from PromiseSegmentLib.backbones.base import LoadedBackbone, freeze  # noqa: E402
 from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone  # noqa: E402
+from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam  # noqa: E402
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam  # noqa: E402
 
 
 def backbone(name: str) -> LoadedBackbone:

@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,16 +37,15 @@ from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # what the command line runs with (before torch is imported)
 import torch  # noqa: E402
+from speed_inputs import WINDOW, Reference, ijk_to_ras, real_cases, synthetic_ct  # noqa: E402
 
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.inference.engine import SamEngine
-from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
 from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
-from PromiseSegmentLib.model.promise import ProMISeModel  # noqa: E402
+from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
+from PromiseSegmentLib.inference.engine import SamEngine
 from PromiseSegmentLib.inference.volume_loop import slice_image  # noqa: E402
-
-from speed_inputs import WINDOW, Reference, ijk_to_ras, real_cases, synthetic_ct  # noqa: E402
+from PromiseSegmentLib.model.promise import ProMISeModel  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -26,10 +26,11 @@ def child(shape, slices, cache_mb):
     from PromiseSegmentLib.inference.openmp import set_default_waiting
 
     set_default_waiting()  # as the command line (before torch is imported)
+    from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
+
     from PromiseSegmentLib.backbones.registry import load_backbone
     from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
-    from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
 
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 from PromiseSegmentLib.errors import Cancelled, CheckpointError
-from PromiseSegmentLib.paths import CACHE_ENV, hold_for_tests, cache_dir, make_temp, write_atomically  # noqa: F401  (re-export)
+from PromiseSegmentLib.paths import CACHE_ENV, cache_dir, hold_for_tests, make_temp, write_atomically  # noqa: F401  (re-export)
 
 if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line checks arguments first
     import torch

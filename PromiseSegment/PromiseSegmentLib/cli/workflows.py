@@ -6,12 +6,30 @@ from pathlib import Path
 
 import numpy as np
 
-from PromiseSegmentLib.cli.arguments import (add_backbone_args, add_intensity_args, announce, engine_options, intensity_from_args,
-                       progress_bar)
-from PromiseSegmentLib.cli.arg_types import (any_int, seed_arg, apm_blocks_arg, apm_prompts_arg, axis_arg, name_arg, non_negative_float,
-                        non_negative_int, open_fraction, positive_float, positive_int, volume_pair_arg)
-from PromiseSegmentLib.training.settings import LR_SCHEDULES, TRAIN_DEFAULTS
+from PromiseSegmentLib.cli.arg_types import (
+    any_int,
+    apm_blocks_arg,
+    apm_prompts_arg,
+    axis_arg,
+    name_arg,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    seed_arg,
+    volume_pair_arg,
+)
+from PromiseSegmentLib.cli.arguments import (
+    add_backbone_args,
+    add_intensity_args,
+    announce,
+    engine_options,
+    intensity_from_args,
+    progress_bar,
+)
 from PromiseSegmentLib.cli.validation import preflight, train_values
+from PromiseSegmentLib.training.settings import LR_SCHEDULES, TRAIN_DEFAULTS
 
 
 def _train_progress(progress):
@@ -35,8 +53,8 @@ def cmd_demo(args) -> int:
     native resolution and a report with Dice against the expert masks."""
     from PromiseSegmentLib.backbones.registry import load_backbone
     from PromiseSegmentLib.data.datasets import load_image_folder
-    from PromiseSegmentLib.paths import write_bytes_atomically
     from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
+    from PromiseSegmentLib.paths import write_bytes_atomically
     from PromiseSegmentLib.training.trainer import TrainConfig, train_adapter
 
     out = Path(args.out)  # checked by validation._demo: a folder, empty unless --overwrite
@@ -76,8 +94,8 @@ def cmd_demo(args) -> int:
 
 def _demo_segment(model, test, out: Path):
     """Segment the held-out patients automatically; write each result and overlay; (report lines, Dices)."""
-    from PromiseSegmentLib.evaluation.metrics import dice
     from PromiseSegmentLib.data.volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
+    from PromiseSegmentLib.evaluation.metrics import dice
 
     lines, dices = [], []
     for case in test:

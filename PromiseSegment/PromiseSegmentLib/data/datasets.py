@@ -7,8 +7,15 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from PromiseSegmentLib.data.preprocessing import (InputError, IntensityRule, check_volume, resolve_axis, slice_geometry,
-                            take_slice, to_uint8_rgb)
+from PromiseSegmentLib.data.preprocessing import (
+    InputError,
+    IntensityRule,
+    check_volume,
+    resolve_axis,
+    slice_geometry,
+    take_slice,
+    to_uint8_rgb,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 

@@ -19,8 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.paths import write_atomically
 from PromiseSegmentLib.data.preprocessing import InputError, check_volume, count_nonfinite
+from PromiseSegmentLib.paths import write_atomically
 
 log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

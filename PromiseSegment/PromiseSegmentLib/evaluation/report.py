@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from PromiseSegmentLib.data.datasets import Case, sample_points
+from PromiseSegmentLib.data.preprocessing import mask_bbox
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.evaluation.metrics import dice, hd95, iou
 from PromiseSegmentLib.paths import Output, bytes_output, write_all
-from PromiseSegmentLib.data.preprocessing import mask_bbox
 
 EMPTY_TRUTH = "empty ground truth: Dice and IoU 1 only if nothing is predicted; HD95 nan if so, else inf"
 NO_BOX = "no box (empty ground truth): nothing predicted, which is right; HD95 nan"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from PromiseSegmentLib.names import PRECISIONS  # noqa: E402  (torch-free, for the command line's choices)
+
 CPU_BF16_ENV = "PROMISE_SEGMENT_CPU_BF16"
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

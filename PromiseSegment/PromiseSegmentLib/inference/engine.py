@@ -16,15 +16,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from PromiseSegmentLib.inference.acceleration import Precision, after_out_of_memory, auto_batch_size, configure_threads, cpu_clone, \
-    resolve_precision
 from PromiseSegmentLib.backbones.base import LOW_RES, LoadedBackbone
 from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks
+from PromiseSegmentLib.errors import Cancelled  # noqa: F401  (re-exported)
+from PromiseSegmentLib.inference.acceleration import (
+    Precision,
+    after_out_of_memory,
+    auto_batch_size,
+    configure_threads,
+    cpu_clone,
+    resolve_precision,
+)
 from PromiseSegmentLib.inference.devices import is_out_of_memory, pick_device
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache, lookup
-from PromiseSegmentLib.errors import Cancelled  # noqa: F401  (re-exported)
 from PromiseSegmentLib.inference.heap import keep_freed_memory
+from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,21 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Un
 
 import numpy as np
 
-from PromiseSegmentLib.inference.engine import Cancelled, ImageEmbedding, Prediction, SamEngine
+from PromiseSegmentLib.data.preprocessing import (
+    InputError,
+    IntensityRule,
+    SliceGeometry,
+    check_volume,
+    mask_bbox,
+    put_slice,
+    resolve_axis,
+    slice_geometry,
+    take_slice,
+    to_uint8_rgb,
+)
 from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.data.preprocessing import (IntensityRule, InputError, SliceGeometry, check_volume, mask_bbox, resolve_axis,
-                            slice_geometry, take_slice, put_slice, to_uint8_rgb)
+from PromiseSegmentLib.inference.engine import Cancelled, ImageEmbedding, Prediction, SamEngine
+
 
 class SliceModel(Protocol):
     """What the volume loop needs from a model: images (H, W, 3 uint8, square pixels) -> embeddings, then

@@ -14,12 +14,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from PromiseSegmentLib.data.preprocessing import IntensityRule
+from PromiseSegmentLib.errors import AdapterError
+from PromiseSegmentLib.model.adapter_format import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    read_adapter_metadata,
+    read_safetensors_header,
+)
 from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.paths import write_atomically
-from PromiseSegmentLib.data.preprocessing import IntensityRule
-from PromiseSegmentLib.model.adapter_format import FORMAT_VERSION, METADATA_KEY, read_adapter_metadata, read_safetensors_header
-from PromiseSegmentLib.errors import AdapterError
 
 log = logging.getLogger(__name__)
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "AdapterError", "Adapter", "BackboneRecord", "save_adapter",

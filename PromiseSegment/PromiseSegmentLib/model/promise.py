@@ -18,17 +18,17 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.backbones.base import LOW_RES, LoadedBackbone
 from PromiseSegmentLib.backbones.registry import load_backbone
-from PromiseSegmentLib.model.decoder import decode_masks
-from PromiseSegmentLib.inference.engine import ImageEmbedding, Prediction, SamEngine
+from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.inference.engine import ImageEmbedding, Prediction, SamEngine
+from PromiseSegmentLib.inference.volume_loop import segment_slice, segment_volume, vanilla_predict
+from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
+from PromiseSegmentLib.model.decoder import decode_masks
 from PromiseSegmentLib.modes import APM_MODES, MODES, resolve_mode  # noqa: F401  (re-exported)
 from PromiseSegmentLib.names import DEFAULT_COLOR
-from PromiseSegmentLib.data.preprocessing import IntensityRule
-from PromiseSegmentLib.inference.volume_loop import segment_slice, segment_volume, vanilla_predict
 
 PRESENCE_THRESHOLD = 0.0  # presence logit: below it, an automatic run leaves the image empty
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,18 +22,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord, save_adapter
-from PromiseSegmentLib.model.apm import APM, RESNET34_BLOCKS, default_slot_labels
-from PromiseSegmentLib.training.augment import augment
 from PromiseSegmentLib.backbones.base import LoadedBackbone
 from PromiseSegmentLib.data.datasets import Case, sample_points
-from PromiseSegmentLib.inference.engine import SamEngine, mask_to_low_res
-from PromiseSegmentLib.errors import Cancelled, InputError
-from PromiseSegmentLib.model.ips import IPS
-from PromiseSegmentLib.paths import write_atomically
 from PromiseSegmentLib.data.preprocessing import IntensityRule, mask_bbox
-from PromiseSegmentLib.training.losses import apm_aux_loss, batch_dice, box_iou, seg_loss
+from PromiseSegmentLib.errors import Cancelled, InputError
+from PromiseSegmentLib.inference.engine import SamEngine, mask_to_low_res
+from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord, save_adapter
+from PromiseSegmentLib.model.apm import APM, RESNET34_BLOCKS, default_slot_labels
+from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.model.promise import PromptBatch, promise_forward, refine_boxes
+from PromiseSegmentLib.paths import write_atomically
+from PromiseSegmentLib.training.augment import augment
+from PromiseSegmentLib.training.losses import apm_aux_loss, batch_dice, box_iou, seg_loss
 from PromiseSegmentLib.training.settings import OPTION_NAMES, check_train_settings
 
 log = logging.getLogger(__name__)

@@ -168,8 +168,8 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         """Whole-volume scope with an (untrained) adapter; Cancel is pressed in the effect's progress dialog
         while slices are being segmented: the segment stays empty and there is nothing to undo."""
         self.requirePackages()
-        from PromiseSegmentLib.model.adapter import save_adapter
         from PromiseSegmentLib.backbones.registry import load_backbone
+        from PromiseSegmentLib.model.adapter import save_adapter
         from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
