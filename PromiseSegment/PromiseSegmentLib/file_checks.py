@@ -23,7 +23,7 @@ def check_input(path, what: str, kind: str = "file") -> Path:
     except NotADirectoryError:
         raise InputError(f"{what} {p} does not exist (a part of that path is a file, not a folder)") from None
     except OSError as exc:
-        raise InputError(f"{what} {p} cannot be read: {exc.strerror.lower()}") from None
+        raise InputError(f"{what} {p} cannot be read: {(exc.strerror or str(exc)).lower()}") from None
     is_dir = stat.S_ISDIR(st.st_mode)
     if is_dir and kind == "file":
         raise InputError(f"{what} {p} is a folder; expected a file")

@@ -34,7 +34,7 @@ _BACKUP = ".bak"  # a temporary name plus this: the file a rename replaced, kept
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 _holds: dict = {}
 _policy: Dict[str, bool] = {}  # a command's outputs -> whether a file found there may be replaced
-_ours: Dict[str, Tuple[int, int]] = {}  # an output -> (device, inode) of the file this process put there
+_ours: Dict[str, Optional[Tuple[int, int]]] = {}  # an output -> (device, inode) of the file this process put there
 
 
 class _Appeared(FileExistsError):
@@ -387,7 +387,8 @@ def free_bytes(folder) -> Optional[int]:
     return st.f_bavail * st.f_frsize
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _disk_full(error: BaseException) -> bool:
+    exc: Optional[BaseException] = error
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True

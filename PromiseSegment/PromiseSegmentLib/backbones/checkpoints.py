@@ -74,7 +74,10 @@ def _remember_hash(path: Path, digest: str) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    write_atomically(path, write)
 
 
 def _remove_quietly(path) -> None:

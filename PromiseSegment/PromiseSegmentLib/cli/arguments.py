@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from PromiseSegmentLib.cli.arg_types import device_arg, percentiles_arg, thread_count, window_arg
 from PromiseSegmentLib.cli.progress import bar
@@ -76,10 +76,12 @@ class LineProgress:
     PROGRESS_SECONDS`` (default 10) seconds, and a last one when a run that printed any finishes."""
 
     def __init__(self, desc: str, unit: str):
-        self.desc, self.unit, self.values = desc, unit, {}
+        self.desc, self.unit = desc, unit
+        self.values: Dict[str, object] = {}
         self.interval = progress_interval()
         self.start = self.last = time.monotonic()
-        self.done, self.total, self.printed = 0, None, False
+        self.done, self.printed = 0, False
+        self.total: Optional[int] = None
 
     def __call__(self, done: int, total: Optional[int]) -> None:
         self.done, self.total = done, total

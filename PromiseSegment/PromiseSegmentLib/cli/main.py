@@ -138,12 +138,14 @@ def cmd_checkpoints(args) -> int:
         for name in args.names or [DEFAULT_BACKBONE]:
             b = get_backbone(name)
             with progress_bar(f"getting {name}", "B") as progress:
-                path = b.locate(progress) if b.checkpoint.url is None else ensure_checkpoint(b.checkpoint, progress)
+                info = b.checkpoint
+                path = b.locate(progress) if info is None or info.url is None else ensure_checkpoint(info, progress)
             print(f"{name}: {path} (size and SHA-256 verified)")
         return 0
     for spec in args.names:  # verify: load it exactly as a run would
         loaded = load_backbone(spec)
-        print(f"{loaded.path}: backbone {loaded.name}, SHA-256 {file_sha256(loaded.path)}")
+        sha = file_sha256(loaded.path) if loaded.path is not None else "(no file)"
+        print(f"{loaded.path}: backbone {loaded.name}, SHA-256 {sha}")
     return 0
 
 
@@ -208,7 +210,7 @@ def _setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def one_line(message: str, limit: int = 600) -> str:
+def one_line(message: object, limit: int = 600) -> str:
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

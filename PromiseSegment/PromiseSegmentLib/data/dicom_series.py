@@ -187,7 +187,8 @@ def _check_distinct_positions(folder: Path, slices: List[Slice], depths: np.ndar
 def _check_along_normal(folder: Path, slices: List[Slice], depths: np.ndarray, normal: np.ndarray) -> None:
     """Each slice's position on the line through the first one along the normal (a gantry tilt or shifted
     slices would be silently straightened into a stack)."""
-    offsets = np.array([s.position - slices[0].position for s in slices]) - np.outer(depths - depths[0], normal)
+    positions = np.array([s.position for s in slices], float)  # every slice has one (_check_placed)
+    offsets = positions - positions[0] - np.outer(depths - depths[0], normal)
     sideways = np.linalg.norm(offsets, axis=1)
     tolerance = max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE * min(slices[0].spacing))
     if sideways.max() > tolerance:
@@ -229,7 +230,7 @@ def _image(array: np.ndarray, first: Slice, normal: np.ndarray, step: float):
     sitk = _sitk()
     image = sitk.GetImageFromArray(array, isVector=array.ndim == 4)
     row, col, _ = _axes(first)
-    image.SetOrigin(first.position.tolist())
+    image.SetOrigin(np.asarray(first.position, float).tolist())
     image.SetSpacing([*first.spacing, float(step)])
     image.SetDirection(np.column_stack([row, col, normal]).ravel().tolist())
     return image
@@ -237,7 +238,7 @@ def _image(array: np.ndarray, first: Slice, normal: np.ndarray, step: float):
 
 def _axes(s: Slice):
     """Unit row, column and normal directions of a slice (its orientation was checked to be orthonormal)."""
-    row, col = (v / np.linalg.norm(v) for v in s.orientation.reshape(2, 3))
+    row, col = (v / np.linalg.norm(v) for v in np.asarray(s.orientation, float).reshape(2, 3))
     normal = np.cross(row, col)
     return row, col, normal / np.linalg.norm(normal)
 

@@ -7,7 +7,7 @@ IJK->RAS matrix. A slice is a 2D array (rows, cols); points are (x=col, y=row) i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def put_slice(volume: np.ndarray, axis: int, index: int, values: np.ndarray) -> None:
-    idx = [slice(None)] * 3
+    idx: List[Union[slice, int]] = [slice(None)] * 3
     idx[axis] = index
     volume[tuple(idx)] = values
 
@@ -296,7 +296,7 @@ class SliceGeometry:
 
 
 def slice_geometry(ijk_to_ras: np.ndarray, axis: int, native_shape: Sequence[int]) -> SliceGeometry:
-    return SliceGeometry(tuple(int(s) for s in native_shape[:2]), in_plane_spacing(ijk_to_ras, axis))
+    return SliceGeometry((int(native_shape[0]), int(native_shape[1])), in_plane_spacing(ijk_to_ras, axis))
 
 
 def mask_bbox(mask: np.ndarray, margin: int = 0) -> Optional[np.ndarray]:

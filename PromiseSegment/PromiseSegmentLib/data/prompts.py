@@ -52,7 +52,7 @@ def voxel_index(value: float) -> int:
 
 def voxel(ijk: Sequence[float]) -> Tuple[int, int, int]:
     """(i, j, k) of the voxel containing a continuous IJK position."""
-    return tuple(voxel_index(v) for v in ijk[:3])
+    return voxel_index(ijk[0]), voxel_index(ijk[1]), voxel_index(ijk[2])
 
 
 def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],

@@ -10,7 +10,7 @@ everywhere (``evaluation`` states it in the CSV too):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = None) -> float:
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
     """95th percentile symmetric surface distance: NaN when both are empty (undefined), inf when exactly one
     is (see the module's convention)."""
     from scipy import ndimage

@@ -26,7 +26,7 @@ NO_BOX = "no box (empty ground truth): nothing predicted, which is right; HD95 n
 def simulated_prompts(case: Case, prompt: str) -> Prompts:
     if prompt == "center":
         h, w = case.mask.shape
-        return Prompts(points=[[w / 2, h / 2]], labels=[1])
+        return Prompts(points=np.array([[w / 2, h / 2]]), labels=np.array([1]))
     if prompt == "gt-points":
         pts, labels = sample_points(case.mask, 3, 3, np.random.default_rng(zlib.crc32(case.id.encode())))
         return Prompts(points=pts, labels=labels)

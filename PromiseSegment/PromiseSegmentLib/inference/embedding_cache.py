@@ -76,7 +76,7 @@ class EmbeddingCache:
         return len(self._items)
 
 
-def lookup(cache: Optional[EmbeddingCache], image: np.ndarray, capture: Sequence[int]):
+def lookup(cache: Optional[EmbeddingCache], image: np.ndarray, capture: Sequence[object]):
     """(key, cached embedding or None); no key is computed without a cache."""
     if cache is None:
         return None, None

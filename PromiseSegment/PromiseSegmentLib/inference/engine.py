@@ -190,8 +190,9 @@ class SamEngine:
             for j, (n, (_, input_size, original_size)) in enumerate(zip(chunk, prepared)):
                 out[n] = ImageEmbedding(feats[j:j + 1], input_size, original_size,
                                         [t[j:j + 1] for t in taps] if taps else None)
-                if self.cache is not None:
-                    self.cache.put(keys[n], out[n])
+                key = keys[n]
+                if self.cache is not None and key is not None:
+                    self.cache.put(key, out[n])
             i += len(chunk)
             if progress:
                 progress(i, len(todo))

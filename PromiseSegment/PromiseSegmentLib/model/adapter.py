@@ -87,6 +87,10 @@ class Adapter:
         return self
 
 
+def _readable(tmp: str) -> None:
+    read_safetensors_header(tmp)  # the written file reads back as an adapter's header
+
+
 def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
     """Write atomically (temporary file + rename, header read back) so an interrupted or failed save never
     leaves a broken adapter. ``states`` (module name -> state dict) is written instead of the modules'
@@ -96,7 +100,7 @@ def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, to
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, s in states.items() for k, v in s.items()}
     return write_atomically(path, lambda tmp: save_file(tensors, tmp,
                                                         metadata={METADATA_KEY: json.dumps(adapter.metadata())}),
-                            verify=read_safetensors_header)
+                            verify=_readable)
 
 
 def read_metadata(path) -> Dict[str, Any]:
@@ -219,7 +223,10 @@ def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
     target = meta.get("target") or {}
     record = BackboneRecord(rec["name"], rec.get("family", ""), rec.get("identity", ""),
                             int(rec.get("image_size", 0)), tuple(rec.get("tap_channels", ())))
-    return Adapter(record, modules.get("apm"), modules.get("ips"), IntensityRule.from_dict(meta.get("intensity") or {}),
+    apm, ips = modules.get("apm"), modules.get("ips")
+    assert apm is None or isinstance(apm, APM)
+    assert ips is None or isinstance(ips, IPS)
+    return Adapter(record, apm, ips, IntensityRule.from_dict(meta.get("intensity") or {}),
                    target.get("name", "Segment"), tuple(target.get("color", (0.9, 0.3, 0.2))),
                    meta.get("training") or {}).eval()
 

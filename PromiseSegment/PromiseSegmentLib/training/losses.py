@@ -2,7 +2,7 @@
 decode token), the APM's auxiliary box/objectness/presence loss, and box IoU."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,21 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU and the smallest enclosing box's area for (B, 4) boxes -> ((B,), (B,), (B,))."""
+class BoxOverlap(NamedTuple):
+    """Per box pair (each (B,)): IoU, the union's area, the smallest enclosing box's area."""
+    iou: torch.Tensor
+    union: torch.Tensor
+    hull: torch.Tensor
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> BoxOverlap:
+    """Overlap of (B, 4) boxes x0, y0, x1, y1."""
     lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
     area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
     union = area(a) + area(b) - inter
     hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
-    return inter / union.clamp(min=1e-6), union, hull
+    return BoxOverlap(inter / union.clamp(min=1e-6), union, hull)
 
 
 def apm_aux_loss(apm_out, batch, image_size: int) -> torch.Tensor:

@@ -356,7 +356,7 @@ class Trainer:
                                   taps_prepared=True)
             scores += batch_dice(out.low_res[:, 0].float(), batch.target)
             if out.apm is not None and out.apm.box is not None and bool(batch.present.any()):
-                ious += box_iou(out.apm.box[batch.present], batch.boxes[batch.present])[0].tolist()
+                ious += box_iou(out.apm.box[batch.present], batch.boxes[batch.present]).iou.tolist()
         return float(np.mean(scores)), float(np.mean(ious)) if ious else float("nan")
 
     @torch.no_grad()
