@@ -14,6 +14,7 @@ BACKBONE_KINDS = {"lite_medsam": ("lite_medsam", (160, 160, 320)), "sam_vit_b": 
 BOX_ONLY_BACKBONES = ("lite_medsam",)  # trained on box prompts: points alone segment nothing
 MODES = ("auto", "apm+ips", "ips", "apm+clicks", "vanilla")
 DEFAULT_COLOR = (0.9, 0.3, 0.2)
+DEFAULT_NAME = "Segment"  # the target name when neither an adapter nor the user gave one
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # acceleration.resolve_precision says what each means here
 DEVICES = ("auto", "cuda", "mps", "cpu")  # "auto": CUDA, then Apple MPS, then CPU
 AXES = ("axial", "coronal", "sagittal", "K", "J", "I")  # anatomical planes or the volume's own IJK axes

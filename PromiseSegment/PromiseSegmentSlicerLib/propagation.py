@@ -8,6 +8,7 @@ import numpy as np
 
 from PromiseSegmentLib.data.preprocessing import mask_bbox, take_slice
 from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.inference.volume_loop import propagation_margin
 
 
 def intensity_band(image: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
@@ -36,4 +37,4 @@ def propagation_prompts(model, previous: np.ndarray, negativeMask: Optional[np.n
         if len(neg):
             pick = neg[np.random.default_rng(index).choice(len(neg), min(3, len(neg)), replace=False)]
             pts, labels = pick[:, ::-1].astype(float), np.zeros(len(pick), int)
-    return Prompts(pts, labels, mask_bbox(previous, 3 if box_only else 1))
+    return Prompts(pts, labels, mask_bbox(previous, propagation_margin(box_only)))

@@ -29,6 +29,7 @@ from PromiseSegmentLib.cli.arguments import (
     progress_bar,
 )
 from PromiseSegmentLib.cli.validation import preflight, train_values
+from PromiseSegmentLib.names import DEFAULT_NAME
 from PromiseSegmentLib.training.settings import LR_SCHEDULES, TRAIN_DEFAULTS
 
 
@@ -245,7 +246,7 @@ def _add_train_command(sub) -> None:
     p.add_argument("--empty-share", type=non_negative_float, default=0.1, help="empty slices per labelled slice")
     p.add_argument("--val-fraction", type=open_fraction, default=0.15)
     p.add_argument("--limit", type=positive_int, help="use at most this many images per split")
-    p.add_argument("--name", type=name_arg, default="Segment", help="target structure name stored in the adapter")
+    p.add_argument("--name", type=name_arg, default=DEFAULT_NAME, help="target structure name stored in the adapter")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in OUTPUT.state.pt (same options; --epochs may grow)")
     p.set_defaults(func=cmd_train)

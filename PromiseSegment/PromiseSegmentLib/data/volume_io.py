@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from PromiseSegmentLib.data.preprocessing import InputError, check_volume, count_nonfinite
+from PromiseSegmentLib.names import DEFAULT_COLOR
 from PromiseSegmentLib.paths import write_atomically
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Volume:
 @dataclass
 class Segment:
     name: str
-    color: Tuple[float, float, float] = (0.9, 0.3, 0.2)
+    color: Tuple[float, float, float] = DEFAULT_COLOR
     label: int = 1
 
 

@@ -202,6 +202,12 @@ def _automatic_masks(model: SliceModel, embeddings: List[ImageEmbedding], output
 PROPAGATION_MARGIN = 3  # px added around the previous slice's result box (LiteMedSAM's reference)
 
 
+def propagation_margin(box_only: bool) -> int:
+    """Pixels added around the previous slice's result box: box-only backbones follow their reference
+    (+3 px, no mask prompt); backbones that also take the previous mask as a prompt need only +1."""
+    return PROPAGATION_MARGIN if box_only else 1
+
+
 def box_parents(todo, prompts: Dict[int, Prompts]) -> Dict[int, Optional[Tuple[int, int]]]:
     """Middle-out order for runs of consecutive slices prompted by a box alone: slice -> (the slice its box
     comes from, the run's middle slice), or None for slices that use their own prompts. Insertion order is

@@ -24,6 +24,7 @@ from PromiseSegmentLib.model.adapter_format import (
 )
 from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
+from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME
 from PromiseSegmentLib.paths import write_atomically
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ class Adapter:
     apm: Optional[APM] = None
     ips: Optional[IPS] = None
     intensity: IntensityRule = field(default_factory=IntensityRule)
-    target_name: str = "Segment"
-    target_color: tuple = (0.9, 0.3, 0.2)
+    target_name: str = DEFAULT_NAME
+    target_color: tuple = DEFAULT_COLOR
     training: Dict[str, Any] = field(default_factory=dict)
 
     def metadata(self) -> Dict[str, Any]:
@@ -227,7 +228,7 @@ def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
     assert apm is None or isinstance(apm, APM)
     assert ips is None or isinstance(ips, IPS)
     return Adapter(record, apm, ips, IntensityRule.from_dict(meta.get("intensity") or {}),
-                   target.get("name", "Segment"), tuple(target.get("color", (0.9, 0.3, 0.2))),
+                   target.get("name", DEFAULT_NAME), tuple(target.get("color", DEFAULT_COLOR)),
                    meta.get("training") or {}).eval()
 
 

@@ -28,7 +28,7 @@ from PromiseSegmentLib.inference.volume_loop import segment_slice, segment_volum
 from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.model.decoder import decode_masks
 from PromiseSegmentLib.modes import APM_MODES, MODES, resolve_mode  # noqa: F401  (re-exported)
-from PromiseSegmentLib.names import DEFAULT_COLOR
+from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME
 
 PRESENCE_THRESHOLD = 0.0  # presence logit: below it, an automatic run leaves the image empty
 
@@ -154,7 +154,7 @@ class ProMISeModel:
 
     @property
     def target_name(self) -> str:
-        return self.adapter.target_name if self.adapter else "Segment"
+        return self.adapter.target_name if self.adapter else DEFAULT_NAME
 
     @property
     def target_color(self) -> Tuple[float, float, float]:

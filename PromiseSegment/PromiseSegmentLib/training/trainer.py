@@ -31,6 +31,7 @@ from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord, save_adapte
 from PromiseSegmentLib.model.apm import APM, RESNET34_BLOCKS, default_slot_labels
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.model.promise import PromptBatch, promise_forward, refine_boxes
+from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME
 from PromiseSegmentLib.paths import write_atomically
 from PromiseSegmentLib.training.augment import augment
 from PromiseSegmentLib.training.losses import apm_aux_loss, batch_dice, box_iou, seg_loss
@@ -67,8 +68,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "cosine": within each phase (warm-up, joint), lr decays from lr towards 0
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
-    target_name: str = "Segment"
-    target_color: Sequence[float] = (0.9, 0.3, 0.2)
+    target_name: str = DEFAULT_NAME
+    target_color: Sequence[float] = DEFAULT_COLOR
     intensity: Dict = field(default_factory=lambda: IntensityRule().to_dict())
 
     def check(self) -> None:
