@@ -6,6 +6,7 @@ Everything the widget and the Segment Editor effect do is a call into
 the algorithms live in ``PromiseSegmentLib`` (torch/numpy only). Nothing heavy is imported here:
 torch & co. are installed on first use, after asking.
 """
+
 import os
 from typing import Annotated
 
@@ -40,10 +41,12 @@ class PromiseSegment(ScriptedLoadableModule):
             "ProMISe: a frozen Segment Anything Model with an Auto-Prompting Module and Incremental Pattern "
             "Shifting, for automatic and click-refined segmentation. Segment interactively with the "
             "<b>ProMISe</b> effect of the Segment Editor; here: choose the backbone, manage and train "
-            "adapters, segment whole volumes.")
+            "adapters, segment whole volumes."
+        )
         self.parent.acknowledgementText = _(
             "Uses Segment Anything (Meta AI, Apache-2.0) and LiteMedSAM (bowang-lab/MedSAM, Apache-2.0; weights "
-            "distilled from MedSAM, trained on public medical data sets with their own terms).")
+            "distilled from MedSAM, trained on public medical data sets with their own terms)."
+        )
         slicer.app.connect("startupCompleted()", registerEditorEffect)
 
 
@@ -83,10 +86,24 @@ def sharedLogic():
 
 # The console API of the Qt-free logic, reachable from the module logic: only these names are forwarded, so
 # a ``hasattr`` probe of anything else (Slicer and IDEs probe) never installs packages.
-CORE_METHODS = frozenset({
-    "segmentVolume", "segmentSlice", "predictVolume", "segmentScope", "propagate", "trainAdapter",
-    "trainingCases", "loadModel", "loadBackbone", "hasModel", "writeLabelmap", "slicesLabelmap", "valueRange",
-    "embeddingCache"})
+CORE_METHODS = frozenset(
+    {
+        "segmentVolume",
+        "segmentSlice",
+        "predictVolume",
+        "segmentScope",
+        "propagate",
+        "trainAdapter",
+        "trainingCases",
+        "loadModel",
+        "loadBackbone",
+        "hasModel",
+        "writeLabelmap",
+        "slicesLabelmap",
+        "valueRange",
+        "embeddingCache",
+    }
+)
 
 
 class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
@@ -145,8 +162,9 @@ class ProgressWithCancel:
     def __init__(self, title, errorMessage=None):
         self.title, self.errorMessage = title, errorMessage
         # no auto-reset/close: reaching 100 % would clear wasCanceled and a later setValue would reopen it
-        self.dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100,
-                                                       autoReset=False, autoClose=False)
+        self.dialog = slicer.util.createProgressDialog(
+            windowTitle=title, labelText=title, maximum=100, autoReset=False, autoClose=False
+        )
         self.dialog.setWindowModality(qt.Qt.WindowModal)
         self.dialog.setCancelButtonText(_("Cancel"))
 
@@ -179,8 +197,9 @@ class ProgressWithCancel:
         else:
             import traceback
 
-            slicer.util.errorDisplay(f"{self.errorMessage}\n\n{exc}",
-                                     detailedText="".join(traceback.format_exception(excType, exc, tb)))
+            slicer.util.errorDisplay(
+                f"{self.errorMessage}\n\n{exc}", detailedText="".join(traceback.format_exception(excType, exc, tb))
+            )
         return True
 
 
@@ -225,15 +244,32 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshAdapters()
 
     def setupModelSection(self, model):
-        self.checkpointCombo = self._field(model, _("Backbone:"), qt.QComboBox(), "backbone", _(
-            "lite_medsam (default) ships with its Python package and works offline; sam_vit_b/l/h are downloaded "
-            "once into your cache and SHA-256 verified"))
-        self.checkpointFile = self._field(model, _("or local file:"), qt.QLineEdit(), "backboneFile", _(
-            "path to a LiteMedSAM/SAM/MedSAM .pth (overrides the choice above)"))
+        self.backboneCombo = self._field(
+            model,
+            _("Backbone:"),
+            qt.QComboBox(),
+            "backbone",
+            _(
+                "lite_medsam (default) ships with its Python package and works offline; sam_vit_b/l/h are downloaded "
+                "once into your cache and SHA-256 verified"
+            ),
+        )
+        self.checkpointFile = self._field(
+            model,
+            _("or local file:"),
+            qt.QLineEdit(),
+            "backboneFile",
+            _("path to a LiteMedSAM/SAM/MedSAM .pth (overrides the choice above)"),
+        )
         self.downloadButton = qt.QPushButton(_("Download / verify checkpoint"))
         model.addRow(self.downloadButton)
-        self.adapterFile = self._field(model, _("Adapter:"), qt.QLineEdit(), "adapterFile", _(
-            "APM+IPS adapter (.safetensors); empty = the plain backbone with your prompts"))
+        self.adapterFile = self._field(
+            model,
+            _("Adapter:"),
+            qt.QLineEdit(),
+            "adapterFile",
+            _("APM+IPS adapter (.safetensors); empty = the plain backbone with your prompts"),
+        )
         self.adapterCombo = qt.QComboBox()
         self.adapterCombo.toolTip = _("adapters imported into your adapter folder")
         model.addRow(_("Installed adapters:"), self.adapterCombo)
@@ -245,21 +281,33 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.deviceCombo = self._field(model, _("Device:"), qt.QComboBox(), "device")
 
     def setupRunSection(self, run):
-        self.volumeSelector = self._field(run, _("Volume:"), mrmlSelector(["vtkMRMLScalarVolumeNode"]),
-                                          "inputVolume")
-        self.segmentationSelector = self._field(run, _("Segmentation:"),
-                                                mrmlSelector(["vtkMRMLSegmentationNode"], True), "segmentation")
+        self.volumeSelector = self._field(run, _("Volume:"), mrmlSelector(["vtkMRMLScalarVolumeNode"]), "inputVolume")
+        self.segmentationSelector = self._field(
+            run, _("Segmentation:"), mrmlSelector(["vtkMRMLSegmentationNode"], True), "segmentation"
+        )
         self.axisCombo = self._field(run, _("Slice axis:"), qt.QComboBox(), "axis")
         self.segmentButton = qt.QPushButton(_("Segment whole volume (new segment)"))
         run.addRow(self.segmentButton)
 
     def setupTrainSection(self, train):
-        self.trainSegment = self._field(train, _("Segment name:"), qt.QLineEdit(), "trainSegmentName", _(
-            "every segmentation in the scene with a segment of this name is used, on the volume it was drawn on "
-            "(a cohort loaded into one scene trains one adapter)"))
+        self.trainSegment = self._field(
+            train,
+            _("Segment name:"),
+            qt.QLineEdit(),
+            "trainSegmentName",
+            _(
+                "every segmentation in the scene with a segment of this name is used, on the volume it was drawn on "
+                "(a cohort loaded into one scene trains one adapter)"
+            ),
+        )
         self.trainEpochs = self._field(train, _("Epochs:"), qt.QSpinBox(), "trainEpochs")
-        self.trainOutput = self._field(train, _("Save adapter as:"), qt.QLineEdit(), "trainOutput", _(
-            "a new .safetensors file (an existing file is never replaced)"))
+        self.trainOutput = self._field(
+            train,
+            _("Save adapter as:"),
+            qt.QLineEdit(),
+            "trainOutput",
+            _("a new .safetensors file (an existing file is never replaced)"),
+        )
         self.trainButton = qt.QPushButton(_("Train adapter (the backbone stays frozen)"))
         train.addRow(self.trainButton)
 
@@ -334,47 +382,71 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDownload(self):
         spec = backboneSpec(self._parameterNode)
-        with ProgressWithCancel(_("Getting / verifying {spec}").format(spec=spec),
-                                _("Checkpoint download or verification failed; nothing was kept.")) as progress:
+        with ProgressWithCancel(
+            _("Getting / verifying {spec}").format(spec=spec),
+            _("Checkpoint download or verification failed; nothing was kept."),
+        ) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the import below)
             from PromiseSegmentLib.backbones.registry import BACKBONES
 
             if spec in BACKBONES:
-                path = BACKBONES[spec].locate(progress=lambda done, total: progress.progress(done, total or 1),
-                                              cancel=progress.cancelled)
+                path = BACKBONES[spec].locate(
+                    progress=lambda done, total: progress.progress(done, total or 1), cancel=progress.cancelled
+                )
             else:
                 path = self.logic.loadBackbone(spec).path
             slicer.util.infoDisplay(_("Checkpoint ready and verified:") + f"\n{path}")
 
     def onSegment(self):
         p = self._parameterNode
-        with ProgressWithCancel(_("ProMISe: segmenting"),
-                                _("Segmentation failed; the segmentation was not changed.")) as progress:
-            self.logic.segmentVolume(p.inputVolume, p.segmentation, adapter=p.adapterFile or None,
-                                     backbone=backboneSpec(p), axis=p.axis, device=deviceSpec(p),
-                                     progress=progress.progress, cancel=progress.cancelled)
+        with ProgressWithCancel(
+            _("ProMISe: segmenting"), _("Segmentation failed; the segmentation was not changed.")
+        ) as progress:
+            self.logic.segmentVolume(
+                p.inputVolume,
+                p.segmentation,
+                adapter=p.adapterFile or None,
+                backbone=backboneSpec(p),
+                axis=p.axis,
+                device=deviceSpec(p),
+                progress=progress.progress,
+                cancel=progress.cancelled,
+            )
 
     def onTrain(self):
         p = self._parameterNode
         with ProgressWithCancel(_("ProMISe: training adapter"), _("Training failed.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
-            from PromiseSegmentLib.training.trainer import TrainConfig
+            from PromiseSegmentLib.training.config import TrainConfig
             from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 
             fallback = {p.segmentation.GetID(): p.inputVolume} if p.segmentation and p.inputVolume else {}
             pairs, skipped = training_pairs_in_scene(slicer.mrmlScene, p.trainSegmentName, fallback)
             if not pairs:
-                raise ValueError(_("no segmentation in the scene has a non-empty segment named {name}").format(
-                    name=repr(p.trainSegmentName)) + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
-            result = self.logic.trainAdapter(pairs, p.trainOutput, backbone=backboneSpec(p),
-                                             device=deviceSpec(p),
-                                             config=TrainConfig(epochs=p.trainEpochs, target_name=p.trainSegmentName),
-                                             progress=progress.progress, cancel=progress.cancelled)
+                raise ValueError(
+                    _("no segmentation in the scene has a non-empty segment named {name}").format(
+                        name=repr(p.trainSegmentName)
+                    )
+                    + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+                )
+            result = self.logic.trainAdapter(
+                pairs,
+                p.trainOutput,
+                backbone=backboneSpec(p),
+                device=deviceSpec(p),
+                config=TrainConfig(epochs=p.trainEpochs, target_name=p.trainSegmentName),
+                progress=progress.progress,
+                cancel=progress.cancelled,
+            )
             p.adapterFile = p.trainOutput
-            slicer.util.infoDisplay(_("Adapter saved: {path}\ntrained on {n} segmentation(s)").format(
-                path=p.trainOutput, n=len(pairs)) + (f" (skipped: {', '.join(skipped)})" if skipped else "")
-                + "\n" + _("best validation Dice {dice} after {epochs} epochs").format(
-                    dice=f"{result.best_val_dice:.3f}", epochs=len(result.history)))
+            slicer.util.infoDisplay(
+                _("Adapter saved: {path}\ntrained on {n} segmentation(s)").format(path=p.trainOutput, n=len(pairs))
+                + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+                + "\n"
+                + _("best validation Dice {dice} after {epochs} epochs").format(
+                    dice=f"{result.best_val_dice:.3f}", epochs=len(result.history)
+                )
+            )
 
 
 def ctkCollapsible(title, parentLayout, collapsed=False):

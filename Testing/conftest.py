@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PromiseSegment"))  # works from a plain clone, installed or not
+sys.path.insert(0, str(ROOT / "Testing" / "utils"))  # the tests' shared helpers (sample data, Slicer stand-ins)
 from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # as the command line does, before torch is imported
@@ -21,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
     # Real-data tests run whenever the shared data folder exists (CI always has it).
     skip = pytest.mark.skip(reason=f"real data folder {DATA} not present")
     for item in items:
-        if "data" in item.keywords and not DATA.is_dir():
+        if item.get_closest_marker("data") and not DATA.is_dir():
             item.add_marker(skip)
 
 

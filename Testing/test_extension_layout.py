@@ -1,4 +1,5 @@
 """The extension's structure rules: what Slicer installs, which layer may import what."""
+
 import ast
 import py_compile
 import re
@@ -19,8 +20,10 @@ def imported_modules(path: Path):
             yield node.module.split(".")[0]
 
 
-@pytest.mark.parametrize("folder, forbidden", [("PromiseSegmentLib", {"slicer", "qt", "vtk", "ctk"}),
-                                               ("PromiseSegmentSlicerLib", {"qt", "ctk"})])
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [("PromiseSegmentLib", {"slicer", "qt", "vtk", "ctk"}), ("PromiseSegmentSlicerLib", {"qt", "ctk"})],
+)
 def test_layers_do_not_import_what_they_must_not(folder, forbidden):
     for path in sorted((MODULE / folder).rglob("*.py")):
         bad = forbidden & set(imported_modules(path))
@@ -29,8 +32,11 @@ def test_layers_do_not_import_what_they_must_not(folder, forbidden):
 
 def test_slicer_only_files_compile():
     """The files only Slicer can import (module widget, effect, Slicer-hosted tests) at least compile."""
-    for path in [MODULE / "PromiseSegment.py", *MODULE.glob("SegmentEditorPromiseSegmentLib/*.py"),
-                 *MODULE.glob("Testing/Python/*.py")]:
+    for path in [
+        MODULE / "PromiseSegment.py",
+        *MODULE.glob("SegmentEditorPromiseSegmentLib/*.py"),
+        *MODULE.glob("Testing/Python/*.py"),
+    ]:
         py_compile.compile(str(path), doraise=True)
 
 
@@ -40,15 +46,25 @@ def cmake_installed_files(cmake_path: Path) -> set:
     RESOURCES lists with their variables expanded."""
     text = cmake_path.read_text(encoding="utf-8")
     folder = cmake_path.parent
-    variables = {"MODULE_NAME": re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1),
-                 "CMAKE_CURRENT_SOURCE_DIR": str(folder)}
+    variables = {
+        "MODULE_NAME": re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1),
+        "CMAKE_CURRENT_SOURCE_DIR": str(folder),
+    }
 
     def expand(value):
-        return re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)] if isinstance(variables[m.group(1)], str)
-                      else ";".join(variables[m.group(1)]), value)
+        return re.sub(
+            r"\$\{(\w+)\}",
+            lambda m: (
+                variables[m.group(1)] if isinstance(variables[m.group(1)], str) else ";".join(variables[m.group(1)])
+            ),
+            value,
+        )
 
-    for kind, var, pattern in re.findall(r"file\((GLOB(?:_RECURSE)?) (\w+) RELATIVE \S+ (?:CONFIGURE_DEPENDS )?"
-                                         r"\"([^\"]+)\"\)", text):
+    for kind, var, pattern in re.findall(
+        r"file\((GLOB(?:_RECURSE)?) (\w+) RELATIVE \S+ (?:CONFIGURE_DEPENDS )?"
+        r"\"([^\"]+)\"\)",
+        text,
+    ):
         pattern = expand(pattern)
         if kind == "GLOB_RECURSE":  # "dir/*" matches every file below dir
             pattern = pattern.replace("/*", "/**/*")
@@ -68,8 +84,11 @@ def test_cmake_installs_every_file_the_module_uses_at_runtime():
     tracked = subprocess.run(["git", "ls-files", "PromiseSegment"], cwd=ROOT, capture_output=True, text=True)
     if tracked.returncode != 0:
         pytest.fail("needs a git checkout: " + tracked.stderr)
-    runtime = {str(Path(f).relative_to("PromiseSegment")) for f in tracked.stdout.split()
-               if "/Testing/" not in f and not f.endswith("CMakeLists.txt")}
+    runtime = {
+        str(Path(f).relative_to("PromiseSegment"))
+        for f in tracked.stdout.split()
+        if "/Testing/" not in f and not f.endswith("CMakeLists.txt")
+    }
     installed = cmake_installed_files(MODULE / "CMakeLists.txt")
     assert runtime - installed == set(), "not installed by PromiseSegment/CMakeLists.txt"
     assert {p for p in installed if not (MODULE / p).is_file()} == set(), "listed but missing"
@@ -82,14 +101,24 @@ def test_slicer_tests_are_registered():
     for script in re.findall(r"slicer_add_python_unittest\(SCRIPT (\S+)\)", tests):
         assert (MODULE / "Testing" / "Python" / script).exists()
     assert {p.name for p in (MODULE / "Testing" / "Python").glob("*Test.py")} <= set(
-        re.findall(r"SCRIPT (\S+)\)", tests))
+        re.findall(r"SCRIPT (\S+)\)", tests)
+    )
 
 
 # What Slicer/ExtensionsIndex's check_description_files.py checks without network, written here (nothing
 # vendored): JSON format, the catalog-entry schema's keys and types, category, scm_url, names, the top-level
 # CMakeLists.txt (project name, icon and screenshot URLs pointing at committed PNGs), license, size.
-SCHEMA_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-                "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+SCHEMA_TYPES = {
+    "$schema": str,
+    "category": str,
+    "scm_url": str,
+    "scm_revision": str,
+    "scm_type": str,
+    "build_dependencies": list,
+    "build_subdirectory": str,
+    "enabled": bool,
+    "tier": int,
+}
 KNOWN_CATEGORIES = {"Segmentation", "Quantification", "Filtering", "Registration", "Examples", "Informatics"}
 
 
@@ -124,7 +153,7 @@ def test_catalog_images_are_committed_pngs(variable):
     for url in urls.group(1).split():
         prefix = "https://raw.githubusercontent.com/PromiseSegment/SlicerPromiseSegment/main/"
         assert url.startswith(prefix), url
-        image = ROOT / url[len(prefix):]
+        image = ROOT / url[len(prefix) :]
         assert image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
 
 
@@ -133,7 +162,7 @@ def test_license_and_repository_size():
 
     assert (ROOT / "LICENSE.txt").is_file()
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    assert sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file()) < 100 * 2 ** 20
+    assert sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file()) < 100 * 2**20
 
 
 def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
@@ -142,10 +171,12 @@ def test_what_slicer_imports_before_asking_to_install_torch_needs_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            "import PromiseSegmentLib.errors, PromiseSegmentLib.paths, PromiseSegmentSlicerLib.adapter_folder, "
-            "PromiseSegmentSlicerLib.dependencies, PromiseSegmentSlicerLib.mrml, PromiseSegmentSlicerLib.interaction; "
-            "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+        "import PromiseSegmentLib.errors, PromiseSegmentLib.paths, PromiseSegmentSlicerLib.adapter_folder, "
+        "PromiseSegmentSlicerLib.dependencies, PromiseSegmentSlicerLib.mrml, PromiseSegmentSlicerLib.interaction; "
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -166,8 +197,10 @@ def core_imports() -> dict:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("PromiseSegmentLib"):
-                deps.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                            for a in node.names)
+                deps.update(
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                )
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name in modules)
         graph[name] = {d for d in deps if d in modules and d != name and not name.startswith(d + ".")}
@@ -200,11 +233,16 @@ def test_the_core_uses_absolute_imports_only():
 
 # Which sub-package may import which: the command line on top, then training/evaluation, inference, the
 # model, backbones, data; the shared modules (errors, names, modes, paths) at the bottom import nothing.
-LAYERS = {"cli": {"training", "evaluation", "inference", "model", "backbones", "data", "base"},
-          "training": {"inference", "model", "backbones", "data", "base", "evaluation"},
-          "evaluation": {"inference", "model", "backbones", "data", "base"},
-          "inference": {"model", "backbones", "data", "base"}, "model": {"inference", "backbones", "data", "base"},
-          "backbones": {"inference", "data", "base"}, "data": {"base"}, "base": {"base"}}
+LAYERS = {
+    "cli": {"training", "evaluation", "inference", "model", "backbones", "data", "base"},
+    "training": {"inference", "model", "backbones", "data", "base", "evaluation"},
+    "evaluation": {"inference", "model", "backbones", "data", "base"},
+    "inference": {"model", "backbones", "data", "base"},
+    "model": {"inference", "backbones", "data", "base"},
+    "backbones": {"inference", "data", "base"},
+    "data": {"base"},
+    "base": {"base"},
+}
 
 
 def layer(module: str) -> str:
@@ -213,8 +251,12 @@ def layer(module: str) -> str:
 
 
 def test_sub_packages_import_only_the_layers_below():
-    bad = [f"{m} -> {d}" for m, deps in core_imports().items() for d in deps
-           if layer(d) not in LAYERS[layer(m)] | {layer(m)}]
+    bad = [
+        f"{m} -> {d}"
+        for m, deps in core_imports().items()
+        for d in deps
+        if layer(d) not in LAYERS[layer(m)] | {layer(m)}
+    ]
     assert not bad
 
 
@@ -225,8 +267,10 @@ def test_every_sub_package_imports_without_torch():
     import sys
 
     packages = sorted(module_name(p) for p in CORE.rglob("__init__.py"))
-    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            f"import {', '.join(packages)}, PromiseSegmentLib.cli.main")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+        f"import {', '.join(packages)}, PromiseSegmentLib.cli.main"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -4,6 +4,7 @@ mask, the result tinted red over the expert mask (green where they differ). Run 
 
     .venv/bin/python tools/make_screenshot.py
 """
+
 import sys
 from pathlib import Path
 
@@ -17,14 +18,14 @@ from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.data.volume_io import overlay_rgb  # noqa: E402
 from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
-from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.inference.engine import InferenceEngine
 
 CASES = ("10003_spleen_26", "10024_spleen_59", "10019_spleen_8")
 
 
 def main() -> None:
     bundled = ROOT / "PromiseSegment" / "PromiseSegmentLib" / "data" / "bundled" / "ct-spleen"
-    engine = SamEngine(load_backbone("lite_medsam"))
+    engine = InferenceEngine(load_backbone("lite_medsam"))
     tiles = []
     for case in CASES:
         rgb = np.asarray(Image.open(bundled / "images" / f"{case}.jpg").convert("RGB"))

@@ -1,6 +1,7 @@
 """Input and output paths checked before any work: an input exists and is readable; an output name is
 valid (UTF-8, fits the file system, a known type), its folder writable, and an existing file is only
 replaced when the user allowed it."""
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,9 @@ def check_output(path, overwrite: bool, what: str, suffixes: Optional[Sequence[s
         st = None  # nothing there, or a path check_writable_folder explains
     if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
         kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
-        raise InputError(f"{what} {p} is not a regular file ({kind}); it is never replaced: remove it or choose "
-                         f"another name")
+        raise InputError(
+            f"{what} {p} is not a regular file ({kind}); it is never replaced: remove it or choose another name"
+        )
     if st is not None and not overwrite:
         raise InputError(f"{what} {p} already exists; choose another name or pass --overwrite")
     check_writable_folder(p.parent, what)
@@ -92,8 +94,9 @@ def check_utf8(p: Path, what: str) -> None:
         str(p).encode("utf-8")
     except UnicodeEncodeError:
         shown = os.fsencode(str(p)).decode("utf-8", "backslashreplace")
-        raise InputError(f"{what} {shown}: the path is not valid UTF-8, which the image libraries cannot open; "
-                         "rename it") from None
+        raise InputError(
+            f"{what} {shown}: the path is not valid UTF-8, which the image libraries cannot open; rename it"
+        ) from None
 
 
 def _check_name(p: Path, what: str) -> None:
@@ -102,8 +105,9 @@ def _check_name(p: Path, what: str) -> None:
     check_utf8(p, what)
     n, limit = len(os.fsencode(p.name)), name_max(p.parent)
     if n > limit:
-        raise InputError(f"{what} {p.name[:40]}...: the file name is too long ({n} bytes; this file system allows "
-                         f"{limit})")
+        raise InputError(
+            f"{what} {p.name[:40]}...: the file name is too long ({n} bytes; this file system allows {limit})"
+        )
 
 
 def check_writable_folder(folder, what: str) -> None:
@@ -137,5 +141,3 @@ def check_distinct(named: Dict[str, Optional[Path]]) -> None:
         if key in seen:
             raise InputError(f"{seen[key]} and {label} name the same file ({path}); choose another output name")
         seen[key] = label
-
-

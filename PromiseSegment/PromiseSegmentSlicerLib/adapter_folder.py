@@ -4,14 +4,16 @@ Reading the description parses only the safetensors JSON header (``validation.re
 the same checks as the command line), so it works before torch is installed and never executes anything
 from the file.
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 from typing import List
 
+from PromiseSegmentLib.atomic_write import write_atomically
 from PromiseSegmentLib.model.adapter_format import read_adapter_metadata
-from PromiseSegmentLib.paths import cache_dir, write_atomically
+from PromiseSegmentLib.paths import cache_dir
 
 
 def adapter_dir() -> Path:
@@ -34,14 +36,19 @@ def describe(path) -> str:
     except (OSError, ValueError) as exc:
         return f"not usable: {exc}"
     apm = m.get("apm") or {}
-    parts = [p for p, present in ((f"APM ({'+'.join(apm.get('prompts', ['points']))})", apm),
-                                  ("IPS", m.get("ips"))) if present]
+    parts = [
+        p
+        for p, present in ((f"APM ({'+'.join(apm.get('prompts', ['points']))})", apm), ("IPS", m.get("ips")))
+        if present
+    ]
     training = m.get("training") or {}
     dice = training.get("best_val_dice")
     backbone = m["backbone"]["name"]
-    return (f"{m.get('target', {}).get('name', '?')}: {'+'.join(parts) or 'empty'} for {backbone}"
-            + (f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else "")
-            + f", intensity {m.get('intensity', {}).get('kind', '?')}")
+    return (
+        f"{m.get('target', {}).get('name', '?')}: {'+'.join(parts) or 'empty'} for {backbone}"
+        + (f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else "")
+        + f", intensity {m.get('intensity', {}).get('kind', '?')}"
+    )
 
 
 def import_adapter(source) -> Path:

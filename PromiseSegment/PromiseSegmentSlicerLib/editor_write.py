@@ -14,6 +14,7 @@ wherever the modifier is set inside that extent. A modifier that carried the res
 Both run under the one undo state the caller saved. No Qt here: the effect passes its
 ``modifySelectedSegmentByLabelmap``, the logic ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -63,7 +64,8 @@ def segment_outside_block(segmentation_node, segment_id: str, reference, block: 
     outside = empty_like(reference)
     on_grid = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            current, outside, on_grid, False):
+        current, outside, on_grid, False
+    ):
         raise RuntimeError("could not resample the segment onto its segmentation's geometry")
     values = kji(outside)
     values[:] = kji(on_grid) > 0
@@ -74,8 +76,9 @@ def segment_outside_block(segmentation_node, segment_id: str, reference, block: 
     return outside
 
 
-def write_block(modify: ModifyFn, segmentation_node, segment_id: str, labelmap, extent: Sequence[int],
-                reference) -> None:
+def write_block(
+    modify: ModifyFn, segmentation_node, segment_id: str, labelmap, extent: Sequence[int], reference
+) -> None:
     """Replace the block ``extent`` (IJK of ``labelmap``) of the segment by ``labelmap``; ``reference`` is
     the editor's modifier geometry (its default modifier labelmap), on which the editor's masking works."""
     block_image, block_extent = on_reference_grid(labelmap, extent, reference)

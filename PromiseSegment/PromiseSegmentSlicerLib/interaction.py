@@ -5,6 +5,7 @@ The effect converts a mouse position to world RAS (``xyToRas``) and hands it her
 which slice, which IJK voxel (through the volume's parent transform), running the model, building the
 labelmap for Apply - happens in this class and the logic, so plain pytest covers it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ def axis_for_normal(volume_node, normal_ras: Sequence[float]) -> int:
 @dataclass
 class ClickSession:
     logic: object
-    mode: str = "clicks"
+    prompt_tool: str = "clicks"  # "clicks", "box" or "automatic": how the user prompts (the Prompts list)
     volume_node: object = None
     axis: Optional[int] = None
     index: Optional[int] = None
@@ -62,7 +63,7 @@ class ClickSession:
 
     def click(self, volume_node, ras, normal_ras, positive: bool = True) -> None:
         _, ijk = self.locate(volume_node, ras, normal_ras)
-        if self.mode == "box":
+        if self.prompt_tool == "box":
             self.box_corners = (self.box_corners + [tuple(ijk)])[-2:]
         else:
             self.points.append((*ijk, 1 if positive else 0))
@@ -96,12 +97,12 @@ class ClickSession:
     def ready(self) -> bool:
         if self.volume_node is None:
             return False
-        if self.mode == "box":
+        if self.prompt_tool == "box":
             return len(self.box_corners) == 2
-        return self.mode == "automatic" or bool(self.points)
+        return self.prompt_tool == "automatic" or bool(self.points)
 
     def box(self) -> Optional[Tuple[float, ...]]:
-        if self.mode != "box" or len(self.box_corners) < 2:
+        if self.prompt_tool != "box" or len(self.box_corners) < 2:
             return None
         return (*self.box_corners[0], *self.box_corners[1])
 
@@ -111,19 +112,29 @@ class ClickSession:
         Automatic mode: the adapter's APM points alone, or merged with the user's clicks once there are
         any (a negative click removes a leak, a positive one adds a missed part)."""
         if not self.ready:
-            raise InputError("click in a slice view first" if self.mode != "box" else
-                             "drag a box in a slice view first (or click two opposite corners)")
+            raise InputError(
+                "click in a slice view first"
+                if self.prompt_tool != "box"
+                else "drag a box in a slice view first (or click two opposite corners)"
+            )
         mode = model_args.pop("mode", None)
-        if mode is None and self.mode == "automatic":
+        if mode is None and self.prompt_tool == "automatic":
             mode = "apm+clicks" if self.points else "apm+ips"
         self.preview_mask = self.logic.segmentSlice(
-            self.volume_node, self.index, self.axis, points=self.points if self.mode != "box" else (),
-            box=self.box(), mode=mode or "auto", **model_args)
+            self.volume_node,
+            self.index,
+            self.axis,
+            points=self.points if self.prompt_tool != "box" else (),
+            box=self.box(),
+            mode=mode or "auto",
+            **model_args,
+        )
         return self.preview_mask
 
     def labelmap(self, segmentation_node=None):
         """The previewed slice as (``vtkOrientedImageData``, extent) for ``modifySelectedSegmentByLabelmap``."""
         if self.preview_mask is None:
             raise InputError("nothing to apply: preview a result first")
-        return self.logic.slicesLabelmap(self.volume_node, self.axis, {self.index: self.preview_mask},
-                                         segmentation_node)
+        return self.logic.slicesLabelmap(
+            self.volume_node, self.axis, {self.index: self.preview_mask}, segmentation_node
+        )

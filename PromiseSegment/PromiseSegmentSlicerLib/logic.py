@@ -4,6 +4,7 @@ module widget and the Segment Editor effect all call this; pytest runs it on ``s
 Results are computed completely before the scene is touched and then written in one call, so a
 cancelled or failed run leaves every segment as it was.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,9 +18,12 @@ import numpy as np
 
 from PromiseSegmentLib.backbones.base import LoadedBackbone
 from PromiseSegmentLib.backbones.registry import load_backbone
-from PromiseSegmentLib.data.preprocessing import InputError, IntensityRule, resolve_axis, take_slice
+from PromiseSegmentLib.callbacks import CancelFn, ProgressFn
+from PromiseSegmentLib.data.preprocessing import IntensityRule, resolve_axis
 from PromiseSegmentLib.data.prompts import check_ijk_prompts, ijk_prompts  # the same rules as the command line
+from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
+from PromiseSegmentLib.inference.propagation import PropagationLimits, check_start_mask, propagate
 from PromiseSegmentLib.inference.volume_loop import slice_indices, volume_value_range
 from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
@@ -27,12 +31,9 @@ from PromiseSegmentLib.names import MODES
 
 from . import mrml
 from .editor_write import write_block
-from .propagation import band_agreement, intensity_band, propagation_prompts
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 PointList = Sequence[Sequence[float]]  # IJK voxels (i, j, k[, label]); boxes are (i0, j0, k0, i1, j1, k1)
 
 
@@ -98,9 +99,14 @@ class SceneLogic:
 
     # ------------------------------------------------------------------ models
     @exclusive
-    def loadBackbone(self, backbone: Optional[str] = None, expected: Optional[str] = None,
-                     device: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                     cancel: Optional[CancelFn] = None) -> LoadedBackbone:
+    def loadBackbone(
+        self,
+        backbone: Optional[str] = None,
+        expected: Optional[str] = None,
+        device: Optional[str] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> LoadedBackbone:
         """The frozen backbone (registry name, e.g. "lite_medsam" - the default - or "sam_vit_b", or a
         checkpoint path), kept in memory until another one is asked for. ``expected``: the backbone an
         adapter was trained on (used when ``backbone`` is not given). ``progress(bytes, total)`` and
@@ -118,8 +124,11 @@ class SceneLogic:
         return str(backbone or expected or "default"), str(device)
 
     def _holds(self, backbone, expected, device) -> bool:
-        return self._backbone is not None and self._backboneKey == self._keyFor(backbone, expected, device) and not (
-            expected and self._backbone.spec.family != load_family(expected))
+        return (
+            self._backbone is not None
+            and self._backboneKey == self._keyFor(backbone, expected, device)
+            and not (expected and self._backbone.spec.family != load_family(expected))
+        )
 
     @staticmethod
     def _adapterBackbone(adapter) -> Optional[str]:
@@ -132,9 +141,15 @@ class SceneLogic:
         return str(path.resolve()), path.stat().st_mtime_ns, loaded.name, loaded.identity, allowMismatch
 
     @exclusive
-    def loadModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
-                  device: Optional[str] = None, allowMismatch: bool = False, progress: Optional[ProgressFn] = None,
-                  cancel: Optional[CancelFn] = None) -> ProMISeModel:
+    def loadModel(
+        self,
+        backbone: Optional[str] = None,
+        adapter: Union[None, str, Adapter] = None,
+        device: Optional[str] = None,
+        allowMismatch: bool = False,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> ProMISeModel:
         """Backbone (``None``: the adapter's, else LiteMedSAM; a registry name or a checkpoint path) plus an
         optional adapter (file path or an ``Adapter``). An adapter's metadata is checked before any
         weights are loaded; ``progress``/``cancel`` follow a first-time checkpoint download."""
@@ -152,16 +167,24 @@ class SceneLogic:
             log.info("ProMISe engine: %s", self.engineDescription)  # once per change, not per call
         return ProMISeModel(engine, adapterObject)
 
-    def hasModel(self, backbone: Optional[str] = None, adapter: Union[None, str, Adapter] = None,
-                 device: Optional[str] = None, allowMismatch: bool = False) -> bool:
+    def hasModel(
+        self,
+        backbone: Optional[str] = None,
+        adapter: Union[None, str, Adapter] = None,
+        device: Optional[str] = None,
+        allowMismatch: bool = False,
+    ) -> bool:
         """True when ``loadModel`` with these arguments would load nothing (no install, no download, no
         weights read): the effect accepts clicks only then, so a mouse handler never does the set-up."""
         try:
             expected = self._adapterBackbone(adapter)
             if not self._holds(backbone, expected, device):
                 return False
-            return isinstance(adapter, Adapter) or not adapter or (
-                self._adapterKey(Path(adapter), self._backbone, allowMismatch) in self._adapters)
+            return (
+                isinstance(adapter, Adapter)
+                or not adapter
+                or (self._adapterKey(Path(adapter), self._backbone, allowMismatch) in self._adapters)
+            )
         except (OSError, ValueError):
             return False  # an unreadable adapter: loadModel will say why
 
@@ -180,10 +203,19 @@ class SceneLogic:
 
     # ------------------------------------------------------------------ inference
     @exclusive
-    def segmentSlice(self, volumeNode, sliceIndex: int, axis: Union[int, str] = "K", points: PointList = (),
-                     box: Optional[Sequence[float]] = None, previousMask: Optional[np.ndarray] = None,
-                     mode: str = "auto", model: Optional[ProMISeModel] = None,
-                     intensity: Optional[IntensityRule] = None, **modelArgs) -> np.ndarray:
+    def segmentSlice(
+        self,
+        volumeNode,
+        sliceIndex: int,
+        axis: Union[int, str] = "K",
+        points: PointList = (),
+        box: Optional[Sequence[float]] = None,
+        previousMask: Optional[np.ndarray] = None,
+        mode: str = "auto",
+        model: Optional[ProMISeModel] = None,
+        intensity: Optional[IntensityRule] = None,
+        **modelArgs,
+    ) -> np.ndarray:
         """One slice -> bool mask on that slice's grid (rows, cols as ``take_slice`` gives them).
 
         ``points`` are IJK voxels (i, j, k[, label]) on this slice (label 1 positive, 0 negative);
@@ -199,8 +231,7 @@ class SceneLogic:
         slice_indices(array.shape[ax], (sliceIndex, sliceIndex))
         model = self._model(model, **modelArgs)
         vr = self.valueRange(volumeNode, array, intensity or model.intensity)
-        pred = model.segment_slice(array, ijk_to_ras, ax, sliceIndex, per_slice.get(sliceIndex), previousMask,
-                                   mode, vr)
+        pred = model.segment_slice(array, ijk_to_ras, ax, sliceIndex, per_slice.get(sliceIndex), previousMask, mode, vr)
         return pred.masks[0].astype(bool)
 
     @staticmethod
@@ -216,11 +247,21 @@ class SceneLogic:
         return ijk_prompts(ax, list(points), list(boxes), shape)
 
     @exclusive
-    def predictVolume(self, volumeNode, axis: Union[int, str] = "K", sliceRange: Optional[Tuple[int, int]] = None,
-                      points: PointList = (), boxes: Sequence[Sequence[float]] = (), mode: str = "auto",
-                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                      model: Optional[ProMISeModel] = None, intensity: Optional[IntensityRule] = None,
-                      segmentationNode=None, **modelArgs) -> np.ndarray:
+    def predictVolume(
+        self,
+        volumeNode,
+        axis: Union[int, str] = "K",
+        sliceRange: Optional[Tuple[int, int]] = None,
+        points: PointList = (),
+        boxes: Sequence[Sequence[float]] = (),
+        mode: str = "auto",
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+        model: Optional[ProMISeModel] = None,
+        intensity: Optional[IntensityRule] = None,
+        segmentationNode=None,
+        **modelArgs,
+    ) -> np.ndarray:
         """The whole (or ``sliceRange`` of the) volume -> KJI uint8 mask; the scene is not touched.
         Slices are streamed, so memory is the volume plus one mask, not a stack of embeddings."""
         array = mrml.volume_array(volumeNode)
@@ -231,11 +272,26 @@ class SceneLogic:
             slice_indices(array.shape[ax], sliceRange)
         model = self._model(model, **modelArgs)
         vr = self.valueRange(volumeNode, array, intensity or model.intensity)
-        return model.segment_volume(array, ijk_to_ras, mode=mode, axis=ax, slice_range=sliceRange, prompts=prompts,
-                                    progress=progress, cancel=cancel, value_range=vr)
+        return model.segment_volume(
+            array,
+            ijk_to_ras,
+            mode=mode,
+            axis=ax,
+            slice_range=sliceRange,
+            prompts=prompts,
+            progress=progress,
+            cancel=cancel,
+            value_range=vr,
+        )
 
-    def segmentScope(self, volumeNode, segmentationNode, axis: Union[int, str] = "K",
-                     sliceRange: Optional[Tuple[int, int]] = None, **predictArgs):
+    def segmentScope(
+        self,
+        volumeNode,
+        segmentationNode,
+        axis: Union[int, str] = "K",
+        sliceRange: Optional[Tuple[int, int]] = None,
+        **predictArgs,
+    ):
         """What the effect's "slice range" / "whole volume" scopes write: the predicted slices as
         (``vtkOrientedImageData`` in the segmentation's frame, its IJK extent), ready for
         ``writeLabelmap`` or ``modifySelectedSegmentByLabelmap``. ``predictArgs`` go to ``predictVolume``."""
@@ -246,13 +302,26 @@ class SceneLogic:
         return mrml.labelmap_from_mask(mask, ijk_to_ras, extent), extent
 
     @exclusive
-    def segmentVolume(self, volumeNode, segmentationNode, segmentId: Optional[str] = None,
-                      adapter: Union[None, str, Adapter] = None, backbone: Optional[str] = None,
-                      axis: Union[int, str] = "K", sliceRange: Optional[Tuple[int, int]] = None,
-                      points: PointList = (), boxes: Sequence[Sequence[float]] = (), mode: str = "auto",
-                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                      overwrite: bool = False, editorLogic=None, device: Optional[str] = None,
-                      intensity: Optional[IntensityRule] = None, segmentName: Optional[str] = None) -> str:
+    def segmentVolume(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentId: Optional[str] = None,
+        adapter: Union[None, str, Adapter] = None,
+        backbone: Optional[str] = None,
+        axis: Union[int, str] = "K",
+        sliceRange: Optional[Tuple[int, int]] = None,
+        points: PointList = (),
+        boxes: Sequence[Sequence[float]] = (),
+        mode: str = "auto",
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+        overwrite: bool = False,
+        editorLogic=None,
+        device: Optional[str] = None,
+        intensity: Optional[IntensityRule] = None,
+        segmentName: Optional[str] = None,
+    ) -> str:
         """Segment and write into ``segmentationNode``; returns the segment ID.
 
         Without ``segmentId`` a new segment is added (named after the adapter's target). An existing,
@@ -262,8 +331,9 @@ class SceneLogic:
         """
         checkTarget(segmentationNode, segmentId, overwrite)
         model = self.loadModel(backbone, adapter, device)
-        mask = self.predictVolume(volumeNode, axis, sliceRange, points, boxes, mode, progress, cancel, model,
-                                  intensity, segmentationNode)
+        mask = self.predictVolume(
+            volumeNode, axis, sliceRange, points, boxes, mode, progress, cancel, model, intensity, segmentationNode
+        )
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
         extent = None
         if sliceRange is not None:
@@ -280,11 +350,13 @@ class SceneLogic:
         if not segmentation_has_geometry(segmentationNode):
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         name = segmentName or model.target_name
-        return self._writeNewOrExisting(labelmap, segmentationNode, segmentId, (name, model.target_color), extent,
-                                        editorLogic)
+        return self._writeNewOrExisting(
+            labelmap, segmentationNode, segmentId, (name, model.target_color), extent, editorLogic
+        )
 
-    def _writeNewOrExisting(self, labelmap, segmentationNode, segmentId: Optional[str], newSegment, extent,
-                            editorLogic) -> str:
+    def _writeNewOrExisting(
+        self, labelmap, segmentationNode, segmentId: Optional[str], newSegment, extent, editorLogic
+    ) -> str:
         """Write into ``segmentId``, or a new segment (name, colour) when it is empty; any failure puts the
         scene back as it was: no half-made segment, no half-replaced one, nothing to undo."""
         # one undo step covers the new segment and its voxels (False: the editor keeps no history)
@@ -293,8 +365,9 @@ class SceneLogic:
         added = None
         if not segmentId:
             name, color = newSegment
-            segmentId = added = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name,
-                                                             list(color))
+            segmentId = added = segmentation.AddEmptySegment(
+                segmentation.GenerateUniqueSegmentID(name), name, list(color)
+            )
         before = mrml.segment_labelmap(segmentationNode, segmentId) if not (saved or added) else None
         try:
             self.writeLabelmap(labelmap, segmentationNode, segmentId, extent, editorLogic)
@@ -310,8 +383,9 @@ class SceneLogic:
 
     # ------------------------------------------------------------------ writing
     @staticmethod
-    def writeLabelmap(labelmap, segmentationNode, segmentId: str, extent: Optional[Sequence[int]] = None,
-                      editorLogic=None) -> None:
+    def writeLabelmap(
+        labelmap, segmentationNode, segmentId: str, extent: Optional[Sequence[int]] = None, editorLogic=None
+    ) -> None:
         """The one way results reach a segment (saves no undo state).
 
         Without an editor logic the segment is replaced by ``labelmap`` (``extent`` only crops it).
@@ -326,18 +400,27 @@ class SceneLogic:
 
             def modify(modifier, mode, modifierExtent, bypassMasking):
                 if modifierExtent is None:
-                    editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier, mode, False,
-                                                        bypassMasking)
+                    editorLogic.ModifySegmentByLabelmap(
+                        segmentationNode, segmentId, modifier, mode, False, bypassMasking
+                    )
                 else:
-                    editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, modifier, mode,
-                                                        modifierExtent, False, bypassMasking)
+                    editorLogic.ModifySegmentByLabelmap(
+                        segmentationNode, segmentId, modifier, mode, modifierExtent, False, bypassMasking
+                    )
 
-            write_block(modify, segmentationNode, segmentId, labelmap, extent or labelmap.GetExtent(),
-                        editorLogic.GetModifierLabelmap())
+            write_block(
+                modify,
+                segmentationNode,
+                segmentId,
+                labelmap,
+                extent or labelmap.GetExtent(),
+                editorLogic.GetModifierLabelmap(),
+            )
             return
         replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                labelmap, segmentationNode, segmentId, replace, list(labelmap.GetExtent())):
+            labelmap, segmentationNode, segmentId, replace, list(labelmap.GetExtent())
+        ):
             raise RuntimeError(f"Slicer refused to write segment {segmentId!r}")
 
     @staticmethod
@@ -360,12 +443,23 @@ class SceneLogic:
 
     # ------------------------------------------------------------------ propagation
     @exclusive
-    def propagate(self, volumeNode, axis: Union[int, str], startIndex: int, startMask: np.ndarray,
-                  direction: int = 0, maxSlices: Optional[int] = None, minAreaFraction: float = 0.1,
-                  negativeMask: Optional[np.ndarray] = None, model: Optional[ProMISeModel] = None,
-                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                  intensity: Optional[IntensityRule] = None, minIntensityAgreement: float = 0.5,
-                  **modelArgs) -> Dict[int, np.ndarray]:
+    def propagate(
+        self,
+        volumeNode,
+        axis: Union[int, str],
+        startIndex: int,
+        startMask: np.ndarray,
+        direction: int = 0,
+        maxSlices: Optional[int] = None,
+        minAreaFraction: float = 0.1,
+        negativeMask: Optional[np.ndarray] = None,
+        model: Optional[ProMISeModel] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+        intensity: Optional[IntensityRule] = None,
+        minIntensityAgreement: float = 0.5,
+        **modelArgs,
+    ) -> Dict[int, np.ndarray]:
         """From an accepted slice, segment neighbours one after another: each uses the previous slice's
         bounding box as the box prompt (SAM ViT: with the mask as mask prompt; box-only backbones such as
         LiteMedSAM follow their reference: box + 3 px, no mask prompt) with the adapter's IPS, and stops
@@ -376,51 +470,27 @@ class SceneLogic:
         +1/-1, or 0 for both ways. ``negativeMask`` (KJI, e.g. the other visible segments) adds negative
         points on backbones that take points. ``intensity`` overrides the adapter's rule, as it does for
         the accepted slice's preview. Returns {slice index: mask}; nothing is written."""
-        from PromiseSegmentLib.inference.engine import Cancelled
-
         array = mrml.volume_array(volumeNode)
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
         ax = resolve_axis(axis, ijk_to_ras)
-        n = array.shape[ax]
-        slice_indices(n, (startIndex, startIndex))
-        if not np.any(startMask):
-            raise InputError("the accepted slice is empty; nothing to propagate")
+        slice_indices(array.shape[ax], (startIndex, startIndex))
+        check_start_mask(startMask)
         model = self._model(model, **modelArgs)
         vr = self.valueRange(volumeNode, array, intensity or model.intensity)
-        steps = (1, -1) if direction == 0 else (int(np.sign(direction)),)
-        limit = maxSlices or n
-        total = sum(min(limit, (n - 1 - startIndex) if d > 0 else startIndex) for d in steps)
-        done = []
-
-        def step(index, prompts, previous):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            box_only = model.backbone.spec.box_only
-            mask = model.segment_slice(array, ijk_to_ras, ax, index, prompts, None if box_only else previous,
-                                       "auto", vr).masks[0]  # auto with a box: IPS when there is an adapter
-            done.append(index)
-            if progress:
-                progress(len(done), total)
-            return mask
-
-        band = intensity_band(take_slice(array, ax, startIndex), startMask)
-        results: Dict[int, np.ndarray] = {}
-        for d in steps:
-            index = startIndex + d
-            previous = np.asarray(startMask).astype(bool)
-            while 0 <= index < n and abs(index - startIndex) <= limit:
-                prompts = propagation_prompts(model, previous, negativeMask, ax, index)
-                mask = step(index, prompts, previous)
-                if mask.sum() < minAreaFraction * previous.sum() or not mask.any() or (
-                        band_agreement(take_slice(array, ax, index), mask, band) < minIntensityAgreement):
-                    break
-                results[index] = previous = mask.astype(bool)
-                index += d
-        return results
+        limits = PropagationLimits(direction, maxSlices, minAreaFraction, minIntensityAgreement)
+        return propagate(
+            model, array, ijk_to_ras, ax, startIndex, startMask, vr, limits, negativeMask, progress, cancel
+        )
 
     # ------------------------------------------------------------------ training
-    def trainingCases(self, pairs: Sequence[Tuple[object, object, str]], intensity: IntensityRule,
-                      axis: Union[int, str] = "K", emptyShare: float = 0.1, seed: int = 0):
+    def trainingCases(
+        self,
+        pairs: Sequence[Tuple[object, object, str]],
+        intensity: IntensityRule,
+        axis: Union[int, str] = "K",
+        emptyShare: float = 0.1,
+        seed: int = 0,
+    ):
         """(volume node, segmentation node, segment ID) triples -> training slices: each segment is
         exported on its volume's grid (Slicer's own export), then sliced like files would be."""
         from PromiseSegmentLib.data.datasets import volume_cases
@@ -430,20 +500,31 @@ class SceneLogic:
             array = mrml.volume_array(volumeNode)
             mask = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
             name = f"{volumeNode.GetName()}_{segmentId}"
-            cases += volume_cases(name, array, mask, mrml.volume_ijk_to_ras(volumeNode), intensity, axis, None,
-                                  emptyShare, seed)
+            cases += volume_cases(
+                name, array, mask, mrml.volume_ijk_to_ras(volumeNode), intensity, axis, None, emptyShare, seed
+            )
         return cases
 
     @exclusive
-    def trainAdapter(self, pairs: Sequence[Tuple[object, object, str]], output: Union[str, os.PathLike],
-                     backbone: Optional[str] = None, config=None, axis: Union[int, str] = "K",
-                     valFraction: float = 0.15, emptyShare: float = 0.1, resume: bool = False,
-                     progress: Optional[Callable[[int, int, dict], None]] = None,
-                     cancel: Optional[CancelFn] = None, device: Optional[str] = None):
+    def trainAdapter(
+        self,
+        pairs: Sequence[Tuple[object, object, str]],
+        output: Union[str, os.PathLike],
+        backbone: Optional[str] = None,
+        config=None,
+        axis: Union[int, str] = "K",
+        valFraction: float = 0.15,
+        emptyShare: float = 0.1,
+        resume: bool = False,
+        progress: Optional[Callable[[int, int, dict], None]] = None,
+        cancel: Optional[CancelFn] = None,
+        device: Optional[str] = None,
+    ):
         """Train an APM+IPS adapter from segmentations already in the scene; the backbone stays frozen.
         ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output`` (a new file: an
         existing one is refused before any work unless ``resume`` continues its interrupted run)."""
-        from PromiseSegmentLib.training.trainer import TrainConfig, train_adapter
+        from PromiseSegmentLib.training.config import TrainConfig
+        from PromiseSegmentLib.training.trainer import train_adapter
 
         config = config or TrainConfig()
         config.check()
@@ -468,8 +549,10 @@ def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> 
     if segmentId and segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
         raise InputError(f"segment {segmentId!r} is not in {segmentationNode.GetName()}")
     if segmentId and not overwrite and not mrml.segment_is_empty(segmentationNode, segmentId):
-        raise InputError(f"segment {segmentId!r} already has content; pass overwrite=True to replace it "
-                         "or leave segmentId empty to add a new segment")
+        raise InputError(
+            f"segment {segmentId!r} already has content; pass overwrite=True to replace it "
+            "or leave segmentId empty to add a new segment"
+        )
 
 
 def load_family(name: str) -> str:

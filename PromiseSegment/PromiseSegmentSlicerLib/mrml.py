@@ -3,6 +3,7 @@
 
 No Qt here: everything runs on the ``slicer-core`` wheel as well as inside Slicer.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -35,8 +36,10 @@ def volume_array(volume_node) -> np.ndarray:
         raise InputError(f"{volume_node.GetName()} is a label map; choose the image volume to segment")
     array = slicer.util.arrayFromVolume(volume_node)
     if array.ndim == 4 and array.shape[-1] not in (3, 4):
-        raise InputError(f"{volume_node.GetName()} has {array.shape[-1]} components per voxel; only scalar "
-                         "and RGB(A) volumes can be segmented")
+        raise InputError(
+            f"{volume_node.GetName()} has {array.shape[-1]} components per voxel; only scalar "
+            "and RGB(A) volumes can be segmented"
+        )
     return array
 
 
@@ -72,8 +75,9 @@ def volume_ijk_to_ras(volume_node, segmentation_node=None) -> np.ndarray:
     return transform_to(volume_node, segmentation_node) @ node_matrix(m)
 
 
-def labelmap_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray,
-                       extent: Optional[Sequence[int]] = None) -> "slicer.vtkOrientedImageData":
+def labelmap_from_mask(
+    mask: np.ndarray, ijk_to_ras: np.ndarray, extent: Optional[Sequence[int]] = None
+) -> "slicer.vtkOrientedImageData":
     """KJI uint8 mask -> ``vtkOrientedImageData`` at the given geometry (any direction, any spacing).
 
     With ``extent`` (i0, i1, j0, j1, k0, k1) only that sub-block of ``mask`` is stored, e.g. one slice.
@@ -84,7 +88,7 @@ def labelmap_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray,
     if extent is None:
         extent = (0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 0, mask.shape[0] - 1)
     i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
-    block = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1], dtype=np.uint8)
+    block = np.ascontiguousarray(mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1], dtype=np.uint8)
     image = slicer.vtkOrientedImageData()
     image.SetExtent(i0, i1, j0, j1, k0, k1)
     image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
@@ -113,7 +117,8 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, ids, labelmap, volume_node):
+            segmentation_node, ids, labelmap, volume_node
+        ):
             raise InputError(f"could not export segment {segment_id!r} on the grid of {volume_node.GetName()}")
         return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
     finally:
@@ -177,8 +182,9 @@ def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[objec
     grid.ShallowCopy(reference)
     to_reference = np.linalg.inv(image_to_world(reference)) @ image_to_world(labelmap)
     i0, i1, j0, j1, k0, k1 = extent
-    corners = np.array([[i, j, k, 1.0] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5)
-                        for k in (k0 - 0.5, k1 + 0.5)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5) for k in (k0 - 0.5, k1 + 0.5)]
+    )
     ijk = (to_reference @ corners.T)[:3]
     # reference voxels whose centres lie inside the modified block, clipped to the reference grid
     lo, hi = np.ceil(ijk.min(1) - 1e-6).astype(int), np.floor(ijk.max(1) + 1e-6).astype(int)
@@ -188,12 +194,15 @@ def on_reference_grid(labelmap, extent: Sequence[int], reference) -> Tuple[objec
         new += [max(lo[a], full[2 * a]), min(hi[a], full[2 * a + 1])]
     new = [int(v) for v in new]
     if any(new[2 * a] > new[2 * a + 1] for a in range(3)):
-        raise InputError("the result does not cover any voxel of the segmentation's geometry (outside it, or "
-                         "thinner than one of its voxels); nothing would be written")
+        raise InputError(
+            "the result does not cover any voxel of the segmentation's geometry (outside it, or "
+            "thinner than one of its voxels); nothing would be written"
+        )
     grid.SetExtent(*new)
     out = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            labelmap, grid, out, False):
+        labelmap, grid, out, False
+    ):
         raise RuntimeError("could not resample the result onto the segmentation's geometry")
     return out, tuple(new)
 
@@ -240,7 +249,8 @@ def update_preview(scene, preview_node, reference_volume, labelmap, segmentation
         segmentation.AddEmptySegment("preview", "preview", list(color))
     sid = segmentation.GetNthSegmentID(0)
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        labelmap, preview_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        labelmap, preview_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
     return preview_node
 
 

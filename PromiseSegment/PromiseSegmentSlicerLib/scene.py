@@ -1,5 +1,6 @@
 """Finding things in a Slicer scene for the logic: the segmentations a cohort adapter trains on, and the
 other visible segments (negative prompts). No Qt."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional

@@ -12,6 +12,7 @@ overwrite settings apply on the written slices, nothing changes elsewhere, one C
 The model is loaded by an explicit action (or on activation when that is cheap), never inside a mouse
 handler; every handler reports an error once and never lets it escape into Slicer.
 """
+
 import contextlib
 import logging
 import os
@@ -28,9 +29,19 @@ __all__ = ["SegmentEditorEffect"]
 
 SCOPES = ("current slice", "slice range", "whole volume")
 NO_ADAPTER = "none"  # an empty default would never be stored (Slicer skips empty new values) and reads log errors
-DEFAULTS = (("Backbone", DEFAULT_BACKBONE), ("Adapter", NO_ADAPTER), ("Mode", "box"), ("Scope", SCOPES[0]),
-            ("RangeFirst", 0), ("RangeLast", 0), ("CustomWindow", 0), ("WindowCenter", 40), ("WindowWidth", 400),
-            ("Device", DEVICES[0]), ("NegativeOthers", 0))
+DEFAULTS = (
+    ("Backbone", DEFAULT_BACKBONE),
+    ("Adapter", NO_ADAPTER),
+    ("PromptTool", "box"),
+    ("Scope", SCOPES[0]),
+    ("RangeFirst", 0),
+    ("RangeLast", 0),
+    ("CustomWindow", 0),
+    ("WindowCenter", 40),
+    ("WindowWidth", 400),
+    ("Device", DEVICES[0]),
+    ("NegativeOthers", 0),
+)
 # VTK delivers a quick second press as a double-click event *instead of* a press: both count as presses.
 LEFT_PRESS = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent)
 RIGHT_PRESS = (vtk.vtkCommand.RightButtonPressEvent, vtk.vtkCommand.RightButtonDoubleClickEvent)
@@ -41,8 +52,11 @@ CURSOR_HOT_SPOT = (1, 1)  # the arrow's tip
 
 
 def modeLabels():
-    return {"box": _("box (drag in a slice view)"), "automatic": _("automatic (adapter's APM; clicks refine)"),
-            "clicks": _("clicks (left +, Shift/right -; SAM ViT backbones)")}
+    return {
+        "box": _("box (drag in a slice view)"),
+        "automatic": _("automatic (adapter's APM; clicks refine)"),
+        "clicks": _("clicks (left +, Shift/right -; SAM ViT backbones)"),
+    }
 
 
 def sliceNormal(sliceWidget):
@@ -111,12 +125,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QCursor(qt.QPixmap(path), *CURSOR_HOT_SPOT)
 
     def helpText(self):
-        return "<html>" + _(
-            "ProMISe: a frozen medical SAM with an adapter's automatic prompts, or your box/clicks refined by "
-            "the model.<p>Press <b>Load model</b> once. <b>Box</b>: drag over the object in a slice view. "
-            "<b>Clicks</b>: left-click positive, Shift+click or right-click negative. A preview appears; "
-            "<b>Apply</b> writes it into the selected segment (one undo step). <b>Propagate</b> continues from "
-            "the previewed slice to its neighbours until the object vanishes.") + "</html>"
+        return (
+            "<html>"
+            + _(
+                "ProMISe: a frozen medical SAM with an adapter's automatic prompts, or your box/clicks refined by "
+                "the model.<p>Press <b>Load model</b> once. <b>Box</b>: drag over the object in a slice view. "
+                "<b>Clicks</b>: left-click positive, Shift+click or right-click negative. A preview appears; "
+                "<b>Apply</b> writes it into the selected segment (one undo step). <b>Propagate</b> continues from "
+                "the previewed slice to its neighbours until the object vanishes."
+            )
+            + "</html>"
+        )
 
     # ------------------------------------------------------------------ logic access
     @property
@@ -139,13 +158,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             from PromiseSegmentSlicerLib.interaction import ClickSession
 
             self.session = ClickSession(self.logic)
-        self.session.mode = self.scriptedEffect.parameter("Mode") or "box"
+        self.session.prompt_tool = self.scriptedEffect.parameter("PromptTool") or "box"
         return self.session
 
     def modelArgs(self):
         device = self.scriptedEffect.parameter("Device")
-        return {"backbone": self.scriptedEffect.parameter("Backbone") or None, "adapter": self.adapterPath(),
-                "device": None if device in ("", "auto") else device}
+        return {
+            "backbone": self.scriptedEffect.parameter("Backbone") or None,
+            "adapter": self.adapterPath(),
+            "device": None if device in ("", "auto") else device,
+        }
 
     def adapterPath(self):
         path = self.scriptedEffect.parameter("Adapter")
@@ -156,8 +178,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return None  # the adapter's own rule (or percentiles without an adapter)
         from PromiseSegmentLib.data.preprocessing import IntensityRule
 
-        return IntensityRule.ct(self.scriptedEffect.doubleParameter("WindowCenter"),
-                                self.scriptedEffect.doubleParameter("WindowWidth"))
+        return IntensityRule.ct(
+            self.scriptedEffect.doubleParameter("WindowCenter"), self.scriptedEffect.doubleParameter("WindowWidth")
+        )
 
     def guarded(self, message, call, *args):
         """Run a handler; an error is shown once (one dialog, also in the status line) and logged, and never
@@ -172,18 +195,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ------------------------------------------------------------------ GUI
     def setupOptionsFrame(self):
-        self.backboneCombo = self.addCombo(_("Backbone:"), USER_BACKBONES, _(
-            "frozen backbone: lite_medsam (default, offline, box prompts) or SAM ViT (downloaded once; points)"))
+        self.backboneCombo = self.addCombo(
+            _("Backbone:"),
+            USER_BACKBONES,
+            _("frozen backbone: lite_medsam (default, offline, box prompts) or SAM ViT (downloaded once; points)"),
+        )
         self.adapterCombo = qt.QComboBox()  # installed adapters; editable so any file path can be typed
         self.adapterCombo.editable = True
-        self.adapterCombo.toolTip = _("adapter file (.safetensors); import or train adapters in the "
-                                      "PromiseSegment module")
+        self.adapterCombo.toolTip = _(
+            "adapter file (.safetensors); import or train adapters in the PromiseSegment module"
+        )
         self.fillAdapters()
         self.scriptedEffect.addLabeledOptionsWidget(_("Adapter:"), self.adapterCombo)
-        self.modeCombo = qt.QComboBox()
+        self.promptToolCombo = qt.QComboBox()
         for key, label in modeLabels().items():
-            self.modeCombo.addItem(label, key)
-        self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.modeCombo)
+            self.promptToolCombo.addItem(label, key)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.promptToolCombo)
         self.scopeCombo = self.addCombo(_("Scope:"), SCOPES, _("what Apply writes"))
         self.rangeFirst, self.rangeLast = qt.QSpinBox(), qt.QSpinBox()
         for box in (self.rangeFirst, self.rangeLast):
@@ -193,8 +220,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.windowCenter, self.windowWidth = qt.QDoubleSpinBox(), qt.QDoubleSpinBox()
         for box in (self.windowCenter, self.windowWidth):
             box.minimum, box.maximum = -100000, 100000
-        self.scriptedEffect.addLabeledOptionsWidget(_("Intensity:"), row(self.customWindow, self.windowCenter,
-                                                                         self.windowWidth))
+        self.scriptedEffect.addLabeledOptionsWidget(
+            _("Intensity:"), row(self.customWindow, self.windowCenter, self.windowWidth)
+        )
         self.deviceCombo = self.addCombo(_("Device:"), DEVICES, _("auto: CUDA, then Apple MPS, then CPU"))
         self.negativeOthers = qt.QCheckBox(_("other visible segments are negative prompts"))
         self.scriptedEffect.addOptionsWidget(self.negativeOthers)
@@ -204,13 +232,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.activationTimer.setSingleShot(True)  # methods: ``singleShot`` is also QTimer's static function
         self.activationTimer.setInterval(0)
         self.activationTimer.connect("timeout()", self.onActivated)
-        self.connections = [(self.backboneCombo, "currentIndexChanged(int)"),
-                            (self.adapterCombo, "currentTextChanged(QString)"),
-                            (self.modeCombo, "currentIndexChanged(int)"), (self.scopeCombo, "currentIndexChanged(int)"),
-                            (self.rangeFirst, "valueChanged(int)"), (self.rangeLast, "valueChanged(int)"),
-                            (self.customWindow, "toggled(bool)"), (self.windowCenter, "valueChanged(double)"),
-                            (self.windowWidth, "valueChanged(double)"), (self.deviceCombo, "currentIndexChanged(int)"),
-                            (self.negativeOthers, "toggled(bool)")]
+        self.connections = [
+            (self.backboneCombo, "currentIndexChanged(int)"),
+            (self.adapterCombo, "currentTextChanged(QString)"),
+            (self.promptToolCombo, "currentIndexChanged(int)"),
+            (self.scopeCombo, "currentIndexChanged(int)"),
+            (self.rangeFirst, "valueChanged(int)"),
+            (self.rangeLast, "valueChanged(int)"),
+            (self.customWindow, "toggled(bool)"),
+            (self.windowCenter, "valueChanged(double)"),
+            (self.windowWidth, "valueChanged(double)"),
+            (self.deviceCombo, "currentIndexChanged(int)"),
+            (self.negativeOthers, "toggled(bool)"),
+        ]
         for widget, signal in self.connections:
             widget.connect(signal, self.updateMRMLFromGUI)
 
@@ -223,22 +257,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setupButtons(self):
         self.loadButton = qt.QPushButton(_("Load model"))
-        self.loadButton.toolTip = _("load the backbone (and adapter) now; the first time may install packages or "
-                                    "download a checkpoint, with progress and Cancel")
+        self.loadButton.toolTip = _(
+            "load the backbone (and adapter) now; the first time may install packages or "
+            "download a checkpoint, with progress and Cancel"
+        )
         self.scriptedEffect.addOptionsWidget(self.loadButton)
         self.previewButton = qt.QPushButton(_("Preview"))
         self.propagateButton = qt.QPushButton(_("Propagate"))
         self.applyButton = qt.QPushButton(_("Apply"))
         self.clearButton = qt.QPushButton(_("Clear"))
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
-        self.scriptedEffect.addOptionsWidget(row(self.previewButton, self.propagateButton, self.applyButton,
-                                                 self.clearButton))
+        self.scriptedEffect.addOptionsWidget(
+            row(self.previewButton, self.propagateButton, self.applyButton, self.clearButton)
+        )
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
-        self.buttons = [(self.loadButton, self.onLoadModel), (self.previewButton, self.onPreview),
-                        (self.propagateButton, self.onPropagate), (self.applyButton, self.onApply),
-                        (self.clearButton, self.onClear)]
+        self.buttons = [
+            (self.loadButton, self.onLoadModel),
+            (self.previewButton, self.onPreview),
+            (self.propagateButton, self.onPropagate),
+            (self.applyButton, self.onApply),
+            (self.clearButton, self.onClear),
+        ]
         for button, slot in self.buttons:
             button.connect("clicked()", slot)
 
@@ -280,8 +321,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def showModelStatus(self):
         core = self.loadedLogic()
-        self.statusLabel.text = (_("model loaded ({engine}): drag a box or click in a slice view").format(
-            engine=core.engineDescription) if core is not None else _("press Load model first"))
+        self.statusLabel.text = (
+            _("model loaded ({engine}): drag a box or click in a slice view").format(engine=core.engineDescription)
+            if core is not None
+            else _("press Load model first")
+        )
 
     def setMRMLDefaults(self):
         for name, value in DEFAULTS:
@@ -296,7 +340,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             setIfChanged(self.backboneCombo, "currentText", p.parameter("Backbone"))
             setIfChanged(self.adapterCombo, "currentText", self.adapterPath() or "")
-            setIfChanged(self.modeCombo, "currentIndex", max(0, self.modeCombo.findData(p.parameter("Mode"))))
+            setIfChanged(
+                self.promptToolCombo, "currentIndex", max(0, self.promptToolCombo.findData(p.parameter("PromptTool")))
+            )
             setIfChanged(self.scopeCombo, "currentText", p.parameter("Scope"))
             setIfChanged(self.rangeFirst, "value", p.integerParameter("RangeFirst"))
             setIfChanged(self.rangeLast, "value", p.integerParameter("RangeLast"))
@@ -319,14 +365,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.showAdapterWindow(adapter)  # the window fields start from the new adapter's own rule
         self._writingParameters = True
         try:
-            for name, value in (("Backbone", self.backboneCombo.currentText), ("Adapter", adapter or NO_ADAPTER),
-                                ("Mode", self.modeCombo.currentData), ("Scope", self.scopeCombo.currentText),
-                                ("RangeFirst", self.rangeFirst.value), ("RangeLast", self.rangeLast.value),
-                                ("CustomWindow", int(self.customWindow.checked)),
-                                ("WindowCenter", exactNumber(self.windowCenter.value)),
-                                ("WindowWidth", exactNumber(self.windowWidth.value)),
-                                ("Device", self.deviceCombo.currentText),
-                                ("NegativeOthers", int(self.negativeOthers.checked))):
+            for name, value in (
+                ("Backbone", self.backboneCombo.currentText),
+                ("Adapter", adapter or NO_ADAPTER),
+                ("PromptTool", self.promptToolCombo.currentData),
+                ("Scope", self.scopeCombo.currentText),
+                ("RangeFirst", self.rangeFirst.value),
+                ("RangeLast", self.rangeLast.value),
+                ("CustomWindow", int(self.customWindow.checked)),
+                ("WindowCenter", exactNumber(self.windowCenter.value)),
+                ("WindowWidth", exactNumber(self.windowWidth.value)),
+                ("Device", self.deviceCombo.currentText),
+                ("NegativeOthers", int(self.negativeOthers.checked)),
+            ):
                 p.setParameter(name, value)
         finally:
             self._writingParameters = False
@@ -340,8 +391,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             rule = {}  # not (yet) a readable adapter: the error comes when it is used
         if rule.get("kind") == "window":
             self.windowCenter.value, self.windowWidth.value = rule["center"], rule["width"]
-            self.customWindow.toolTip = _("off: the adapter's window {c}/{w}").format(c=f"{rule['center']:g}",
-                                                                                     w=f"{rule['width']:g}")
+            self.customWindow.toolTip = _("off: the adapter's window {c}/{w}").format(
+                c=f"{rule['center']:g}", w=f"{rule['width']:g}"
+            )
         elif rule:
             self.customWindow.toolTip = _("off: the adapter's rule ({kind})").format(kind=rule.get("kind"))
         else:
@@ -357,7 +409,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
-        box = self.scriptedEffect.parameter("Mode") == "box"
+        box = self.scriptedEffect.parameter("PromptTool") == "box"
         if eventId not in (BOX_EVENTS if box else CLICK_EVENTS) or self.passesThrough(callerInteractor, eventId, box):
             return False
         if self.loadedLogic() is None:
@@ -404,8 +456,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             from PromiseSegmentLib.errors import Cancelled
 
             try:
-                self.withProgress(_("ProMISe: loading the model"), lambda progress, cancel: self.logic.loadModel(
-                    progress=progress, cancel=cancel, **self.modelArgs()))
+                self.withProgress(
+                    _("ProMISe: loading the model"),
+                    lambda progress, cancel: self.logic.loadModel(progress=progress, cancel=cancel, **self.modelArgs()),
+                )
             except Cancelled:
                 self.statusLabel.text = _("loading cancelled; nothing was kept")
                 return
@@ -420,14 +474,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from PromiseSegmentSlicerLib.mrml import update_preview
 
         session = self._session()
-        if session.volume_node is None and session.mode == "automatic":
+        if session.volume_node is None and session.prompt_tool == "automatic":
             self.locateCurrentSlice(session)
         mask = session.preview(intensity=self.intensity(), **self.modelArgs())
         labelmap, _extent = session.labelmap(self.segmentationNode())
-        self.previewNode = update_preview(slicer.mrmlScene, self.previewNode, self.sourceVolume(), labelmap,
-                                          self.segmentationNode())
+        self.previewNode = update_preview(
+            slicer.mrmlScene, self.previewNode, self.sourceVolume(), labelmap, self.segmentationNode()
+        )
         self.statusLabel.text = _("preview on slice {index}: {pixels} pixels; Apply to keep it").format(
-            index=session.index, pixels=int(mask.sum()))
+            index=session.index, pixels=int(mask.sum())
+        )
 
     def locateCurrentSlice(self, session):
         """Automatic mode without a click: the slice shown in the red view."""
@@ -490,12 +546,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         axis = session.axis if session.axis is not None else "axial"
         sliceRange = None
         if scope == SCOPES[1]:
-            sliceRange = (self.scriptedEffect.integerParameter("RangeFirst"),
-                          self.scriptedEffect.integerParameter("RangeLast"))
+            sliceRange = (
+                self.scriptedEffect.integerParameter("RangeFirst"),
+                self.scriptedEffect.integerParameter("RangeLast"),
+            )
         return self.withProgress(
-            _("ProMISe: segmenting ({scope})").format(scope=scope), lambda progress, cancel: self.logic.segmentScope(
-                self.sourceVolume(), self.segmentationNode(), axis, sliceRange, mode="auto", intensity=self.intensity(),
-                progress=progress, cancel=cancel, **self.modelArgs()))
+            _("ProMISe: segmenting ({scope})").format(scope=scope),
+            lambda progress, cancel: self.logic.segmentScope(
+                self.sourceVolume(),
+                self.segmentationNode(),
+                axis,
+                sliceRange,
+                mode="auto",
+                intensity=self.intensity(),
+                progress=progress,
+                cancel=cancel,
+                **self.modelArgs(),
+            ),
+        )
 
     def withProgress(self, title, call):
         """``call(progress, cancel)`` under the module's window-modal progress dialog; ``self.progress`` while
@@ -525,12 +593,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.scriptedEffect.integerParameter("NegativeOthers"):
             from PromiseSegmentSlicerLib.scene import visible_other_segments_mask
 
-            negative = visible_other_segments_mask(segmentation, volume,
-                                                   self.scriptedEffect.parameterSetNode().GetSelectedSegmentID())
+            negative = visible_other_segments_mask(
+                segmentation, volume, self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+            )
         try:
-            results = self.withProgress(_("ProMISe: propagating"), lambda progress, cancel: self.logic.propagate(
-                volume, session.axis, session.index, session.preview_mask, negativeMask=negative,
-                intensity=self.intensity(), progress=progress, cancel=cancel, **self.modelArgs()))
+            results = self.withProgress(
+                _("ProMISe: propagating"),
+                lambda progress, cancel: self.logic.propagate(
+                    volume,
+                    session.axis,
+                    session.index,
+                    session.preview_mask,
+                    negativeMask=negative,
+                    intensity=self.intensity(),
+                    progress=progress,
+                    cancel=cancel,
+                    **self.modelArgs(),
+                ),
+            )
         except Cancelled:
             self.statusLabel.text = _("cancelled: the segment was not changed")
             return

@@ -16,6 +16,7 @@ many empty slices as labelled ones; selection on those training slices - there i
 the backbone with the label's 3D bounding box (middle slice, then middle-out with the previous result's
 box + 3 px, LiteMedSAM's reference 3D inference), IPS with the same box, APM+IPS automatic on every slice.
 """
+
 import argparse
 import sys
 import time
@@ -27,15 +28,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.data.datasets import load_image_folder  # noqa: E402
-from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
-from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.data.prompts import (
+    Prompts,
+    mask_box,  # noqa: E402
+)
 from PromiseSegmentLib.evaluation.metrics import dice, iou  # noqa: E402
 from PromiseSegmentLib.inference.engine import (
     ImageEmbedding,
     mask_to_low_res,  # noqa: E402
 )
 from PromiseSegmentLib.model.promise import ProMISeModel, engine_for  # noqa: E402
-from PromiseSegmentLib.training.trainer import Encoded, TrainConfig, Trainer, mask_box  # noqa: E402
+from PromiseSegmentLib.training.batches import Encoded, input_box  # noqa: E402
+from PromiseSegmentLib.training.config import TrainConfig  # noqa: E402
+from PromiseSegmentLib.training.trainer import Trainer  # noqa: E402
 
 LIGHT = dict(apm_fusion_dim=128, apm_tap_pool=2, lr=1e-3, batch_size=8, augment=False, cache_features=True)
 CONFIGS = {
@@ -51,8 +56,14 @@ CONFIGS = {
     "apm+ips-frozen-apm-aug4": dict(apm_joint_lr=0.0, augmented_copies=4),
     "apm+ips-full-taps": dict(apm_joint_lr=0.0, lr_schedule="cosine", apm_tap_pool=1),  # 64x64 taps, 4x the APM cost
     "apm+ips-box+points": dict(apm_prompts=("box", "points"), apm_head_blocks=(1, 1, 1, 1)),
-    "apm+ips-paper-points-head": dict(apm_prompts=("points",), apm_fusion_dim=256, apm_head_blocks=(3, 4, 6, 3),
-                                      box_loss_weight=0.0, apm_warmup_epochs=0, apm_tap_pool=1),
+    "apm+ips-paper-points-head": dict(
+        apm_prompts=("points",),
+        apm_fusion_dim=256,
+        apm_head_blocks=(3, 4, 6, 3),
+        box_loss_weight=0.0,
+        apm_warmup_epochs=0,
+        apm_tap_pool=1,
+    ),
 }
 
 
@@ -77,8 +88,14 @@ def encode_all(engine, cases, path: Path):
     out, start = [], time.time()
     for n, case in enumerate(cases):
         emb = engine.encode([case.rgb])[0]
-        out.append({"features": emb.features.half(), "taps": [t.half() for t in emb.taps],
-                    "input_size": list(emb.input_size), "original_size": list(emb.original_size)})
+        out.append(
+            {
+                "features": emb.features.half(),
+                "taps": [t.half() for t in emb.taps],
+                "input_size": list(emb.input_size),
+                "original_size": list(emb.original_size),
+            }
+        )
         if n % 50 == 0:
             print(f"  encoded {n + 1}/{len(cases)} ({time.time() - start:.0f} s)", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,18 +104,26 @@ def encode_all(engine, cases, path: Path):
 
 
 def as_embedding(e) -> ImageEmbedding:
-    return ImageEmbedding(e["features"].float(), tuple(e["input_size"]), tuple(e["original_size"]),
-                          [t.float() for t in e["taps"]])
+    return ImageEmbedding(
+        e["features"].float(), tuple(e["input_size"]), tuple(e["original_size"]), [t.float() for t in e["taps"]]
+    )
 
 
 def encoded_items(trainer, encs, cases, spec):
     items = []
     for e, case in zip(encs, cases):
         taps = trainer.adapter.apm.prepare_taps([t.float() for t in e["taps"]]) if trainer.adapter.apm else []
-        items.append(Encoded(e["features"], [t.half() for t in taps],
-                             mask_to_low_res(case.mask, tuple(e["input_size"]), spec.image_size)[0] > 0.5,
-                             mask_box(case.mask, spec, tuple(e["original_size"])), case.mask,
-                             tuple(e["input_size"]), tuple(e["original_size"])))
+        items.append(
+            Encoded(
+                e["features"],
+                [t.half() for t in taps],
+                mask_to_low_res(case.mask, tuple(e["input_size"]), spec.image_size)[0] > 0.5,
+                input_box(case.mask, spec, tuple(e["original_size"])),
+                case.mask,
+                tuple(e["input_size"]),
+                tuple(e["original_size"]),
+            )
+        )
     return items
 
 
@@ -107,7 +132,7 @@ def evaluate(model, encs, cases, mode, prompt):
     for e, case in zip(encs, cases):
         p = Prompts()
         if prompt == "box":
-            p = Prompts(box=mask_bbox(case.mask))
+            p = Prompts(box=mask_box(case.mask))
         elif prompt == "centre":
             h, w = case.mask.shape
             p = Prompts(points=[[w / 2, h / 2]], labels=[1])
@@ -122,7 +147,7 @@ def evaluate(model, encs, cases, mode, prompt):
         seconds.append(time.time() - t)
         dices.append(dice(pred.masks[0], case.mask))
         ious.append(iou(pred.masks[0], case.mask))
-        gt = mask_bbox(case.mask)
+        gt = mask_box(case.mask)
         if pred.box is not None and gt is not None and mode == "apm+ips":
             a, b = pred.box, np.array([gt[0], gt[1], gt[2] + 1, gt[3] + 1])
             inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -138,12 +163,21 @@ def mr_rows(args, backbone):
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 
     names = ("brain1", "brain2", "breast1")
-    vols = {n: (read_volume(args.data / "mr-volumes" / f"{n}_image.nrrd"),
-                read_labelmap(args.data / "mr-volumes" / f"{n}_label.nrrd").array > 0) for n in names}
+    vols = {
+        n: (
+            read_volume(args.data / "mr-volumes" / f"{n}_image.nrrd"),
+            read_labelmap(args.data / "mr-volumes" / f"{n}_label.nrrd").array > 0,
+        )
+        for n in names
+    }
     rule = IntensityRule()
     cases = {n: volume_cases(n, v.array, lab, v.ijk_to_ras, rule, "K", empty_share=0.5) for n, (v, lab) in vols.items()}
-    results = {"vanilla + box on each slice (2D)": [], "vanilla + 3D box": [], "IPS + 3D box": [],
-               "APM+IPS automatic": []}
+    results = {
+        "vanilla + box on each slice (2D)": [],
+        "vanilla + 3D box": [],
+        "IPS + 3D box": [],
+        "APM+IPS automatic": [],
+    }
     for test in names:
         vol, truth = vols[test]
         train = [c for n in names if n != test for c in cases[n]]
@@ -151,16 +185,20 @@ def mr_rows(args, backbone):
         j, i = np.nonzero(truth.any(axis=0))
         box = ijk_prompts(0, [], [[i.min(), j.min(), k.min(), i.max(), j.max(), k.max()]], truth.shape)
         plain = ProMISeModel(engine_for(backbone, None, "cpu"))
-        per_slice = {int(s): Prompts(box=mask_bbox(truth[s])) for s in k}
-        results["vanilla + box on each slice (2D)"].append(dice(plain.segment_volume(
-            vol.array, vol.ijk_to_ras, prompts=per_slice, box_propagation=False) > 0, truth))
+        per_slice = {int(s): Prompts(box=mask_box(truth[s])) for s in k}
+        results["vanilla + box on each slice (2D)"].append(
+            dice(plain.segment_volume(vol.array, vol.ijk_to_ras, prompts=per_slice, box_propagation=False) > 0, truth)
+        )
         plain_mask = plain.segment_volume(vol.array, vol.ijk_to_ras, prompts=box) > 0
         results["vanilla + 3D box"].append(dice(plain_mask, truth))
-        for row, extra, mode, prompts in (("IPS + 3D box", dict(use_apm=False, user_prompt="box"), "ips", box),
-                                          ("APM+IPS automatic", dict(), "apm+ips", None)):
+        for row, extra, mode, prompts in (
+            ("IPS + 3D box", dict(use_apm=False, user_prompt="box"), "ips", box),
+            ("APM+IPS automatic", dict(), "apm+ips", None),
+        ):
             warmup = args.warmup if extra.get("use_apm", True) else 0
-            cfg = TrainConfig(**{**LIGHT, **extra, "apm_warmup_epochs": warmup, "epochs": warmup + args.epochs,
-                                 "batch_size": 4})
+            cfg = TrainConfig(
+                **{**LIGHT, **extra, "apm_warmup_epochs": warmup, "epochs": warmup + args.epochs, "batch_size": 4}
+            )
             from PromiseSegmentLib.training.trainer import train_adapter
 
             result = train_adapter(engine_for(backbone, None, "cpu"), train, train, cfg)
@@ -194,10 +232,13 @@ def main():
             mr_rows(args, backbone)
             continue
         fit, select, test = splits(args.data, name)
-        print(f"\n## {name}: {len(fit)} fit, {len(select)} select, {len(test)} test; backbone {backbone.name}",
-              flush=True)
-        enc = {k: encode_all(engine, cs, args.cache / f"{backbone.name}_{name}_{k}.pt")
-               for k, cs in (("fit", fit), ("select", select), ("test", test))}
+        print(
+            f"\n## {name}: {len(fit)} fit, {len(select)} select, {len(test)} test; backbone {backbone.name}", flush=True
+        )
+        enc = {
+            k: encode_all(engine, cs, args.cache / f"{backbone.name}_{name}_{k}.pt")
+            for k, cs in (("fit", fit), ("select", select), ("test", test))
+        }
         rows = []
         for config in args.configs.split(","):
             overrides = CONFIGS[config]
@@ -205,8 +246,7 @@ def main():
             mode, prompt = "vanilla", ("box" if "box" in config else "centre")
             if overrides is not None:
                 warmup = overrides.get("apm_warmup_epochs", args.warmup if overrides.get("use_apm", True) else 0)
-                cfg = TrainConfig(**{**LIGHT, **overrides, "apm_warmup_epochs": warmup,
-                                     "epochs": warmup + args.epochs})
+                cfg = TrainConfig(**{**LIGHT, **overrides, "apm_warmup_epochs": warmup, "epochs": warmup + args.epochs})
                 trainer = Trainer(engine_for(backbone, None, "cpu"), fit, select, cfg, None)
                 trainer.train_src.cache = dict(enumerate(encoded_items(trainer, enc["fit"], fit, backbone.spec)))
                 trainer.val_src.cache = dict(enumerate(encoded_items(trainer, enc["select"], select, backbone.spec)))
@@ -222,15 +262,31 @@ def main():
                     args.save_adapters.mkdir(parents=True, exist_ok=True)
                     save_adapter(result.adapter, args.save_adapters / f"{name}_{config}.safetensors")
             d, j, b, sec = evaluate(model, enc["test"], test, mode, prompt)
-            rows.append((config, np.mean(d), np.median(d), np.mean(j), np.mean(b) if b else float("nan"), params,
-                         trained, per_epoch, sec))
+            rows.append(
+                (
+                    config,
+                    np.mean(d),
+                    np.median(d),
+                    np.mean(j),
+                    np.mean(b) if b else float("nan"),
+                    params,
+                    trained,
+                    per_epoch,
+                    sec,
+                )
+            )
             print(f"  -> {config}: Dice {np.mean(d):.3f} (median {np.median(d):.3f})", flush=True)
-        print(f"\n| {name} ({backbone.name}) | Dice | median | IoU | APM box IoU | trainable parameters | "
-              f"training s | s/epoch (joint) | decode s/image |")
+        print(
+            f"\n| {name} ({backbone.name}) | Dice | median | IoU | APM box IoU | trainable parameters | "
+            f"training s | s/epoch (joint) | decode s/image |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:,} | {r[6]:.0f} | "
-                  f"{r[7]:.1f} | {r[8]:.3f} |", flush=True)
+            print(
+                f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:,} | {r[6]:.0f} | "
+                f"{r[7]:.1f} | {r[8]:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

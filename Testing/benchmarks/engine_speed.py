@@ -1,5 +1,5 @@
 """Benchmark (not a test): image-encoding and decoding time per slice, side by side in one run, per
-backbone, batch size and precision (``SamEngine(precision=...)``). For LiteMedSAM end to end (reference
+backbone, batch size and precision (``InferenceEngine(precision=...)``). For LiteMedSAM end to end (reference
 loop, APM + IPS, agreement, prompt latency, memory, training) see ``speed.py``.
 
     .venv/bin/python Testing/benchmarks/engine_speed.py [--backbones lite_medsam tiny_random vit_b] [--repeats 3] \
@@ -10,6 +10,7 @@ loop, APM + IPS, agreement, prompt latency, memory, training) see ``speed.py``.
 
 Prints one table; compare rows of the same run (ratios), since machines are noisy.
 """
+
 import argparse
 import sys
 import time
@@ -23,7 +24,7 @@ from PromiseSegmentLib.backbones.base import LoadedBackbone, freeze  # noqa: E40
 from PromiseSegmentLib.backbones.registry import BACKBONES, load_backbone  # noqa: E402
 from PromiseSegmentLib.backbones.sam_vit import build_seeded_sam  # noqa: E402
 from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.inference.engine import InferenceEngine
 
 
 def backbone(name: str) -> LoadedBackbone:
@@ -47,12 +48,14 @@ def main():
         loaded = backbone(variant)
         for bs in args.batch_sizes:
             for precision in args.precisions:
-                engine = SamEngine(loaded, device=args.device, batch_size=bs, precision=precision)
+                engine = InferenceEngine(loaded, device=args.device, batch_size=bs, precision=precision)
                 rows.append((variant, bs, engine.precision.name, *measure(engine, images[:bs], args.repeats)))
     base = rows[0][3]
     print(f"device: {engine.device}, torch threads: {torch.get_num_threads()}")
-    print(f"{'backbone':12s} {'batch':>5s} {'precision':>9s} {'encode s/slice':>15s} {'decode s':>9s} "
-          f"{'encode ratio':>13s}")
+    print(
+        f"{'backbone':12s} {'batch':>5s} {'precision':>9s} {'encode s/slice':>15s} {'decode s':>9s} "
+        f"{'encode ratio':>13s}"
+    )
     for variant, bs, precision, enc, dec in rows:
         print(f"{variant:12s} {bs:5d} {precision:>9s} {enc:15.3f} {dec:9.3f} {enc / base:13.2f}")
 

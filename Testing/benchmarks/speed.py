@@ -19,6 +19,7 @@ Also: real images (``--data``, default ../shared/data: CT spleen slices, Kvasir 
 ground-truth box, vanilla decoding; prompt latency on an encoded slice; training seconds per epoch on
 cached features; and peak memory of each variant alone in a fresh process (Linux: /proc/self/status).
 """
+
 import argparse
 import contextlib
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
+sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing" / "utils")]
 from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # what the command line runs with (before torch is imported)
@@ -40,10 +41,12 @@ import torch  # noqa: E402
 from speed_inputs import WINDOW, Reference, ijk_to_ras, real_cases, synthetic_ct  # noqa: E402
 
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
-from PromiseSegmentLib.data.preprocessing import mask_bbox  # noqa: E402
-from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.data.prompts import (
+    Prompts,
+    mask_box,  # noqa: E402
+)
 from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
-from PromiseSegmentLib.inference.engine import SamEngine
+from PromiseSegmentLib.inference.engine import InferenceEngine
 from PromiseSegmentLib.inference.volume_loop import slice_image  # noqa: E402
 from PromiseSegmentLib.model.promise import ProMISeModel  # noqa: E402
 
@@ -118,7 +121,7 @@ def bench_volume(args, meter, ref, models, vol):
             out["a"][s] = ref.segment(image, box)
 
     def engine(name, first, last):
-        out[name][first:last + 1] = run_engine(models, name, vol, first, last)[first:last + 1]
+        out[name][first : last + 1] = run_engine(models, name, vol, first, last)[first : last + 1]
 
     for r, first in enumerate(range(0, n, args.chunk)):
         last = min(n, first + args.chunk) - 1
@@ -130,22 +133,24 @@ def bench_volume(args, meter, ref, models, vol):
 
 def run_engine(models, name, vol, first, last):
     """``segment_volume`` over slices first..last (automatic APM + IPS)."""
-    return models[name].segment_volume(vol, ijk_to_ras(), mode="apm+ips", slice_range=(first, last),
-                                       value_range=WINDOW.value_range(vol))
+    return models[name].segment_volume(
+        vol, ijk_to_ras(), mode="apm+ips", slice_range=(first, last), value_range=WINDOW.value_range(vol)
+    )
 
 
 def bench_real(meter, ref, engines, cases):
     """Ground-truth box on real images: (a) the package's model, (b)/(c) vanilla engine decoding."""
     masks = {name: [] for name in ("a", *engines)}
     for r, (_, case) in enumerate(cases):
-        box = mask_bbox(case.mask)
+        box = mask_box(case.mask)
         for name in rotated(["a", *engines], r):
             if name == "a":
                 masks[name].append(meter.run("a", lambda: ref.segment(case.rgb, box), 1))
             else:
                 eng = engines[name]
-                pred = meter.run(name, lambda: eng.predict(eng.encode([case.rgb])[0], Prompts(box=box),
-                                                           multimask_output=False), 1)
+                pred = meter.run(
+                    name, lambda: eng.predict(eng.encode([case.rgb])[0], Prompts(box=box), multimask_output=False), 1
+                )
                 masks[name].append(pred.masks[0])
     return masks
 
@@ -168,10 +173,14 @@ def bench_prompts(models, vol, repeats: int):
         jitter = box + (r % 5)  # a slightly different box each time, as a user's drag
         for name in rotated(list(models), r):
             eng = models[name].engine
-            times[(name, "decoder")].append(timed(lambda: eng.predict(embs[name], Prompts(box=jitter),
-                                                                      multimask_output=False)))
-            times[(name, "slice")].append(timed(lambda: models[name].segment_slice(
-                vol, ijk, 0, k, Prompts(box=jitter), mode="ips", value_range=vr)))
+            times[(name, "decoder")].append(
+                timed(lambda: eng.predict(embs[name], Prompts(box=jitter), multimask_output=False))
+            )
+            times[(name, "slice")].append(
+                timed(
+                    lambda: models[name].segment_slice(vol, ijk, 0, k, Prompts(box=jitter), mode="ips", value_range=vr)
+                )
+            )
     for model in models.values():
         model.engine.cache = None
     return {key: (1000 * statistics.median(v), 1000 * float(np.percentile(v, 95))) for key, v in times.items()}
@@ -180,10 +189,12 @@ def bench_prompts(models, vol, repeats: int):
 def bench_training(engine, cases):
     """Seconds of the first epoch (encodes every image once, keeps fp16 features) and of the next (cached
     features only: APM + IPS + decoder, forward and backward; fp32 on a CPU)."""
-    from PromiseSegmentLib.training.trainer import TrainConfig, Trainer
+    from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.trainer import Trainer
 
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=128,
-                      apm_tap_pool=2)
+    cfg = TrainConfig(
+        epochs=2, batch_size=8, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=128, apm_tap_pool=2
+    )
     trainer = Trainer(engine, cases, [], cfg, None)
     return trainer.epoch(0, None)["seconds"], trainer.epoch(1, None)["seconds"]
 
@@ -194,7 +205,8 @@ def make_adapter(path, backbone):
         from PromiseSegmentLib.model.adapter import load_adapter
 
         return load_adapter(path, backbone).eval(), f"trained adapter {path}"
-    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
+    from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.trainer import build_adapter
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=128, apm_tap_pool=2), backbone)
     with torch.no_grad():
@@ -205,13 +217,18 @@ def make_adapter(path, backbone):
 def machine_line(engine) -> str:
     from PromiseSegmentLib.inference.acceleration import available_cpus, cpu_bf16
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
+    cpu = (
+        next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        if os.path.exists("/proc/cpuinfo")
+        else "?"
+    )
     gpu = f", GPU {torch.cuda.get_device_name()}" if engine.device.type == "cuda" else ""
     wait = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
-    return (f"machine: {cpu}, {available_cpus()} CPUs usable (load average {os.getloadavg()[0]:.1f}), torch "
-            f"{torch.__version__} with {torch.get_num_threads()} threads, {wait}, CPU bf16: "
-            f"{'yes' if cpu_bf16()[0] else 'no'} ({cpu_bf16()[1]}){gpu}")
+    return (
+        f"machine: {cpu}, {available_cpus()} CPUs usable (load average {os.getloadavg()[0]:.1f}), torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, {wait}, CPU bf16: "
+        f"{'yes' if cpu_bf16()[0] else 'no'} ({cpu_bf16()[1]}){gpu}"
+    )
 
 
 def print_speed_table(meter, names, labels, unit: str):
@@ -221,25 +238,36 @@ def print_speed_table(meter, names, labels, unit: str):
     print("|---|---|---|---|---|---|")
     for name in names:
         t = meter.per_item[name]
-        print(f"| {labels[name]} | {1 / meter.median(name):.2f} | {1000 * meter.median(name):.0f} | "
-              f"{1000 * np.mean(t):.0f} | {1000 * min(t):.0f} | {base / meter.median(name):.2f} |")
+        print(
+            f"| {labels[name]} | {1 / meter.median(name):.2f} | {1000 * meter.median(name):.0f} | "
+            f"{1000 * np.mean(t):.0f} | {1000 * min(t):.0f} | {base / meter.median(name):.2f} |"
+        )
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=20, help="N of the synthetic 512x512xN CT volume")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--chunk", type=int, help="slices per interleaved turn (default: 1 on a CPU, all on a GPU, "
-                                              "so that the engine can batch)")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        help="slices per interleaved turn (default: 1 on a CPU, all on a GPU, so that the engine can batch)",
+    )
     ap.add_argument("--real", type=int, default=6, help="real images, shared out over --real-sets (0: none)")
     ap.add_argument("--real-sets", default="ct-spleen-slices,kvasir-seg:val", help="folder[:split],... in --data")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--adapter", help="a trained LiteMedSAM adapter file (default: untrained, for timing); also "
-                                      "measures automatic-mode agreement on the real images (match --real-sets)")
+    ap.add_argument(
+        "--adapter",
+        help="a trained LiteMedSAM adapter file (default: untrained, for timing); also "
+        "measures automatic-mode agreement on the real images (match --real-sets)",
+    )
     ap.add_argument("--prompts", type=int, default=40, help="repeats for the prompt latency")
     ap.add_argument("--train-images", type=int, default=100, help="Kvasir images for seconds per epoch (0: skip)")
-    ap.add_argument("--memory-slices", type=int, help="slices for the one-variant-per-process memory runs "
-                                                      "(default: --slices; 0: skip)")
+    ap.add_argument(
+        "--memory-slices",
+        type=int,
+        help="slices for the one-variant-per-process memory runs (default: --slices; 0: skip)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's, capped at usable CPUs)")
     ap.add_argument("--bf16-stage-0", action="store_true", help="also (d): (c) with stage 0 in bf16 too")
@@ -247,8 +275,12 @@ def parse_args():
     return ap.parse_args()
 
 
-LABELS = {"a": "(a) reference loop (package model, box)", "b": "(b) engine fp32, APM+IPS",
-          "c": "(c) engine auto, APM+IPS", "d": "(d) engine bf16 with stage 0 in bf16, APM+IPS"}
+LABELS = {
+    "a": "(a) reference loop (package model, box)",
+    "b": "(b) engine fp32, APM+IPS",
+    "c": "(c) engine auto, APM+IPS",
+    "d": "(d) engine bf16 with stage 0 in bf16, APM+IPS",
+}
 
 
 class Stage0InBf16:
@@ -292,11 +324,14 @@ def stage_0_in_bf16():
 def build(args, backbone):
     kw = dict(device=args.device, threads=args.threads)
     adapter, note = make_adapter(args.adapter, backbone)
-    models = {"b": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="fp32", **kw), adapter),
-              "c": ProMISeModel(SamEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)}
+    models = {
+        "b": ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="fp32", **kw), adapter),
+        "c": ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="auto", **kw), adapter),
+    }
     if getattr(args, "bf16_stage_0", False):
-        models["d"] = Stage0InBf16(ProMISeModel(SamEngine(backbone, capture_taps=True, precision="auto", **kw),
-                                                adapter))
+        models["d"] = Stage0InBf16(
+            ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)
+        )
     return models, note
 
 
@@ -320,8 +355,11 @@ def child_memory(args) -> None:
         ref.model.to(args.device)
         ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
         out = np.zeros(vol.shape, np.uint8)
-        job = lambda: [out.__setitem__(s, ref.segment(slice_image(vol, ijk, 0, s, vr)[1], box))  # noqa: E731
-                       for s in range(vol.shape[0])]
+
+        def job():
+            for s in range(vol.shape[0]):
+                out[s] = ref.segment(slice_image(vol, ijk, 0, s, vr)[1], box)
+
     else:
         models, _ = build(args, load_backbone("lite_medsam"))
         job = lambda: run_engine(models, args.child, vol, 0, vol.shape[0] - 1)  # noqa: E731
@@ -330,7 +368,7 @@ def child_memory(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(job)
-    device = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda") else None
+    device = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     print(json.dumps({"before_mb": before, "peak_mb": rss_peak_mb(), "seconds": seconds, "device_mb": device}))
 
 
@@ -338,24 +376,35 @@ def report_memory(args) -> None:
     n = args.slices if args.memory_slices is None else args.memory_slices
     if not n:
         return
-    print(f"\n### Peak memory, each variant alone in a fresh process, {args.size}x{args.size}x{n} volume, "
-          "cache off")
+    print(f"\n### Peak memory, each variant alone in a fresh process, {args.size}x{args.size}x{n} volume, cache off")
     print("| variant | RSS before the run (MB) | peak RSS (MB) | peak device (MB) | seconds |")
     print("|---|---|---|---|---|")
     for name in ("a", "b", "c"):
-        cmd = [sys.executable, __file__, "--child", name, "--slices", str(n), "--size", str(args.size),
-               "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--slices",
+            str(n),
+            "--size",
+            str(args.size),
+            "--device",
+            args.device,
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         dev = "-" if r["device_mb"] is None else f"{r['device_mb']:.0f}"
-        print(f"| {LABELS[name]} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {dev} | {r['seconds']:.1f} |",
-              flush=True)
+        print(
+            f"| {LABELS[name]} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {dev} | {r['seconds']:.1f} |", flush=True
+        )
 
 
 def report_volume(args, ref, models, vol, labels) -> None:
     meter = Meter()
     masks = bench_volume(args, meter, ref, models, vol)
-    print(f"### Volume {args.size}x{args.size}x{args.slices} int16 (synthetic CT), end to end, {args.chunk}-slice "
-          f"turns")
+    print(
+        f"### Volume {args.size}x{args.size}x{args.slices} int16 (synthetic CT), end to end, {args.chunk}-slice turns"
+    )
     print_speed_table(meter, ["a", *models], labels, "slice")
     for name in models:
         if name != "b":
@@ -368,10 +417,16 @@ def report_real(args, ref, engines, labels, cases) -> None:
         return
     meter = Meter()
     real = bench_real(meter, ref, engines, cases)
-    print(f"\n### Real images with the ground-truth box ({len(cases)}: {', '.join(sorted({f for f, _ in cases}))}), "
-          f"vanilla decoding")
-    print_speed_table(meter, ["a", "b", "c"], {**labels, "b": "(b) engine fp32",
-                                                "c": f"(c) engine {engines['c'].precision.name}"}, "image")
+    print(
+        f"\n### Real images with the ground-truth box ({len(cases)}: {', '.join(sorted({f for f, _ in cases}))}), "
+        f"vanilla decoding"
+    )
+    print_speed_table(
+        meter,
+        ["a", "b", "c"],
+        {**labels, "b": "(b) engine fp32", "c": f"(c) engine {engines['c'].precision.name}"},
+        "image",
+    )
     truth = [c.mask for _, c in cases]
     for name in ("a", "b", "c"):
         print(f"- ({name}) mean Dice vs ground truth {np.mean([dice(m, t) for m, t in zip(real[name], truth)]):.4f}")
@@ -426,7 +481,7 @@ def report_training(args, backbone) -> None:
     from PromiseSegmentLib.data.datasets import load_image_folder
 
     train = load_image_folder(kvasir, "train", limit=args.train_images)
-    engine = SamEngine(backbone, args.device, precision="auto", threads=args.threads)
+    engine = InferenceEngine(backbone, args.device, precision="auto", threads=args.threads)
     first, cached = bench_training(engine, train)
     print(f"\n### Training, {len(train)} Kvasir images, batch 8, features cached (APM width 128, pooled 2)")
     print(f"- first epoch (encodes each image once, {engine.precision.name} encoder): {first:.1f} s")
@@ -442,8 +497,10 @@ def main():
     ref = Reference(backbone.path)
     ref.model.to(args.device)
     models, note = build(args, backbone)
-    engines = {p[0]: SamEngine(backbone, args.device, precision=p[1], threads=args.threads)
-               for p in (("b", "fp32"), ("c", "auto"))}
+    engines = {
+        p[0]: InferenceEngine(backbone, args.device, precision=p[1], threads=args.threads)
+        for p in (("b", "fp32"), ("c", "auto"))
+    }
     fast = models["c"].engine
     labels = {**LABELS, "c": f"(c) engine {fast.precision.name} (auto), APM+IPS"}
     vol = synthetic_ct(args.slices, args.size)

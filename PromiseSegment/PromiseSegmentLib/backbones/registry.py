@@ -1,6 +1,7 @@
 """The backbone registry (as ``segment_anything.sam_model_registry``): every backbone by name, and
 loading one by name or from a checkpoint file. Adding a backbone is one module plus one entry here;
 ``backbone`` holds the base class and knows no backbone, so the two form no import cycle."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +9,11 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from PromiseSegmentLib.backbones.base import Backbone, LoadedBackbone, ProgressFn
-from PromiseSegmentLib.backbones.checkpoints import CheckpointError
+from PromiseSegmentLib.backbones.base import Backbone, LoadedBackbone
 from PromiseSegmentLib.backbones.lite_medsam import LiteMedSAM
 from PromiseSegmentLib.backbones.sam_vit import SAM_VIT_BACKBONES
+from PromiseSegmentLib.callbacks import ProgressFn
+from PromiseSegmentLib.errors import CheckpointError
 from PromiseSegmentLib.names import DEFAULT_BACKBONE
 
 
@@ -42,8 +44,13 @@ def identify(state: Mapping[str, torch.Tensor]) -> Backbone:
     raise CheckpointError("the weights match no known backbone (LiteMedSAM, SAM ViT-B/L/H, MedSAM)")
 
 
-def load_backbone(spec: Optional[str] = None, expected: Optional[str] = None,
-                  progress: Optional[ProgressFn] = None, cancel=None, optimise: bool = True) -> LoadedBackbone:
+def load_backbone(
+    name_or_path: Optional[str] = None,
+    expected: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel=None,
+    optimise: bool = True,
+) -> LoadedBackbone:
     """A backbone by registry name (``None`` = the default, LiteMedSAM) or by checkpoint path.
 
     ``expected`` (a registry name, e.g. from an adapter's metadata) is checked against what is loaded.
@@ -51,24 +58,28 @@ def load_backbone(spec: Optional[str] = None, expected: Optional[str] = None,
     """
     from PromiseSegmentLib.backbones.checkpoints import load_state_dict
 
-    spec = spec or DEFAULT_BACKBONE
-    if spec in BACKBONES:
-        loaded = BACKBONES[spec].load(progress=progress, cancel=cancel, optimise=optimise)
+    name_or_path = name_or_path or DEFAULT_BACKBONE
+    if name_or_path in BACKBONES:
+        loaded = BACKBONES[name_or_path].load(progress=progress, cancel=cancel, optimise=optimise)
     else:
-        path = Path(spec).expanduser()
+        path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"backbone {spec!r} is neither a file nor one of: {', '.join(user_backbones())}")
+            raise CheckpointError(
+                f"backbone {name_or_path!r} is neither a file nor one of: {', '.join(user_backbones())}"
+            )
         if expected in BACKBONES and BACKBONES[expected].recognises(load_state_dict(path)):
             loaded = BACKBONES[expected].load(path, optimise=optimise)
         else:
             loaded = identify(load_state_dict(path)).load(path, optimise=optimise)
     if expected and not _compatible(loaded.spec, expected):
-        raise CheckpointError(f"the adapter needs backbone {expected} but {spec} is {loaded.name}; "
-                              f"choose --backbone {expected}")
+        raise CheckpointError(
+            f"the adapter needs backbone {expected} but {name_or_path} is {loaded.name}; choose --backbone {expected}"
+        )
     return loaded
 
 
-def _compatible(spec: Backbone, expected: str) -> bool:
+def _compatible(backbone: Backbone, expected: str) -> bool:
     other = BACKBONES.get(expected)
-    return spec.name == expected or (other is not None and other.family == spec.family
-                                     and other.tap_channels == spec.tap_channels)
+    return backbone.name == expected or (
+        other is not None and other.family == backbone.family and other.tap_channels == backbone.tap_channels
+    )

@@ -3,6 +3,7 @@
 Models are built with segment-anything's own classes; weights are loaded by ``Backbone.load`` so that
 no code path ever unpickles a file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class SamArchitecture:
     global_attn_indexes: Tuple[int, ...]
 
     @property
-    def apm_blocks(self) -> Tuple[int, int, int]:
+    def tap_blocks(self) -> Tuple[int, int, int]:
         """0-based encoder blocks whose outputs feed the APM.
 
         Rule: the blocks ending the 2nd, 3rd and 4th quarter of the encoder (ViT-B: 6, 9, 12 in
@@ -112,8 +113,6 @@ def build_seeded_sam(variant: str, seed: int) -> Sam:
     return sam.eval()
 
 
-
-
 BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 
@@ -129,7 +128,7 @@ class SamViT(Backbone):
     def __init__(self, name: str, variant: str, description: str, checkpoint: Optional[CheckpointInfo]):
         self.name, self.variant, self.description, self._checkpoint = name, variant, description, checkpoint
         arch = ARCHITECTURES[variant]
-        self.tap_blocks = arch.apm_blocks
+        self.tap_blocks = arch.tap_blocks
         self.tap_channels = (arch.embed_dim,) * len(self.tap_blocks)
 
     @property
@@ -211,17 +210,44 @@ class TinyRandomViT(SamViT):
 
 
 SAM_VIT_BACKBONES = [
-    SamViT("sam_vit_b", "vit_b", "SAM ViT-B (375 MB download), the ProMISe paper's backbone",
-           CheckpointInfo("sam_vit_b_01ec64.pth", BASE_URL + "sam_vit_b_01ec64.pth",
-                          "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", None)),
-    SamViT("sam_vit_l", "vit_l", "SAM ViT-L (1.2 GB download)",
-           CheckpointInfo("sam_vit_l_0b3195.pth", BASE_URL + "sam_vit_l_0b3195.pth",
-                          "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", None)),
-    SamViT("sam_vit_h", "vit_h", "SAM ViT-H (2.5 GB download)",
-           CheckpointInfo("sam_vit_h_4b8939.pth", BASE_URL + "sam_vit_h_4b8939.pth",
-                          "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", None)),
-    SamViT("medsam", "vit_b",
-           "MedSAM (ViT-B layout; user-supplied: put medsam_vit_b.pth in the cache or pass its path)",
-           CheckpointInfo("medsam_vit_b.pth", None, None, None)),
+    SamViT(
+        "sam_vit_b",
+        "vit_b",
+        "SAM ViT-B (375 MB download), the ProMISe paper's backbone",
+        CheckpointInfo(
+            "sam_vit_b_01ec64.pth",
+            BASE_URL + "sam_vit_b_01ec64.pth",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            None,
+        ),
+    ),
+    SamViT(
+        "sam_vit_l",
+        "vit_l",
+        "SAM ViT-L (1.2 GB download)",
+        CheckpointInfo(
+            "sam_vit_l_0b3195.pth",
+            BASE_URL + "sam_vit_l_0b3195.pth",
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            None,
+        ),
+    ),
+    SamViT(
+        "sam_vit_h",
+        "vit_h",
+        "SAM ViT-H (2.5 GB download)",
+        CheckpointInfo(
+            "sam_vit_h_4b8939.pth",
+            BASE_URL + "sam_vit_h_4b8939.pth",
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            None,
+        ),
+    ),
+    SamViT(
+        "medsam",
+        "vit_b",
+        "MedSAM (ViT-B layout; user-supplied: put medsam_vit_b.pth in the cache or pass its path)",
+        CheckpointInfo("medsam_vit_b.pth", None, None, None),
+    ),
     TinyRandomViT(),
 ]

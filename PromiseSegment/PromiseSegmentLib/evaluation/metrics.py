@@ -7,6 +7,7 @@ everywhere (``evaluation`` states it in the CSV too):
 - HD95: NaN when both are empty (no surface on either side: undefined), inf when exactly one is. Summaries
   take the median over the finite values and count the others.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 A case with an empty ground truth is scored like any other, by the convention in ``metrics`` (Dice 1.0 only
 if nothing is predicted; HD95 NaN or inf), and its CSV row says so in the ``note`` column."""
+
 from __future__ import annotations
 
 import csv
@@ -9,15 +10,15 @@ import io
 import math
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from PromiseSegmentLib.atomic_write import Output, bytes_output, write_all
+from PromiseSegmentLib.callbacks import ProgressFn
 from PromiseSegmentLib.data.datasets import Case, sample_points
-from PromiseSegmentLib.data.preprocessing import mask_bbox
-from PromiseSegmentLib.data.prompts import Prompts
+from PromiseSegmentLib.data.prompts import Prompts, mask_box
 from PromiseSegmentLib.evaluation.metrics import dice, hd95, iou
-from PromiseSegmentLib.paths import Output, bytes_output, write_all
 
 EMPTY_TRUTH = "empty ground truth: Dice and IoU 1 only if nothing is predicted; HD95 nan if so, else inf"
 NO_BOX = "no box (empty ground truth): nothing predicted, which is right; HD95 nan"
@@ -31,7 +32,7 @@ def simulated_prompts(case: Case, prompt: str) -> Prompts:
         pts, labels = sample_points(case.mask, 3, 3, np.random.default_rng(zlib.crc32(case.id.encode())))
         return Prompts(points=pts, labels=labels)
     if prompt == "gt-box":
-        return Prompts(box=mask_bbox(case.mask))
+        return Prompts(box=mask_box(case.mask))
     return Prompts()
 
 
@@ -45,13 +46,22 @@ def predict_case(model, case: Case, mode: str, prompt: str) -> Tuple[np.ndarray,
     return model.predict(emb, simulated_prompts(case, prompt), mode=mode).masks[0], note
 
 
-def evaluate_cases(model, cases: List[Case], mode: str = "auto", prompt: str = "none",
-                   progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+def evaluate_cases(
+    model, cases: List[Case], mode: str = "auto", prompt: str = "none", progress: Optional[ProgressFn] = None
+) -> List[Dict]:
     rows = []
     for n, case in enumerate(cases):
         m, note = predict_case(model, case, mode, prompt)
-        rows.append({"id": case.id, "dice": dice(m, case.mask), "iou": iou(m, case.mask),
-                     "hd95": hd95(m, case.mask), "pred": m, "note": note})
+        rows.append(
+            {
+                "id": case.id,
+                "dice": dice(m, case.mask),
+                "iou": iou(m, case.mask),
+                "hd95": hd95(m, case.mask),
+                "pred": m,
+                "note": note,
+            }
+        )
         if progress:
             progress(n + 1, len(cases))
     return rows
@@ -61,11 +71,16 @@ def summary(rows: List[Dict]) -> Dict[str, float]:
     d = np.array([r["dice"] for r in rows])
     h = np.array([r["hd95"] for r in rows])
     finite = h[np.isfinite(h)]
-    return {"cases": len(rows), "dice_mean": float(d.mean()), "dice_std": float(d.std()),
-            "dice_median": float(np.median(d)), "iou_mean": float(np.mean([r["iou"] for r in rows])),
-            "hd95_median": float(np.median(finite)) if finite.size else math.nan,
-            "hd95_undefined": int((~np.isfinite(h)).sum()),
-            "empty_truth": sum(1 for r in rows if r.get("note"))}
+    return {
+        "cases": len(rows),
+        "dice_mean": float(d.mean()),
+        "dice_std": float(d.std()),
+        "dice_median": float(np.median(d)),
+        "iou_mean": float(np.mean([r["iou"] for r in rows])),
+        "hd95_median": float(np.median(finite)) if finite.size else math.nan,
+        "hd95_undefined": int((~np.isfinite(h)).sum()),
+        "empty_truth": sum(1 for r in rows if r.get("note")),
+    }
 
 
 def metrics_csv(rows: List[Dict]) -> bytes:
@@ -79,7 +94,7 @@ def metrics_csv(rows: List[Dict]) -> bytes:
 
 
 def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool = True) -> str:
-    """``metrics.csv`` and ``figure.png`` in ``out``, written as one unit (``paths.write_all``: both or, on any
+    """``metrics.csv`` and ``figure.png`` in ``out``, written as one unit (``atomic_write.write_all``: both or, on any
     failure, neither, with existing ones as they were; they are replaced only with ``overwrite``), and a
     summary line."""
     out = Path(out)
@@ -89,19 +104,25 @@ def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool
         raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
     fig = _figure(rows, cases)
     try:
-        write_all([bytes_output(targets[0], metrics_csv(rows)),
-                   Output(targets[1], lambda tmp: fig.savefig(tmp, dpi=80, format="png"), ".png", _check_png)],
-                  overwrite=overwrite)
+        write_all(
+            [
+                bytes_output(targets[0], metrics_csv(rows)),
+                Output(targets[1], lambda tmp: fig.savefig(tmp, dpi=80, format="png"), ".png", _check_png),
+            ],
+            overwrite=overwrite,
+        )
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
     s = summary(rows)
     empty = f" ({s['empty_truth']} with an empty ground truth)" if s["empty_truth"] else ""
-    return (f"cases {s['cases']}{empty}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} "
-            f"(median {s['dice_median']:.3f})  IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
-            f"({s['hd95_undefined']} cases with an empty prediction or truth)\n"
-            f"wrote {targets[0]} and {targets[1]}")
+    return (
+        f"cases {s['cases']}{empty}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} "
+        f"(median {s['dice_median']:.3f})  IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
+        f"({s['hd95_undefined']} cases with an empty prediction or truth)\n"
+        f"wrote {targets[0]} and {targets[1]}"
+    )
 
 
 def _figure(rows: List[Dict], cases: List[Case]):

@@ -1,4 +1,5 @@
 """Device choice: CUDA, then Apple MPS, then CPU, unless the user names one."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,5 +27,6 @@ def pick_device(name: Optional[str] = None) -> torch.device:
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA/MPS out-of-memory, or the CPU allocator refusing a batch too large for the RAM."""
     text = str(exc).lower()
-    return (isinstance(exc, (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", ())))
-            or any(s in text for s in ("out of memory", "not enough memory", "can't allocate memory")))
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", ()))) or any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory")
+    )

@@ -1,9 +1,10 @@
 """Encoder outputs kept in memory, keyed by the exact pixels that were encoded.
 
-The key is a hash of the uint8 RGB slice (plus the captured blocks), so a repeated run, a new click
+The key is a hash of the uint8 RGB slice (plus which encoder taps it holds), so a repeated run, a new click
 on an already-encoded slice, or a propagation that revisits a slice re-runs only the decoder - and
 an edited volume or a changed intensity window can never return a stale embedding.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def image_key(image: np.ndarray, capture: Sequence[int]) -> str:
+def image_key(image: np.ndarray, capture: Sequence[object]) -> str:
     h = hashlib.blake2b(digest_size=20)
     h.update(repr((image.shape, str(image.dtype), tuple(capture))).encode())
     h.update(np.ascontiguousarray(image).data)

@@ -6,19 +6,21 @@ encoder; for SAM ViT these are SAM's own, so with the same weights and prompts t
 ``SamPredictor`` (oracle tests), and for LiteMedSAM the package's own forward. The decoder goes
 through ``decoder.decode_masks``, which accepts IPS's mask-token shift.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from PromiseSegmentLib.backbones.base import LOW_RES, LoadedBackbone
+from PromiseSegmentLib.callbacks import CancelFn, ProgressFn
 from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.errors import Cancelled  # noqa: F401  (re-exported)
+from PromiseSegmentLib.errors import Cancelled
 from PromiseSegmentLib.inference.acceleration import (
     Precision,
     after_out_of_memory,
@@ -35,6 +37,22 @@ from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks
 log = logging.getLogger(__name__)
 
 MASK_PROMPT_LOGIT = 10.0  # magnitude of the logits a binary mask prompt is turned into
+
+
+@dataclass
+class PromptBatch:
+    """Prompts for B images in the backbone's input frame: points (B, M, 2) as (x, y) with labels (B, M)
+    (1 positive, 0 negative, -1 padding), boxes (B, 4) as (x0, y0, x1, y1), mask logits (B, 1, 256, 256)."""
+
+    points: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    boxes: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
+
+    @property
+    def point_pairs(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(points, labels)`` as SAM's prompt encoder takes them, or None."""
+        return None if self.points is None or self.labels is None else (self.points, self.labels)
 
 
 @dataclass
@@ -72,7 +90,7 @@ def mask_to_low_res(mask: np.ndarray, input_size: Tuple[int, int], image_size: i
     return F.interpolate(t, (LOW_RES, LOW_RES), mode="area")[0]
 
 
-class SamEngine:
+class InferenceEngine:
     """A frozen backbone on a device: ``encode`` images (batched, cached) and ``predict`` masks from prompts
     given in each image's own pixels.
 
@@ -82,9 +100,16 @@ class SamEngine:
     threads (None: PyTorch's choice, capped at the CPUs this process may use). ``describe()`` says what runs.
     """
 
-    def __init__(self, backbone: LoadedBackbone, device: Optional[str] = None, batch_size: Optional[int] = None,
-                 capture_taps: bool = False, cache: Optional[EmbeddingCache] = None, precision: str = "fp32",
-                 threads: Optional[int] = None):
+    def __init__(
+        self,
+        backbone: LoadedBackbone,
+        device: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        capture_taps: bool = False,
+        cache: Optional[EmbeddingCache] = None,
+        precision: str = "fp32",
+        threads: Optional[int] = None,
+    ):
         self.cache = cache  # optional: repeated slices skip the encoder
         self.backbone = backbone
         self.spec = backbone.spec
@@ -100,9 +125,9 @@ class SamEngine:
         self._cpu_encoder: Optional[Tuple[torch.nn.Module, Precision]] = None  # after GPU out-of-memory
         log.info("%s", self.describe())
 
-    # ----------------------------------------------------------------------------- mode
+    # ----------------------------------------------------------------------------- what runs
     @property
-    def mode(self) -> str:
+    def precision_summary(self) -> str:
         """Short: device and precision, e.g. ``cpu bf16``."""
         return f"{self.device.type} {self.precision.name}"
 
@@ -124,9 +149,15 @@ class SamEngine:
         corners to about a pixel."""
         return self.precision.autocast(self.device)
 
-    def decode(self, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool,
-               mask_token_shift: Optional[torch.Tensor] = None,
-               token: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        features: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+        mask_token_shift: Optional[torch.Tensor] = None,
+        token: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``decode_masks`` in the engine's precision, fp32 logits out: the decoder itself in fp32, or its
         bf16/fp16 copy (``HalfDecoder``, made once per backbone and device). Prompt embeddings come in
         fp32, so box corners are encoded exactly."""
@@ -136,8 +167,9 @@ class SamEngine:
         key = (dtype, str(self.device))
         if key not in self.backbone.half_decoders:
             self.backbone.half_decoders[key] = HalfDecoder(self.sam, dtype)
-        return self.backbone.half_decoders[key](self.sam, features, sparse, dense, multimask_output,
-                                                mask_token_shift, token)
+        return self.backbone.half_decoders[key](
+            self.sam, features, sparse, dense, multimask_output, mask_token_shift, token
+        )
 
     def _bytes_per_image(self) -> int:
         return self.spec.encode_bytes(self.precision.dtype is not None)
@@ -160,11 +192,13 @@ class SamEngine:
             feats, taps = self.spec.encode(sam, x, self.capture_taps)
         # NHWC (channels_last), as the encoders make them: the APM's pooling and the decoder read it without copies
         back = lambda t: t.to(self.device, torch.float32).contiguous(  # noqa: E731
-            memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
+            memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format
+        )
         return back(feats), [back(t) for t in taps]
 
-    def encode(self, images: Sequence[np.ndarray], progress: Optional[Callable[[int, int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> List[ImageEmbedding]:
+    def encode(
+        self, images: Sequence[np.ndarray], progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None
+    ) -> List[ImageEmbedding]:
         """Encode uint8 RGB images, ``batch_size`` at a time; on out-of-memory the batch is halved and, on a
         GPU at batch 1, the encoder continues on a CPU copy (the shared model and the decoder stay put)."""
         out: List[Optional[ImageEmbedding]] = [None] * len(images)
@@ -178,7 +212,7 @@ class SamEngine:
         while i < len(todo):
             if cancel is not None and cancel():
                 raise Cancelled()
-            chunk = todo[i:i + self.batch_size]
+            chunk = todo[i : i + self.batch_size]
             prepared = [self._prepare(images[n]) for n in chunk]
             try:
                 feats, taps = self._encode_batch(torch.cat([p[0] for p in prepared]))
@@ -188,8 +222,9 @@ class SamEngine:
                 self._shrink_after_oom()
                 continue
             for j, (n, (_, input_size, original_size)) in enumerate(zip(chunk, prepared)):
-                out[n] = ImageEmbedding(feats[j:j + 1], input_size, original_size,
-                                        [t[j:j + 1] for t in taps] if taps else None)
+                out[n] = ImageEmbedding(
+                    feats[j : j + 1], input_size, original_size, [t[j : j + 1] for t in taps] if taps else None
+                )
                 key = keys[n]
                 if self.cache is not None and key is not None:
                     self.cache.put(key, out[n])
@@ -206,26 +241,29 @@ class SamEngine:
         if to_cpu and not on_cpu:
             log.warning("GPU out of memory even at batch 1: encoding on the CPU from now on (slower)")
             cpu = torch.device("cpu")
-            self._cpu_encoder = (cpu_clone(self.sam), resolve_precision(self.requested_precision, cpu,
-                                                                         self.spec.cpu_bf16))
+            self._cpu_encoder = (
+                cpu_clone(self.sam),
+                resolve_precision(self.requested_precision, cpu, self.spec.cpu_bf16),
+            )
         else:
             log.warning("out of memory: encoding batch reduced to %d", self.batch_size)
 
     # ----------------------------------------------------------------------------- prompts
-    def prompt_tensors(self, emb: ImageEmbedding, prompts: Prompts):
-        """Prompt-encoder inputs in the backbone's input frame, as ``SamPredictor.predict`` builds them."""
-        points = box = mask = None
+    def prompt_tensors(self, emb: ImageEmbedding, prompts: Prompts) -> PromptBatch:
+        """One image's prompts in the backbone's input frame, as ``SamPredictor.predict`` builds them."""
+        batch = PromptBatch()
         if prompts.points is not None and len(prompts.points):
             coords = self.spec.to_input_frame(prompts.points, emb.original_size)
-            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
-                      torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device)[None])
+            batch.points = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
+            batch.labels = torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device)[None]
         if prompts.box is not None:
             b = self.spec.to_input_frame(prompts.box.reshape(2, 2), emb.original_size).reshape(1, 4)
-            box = torch.as_tensor(b, dtype=torch.float, device=self.device)[None]
+            batch.boxes = torch.as_tensor(b, dtype=torch.float, device=self.device)
         if prompts.mask_logits is not None:
-            mask = torch.as_tensor(prompts.mask_logits, dtype=torch.float, device=self.device).reshape(
-                1, 1, LOW_RES, LOW_RES)
-        return points, box, mask
+            batch.masks = torch.as_tensor(prompts.mask_logits, dtype=torch.float, device=self.device).reshape(
+                1, 1, LOW_RES, LOW_RES
+            )
+        return batch
 
     def mask_to_prompt(self, emb: ImageEmbedding, mask: np.ndarray) -> np.ndarray:
         """A binary mask on the encoded image's grid -> (1, 256, 256) logits usable as ``mask_logits``."""
@@ -233,26 +271,39 @@ class SamEngine:
         return ((soft - 0.5) * (2 * MASK_PROMPT_LOGIT)).numpy()
 
     # ----------------------------------------------------------------------------- decoding
-    def postprocess(self, low_res: torch.Tensor, emb: ImageEmbedding,
-                    output_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def postprocess(
+        self, low_res: torch.Tensor, emb: ImageEmbedding, output_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
         """Low-res logits -> logits on the encoded image's grid (or ``output_size``, e.g. the native
         anisotropic slice grid, in a single interpolation)."""
         size = self.spec.image_size
-        x = low_res if low_res.shape[-1] == size else F.interpolate(low_res, (size, size), mode="bilinear",
-                                                                     align_corners=False)
-        x = x[..., :emb.input_size[0], :emb.input_size[1]]
+        x = (
+            low_res
+            if low_res.shape[-1] == size
+            else F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        )
+        x = x[..., : emb.input_size[0], : emb.input_size[1]]
         return F.interpolate(x, tuple(output_size or emb.original_size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def predict(self, emb: ImageEmbedding, prompts: Optional[Prompts] = None, multimask_output: bool = True,
-                mask_token_shift: Optional[torch.Tensor] = None,
-                output_size: Optional[Tuple[int, int]] = None) -> Prediction:
+    def predict(
+        self,
+        emb: ImageEmbedding,
+        prompts: Optional[Prompts] = None,
+        multimask_output: bool = True,
+        mask_token_shift: Optional[torch.Tensor] = None,
+        output_size: Optional[Tuple[int, int]] = None,
+    ) -> Prediction:
         prompts = prompts or Prompts()
-        points, box, mask = self.prompt_tensors(emb, prompts)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=box, masks=mask)  # fp32: exact box positions
+        given = self.prompt_tensors(emb, prompts)  # the prompt encoder runs in fp32: exact box positions
+        sparse, dense = self.sam.prompt_encoder(points=given.point_pairs, boxes=given.boxes, masks=given.masks)
         low_res, iou = self.decode(emb.features, sparse, dense, multimask_output, mask_token_shift)
         logits = self.postprocess(low_res, emb, output_size)
-        return Prediction(masks=(logits > self.mask_threshold)[0].cpu().numpy(),
-                          logits=logits[0].float().cpu().numpy(), iou=iou[0].float().cpu().numpy(),
-                          low_res=low_res[0].float().cpu().numpy(),
-                          points=prompts.points, labels=prompts.labels)
+        return Prediction(
+            masks=(logits > self.mask_threshold)[0].cpu().numpy(),
+            logits=logits[0].float().cpu().numpy(),
+            iou=iou[0].float().cpu().numpy(),
+            low_res=low_res[0].float().cpu().numpy(),
+            points=prompts.points,
+            labels=prompts.labels,
+        )

@@ -16,10 +16,11 @@ So: blocks under 32 MB come from the heap, and up to 128 MB of freed heap stays 
 next slice (its RSS after a run can stay up to that much higher). ``PROMISE_SEGMENT_KEEP_FREED_MEMORY=0``
 leaves malloc as it is, and a user's own ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or
 ``GLIBC_TUNABLES`` wins (beware: setting either threshold alone switches glibc's adaptive thresholds
-off; a 128 KB trim threshold gave 414,000 page faults and 730 ms per slice). Unlike OpenMP's settings
-this can change at any time, so the engine applies it when it is created (``SamEngine``), in Slicer as
+off, and a small trim threshold alone makes every slice fault its buffers in again). Unlike OpenMP's settings
+this can change at any time, so the engine applies it when it is created (``InferenceEngine``), in Slicer as
 on the command line.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -12,6 +12,7 @@ fresh process each):
 So: a short spin then sleep (``GOMP_SPINCOUNT=1000`` for libgomp, the Linux wheels' OpenMP; PASSIVE
 for the others). A user's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` wins.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,33 +4,35 @@ Like MONAI's ``SliceInferer``, the loop takes any 2D model with two calls - ``en
 ``predict(embedding, prompts, output_size)`` (``SliceModel``): the plain backbone (``PlainBackbone``) or a
 ProMISe model fixed to one mode (``promise.ModelInMode``).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
+from PromiseSegmentLib.callbacks import CancelFn, ProgressFn
 from PromiseSegmentLib.data.preprocessing import (
-    InputError,
     IntensityRule,
     SliceGeometry,
     check_volume,
-    mask_bbox,
     put_slice,
     resolve_axis,
     slice_geometry,
     take_slice,
     to_uint8_rgb,
 )
-from PromiseSegmentLib.data.prompts import Prompts
-from PromiseSegmentLib.inference.engine import Cancelled, ImageEmbedding, Prediction, SamEngine
+from PromiseSegmentLib.data.prompts import Prompts, mask_box
+from PromiseSegmentLib.errors import Cancelled, InputError
+from PromiseSegmentLib.inference.engine import ImageEmbedding, InferenceEngine, Prediction
 
 
 class SliceModel(Protocol):
     """What the volume loop needs from a model: images (H, W, 3 uint8, square pixels) -> embeddings, then
     one embedding + prompts in that image's pixels -> a ``Prediction`` at ``output_size``."""
 
-    batch_size: int
+    @property
+    def batch_size(self) -> int: ...
 
     def encode(self, images: Sequence[np.ndarray], cancel=None) -> List[ImageEmbedding]: ...
 
@@ -42,7 +44,7 @@ class SliceModel(Protocol):
 class PlainBackbone:
     """The frozen backbone alone as a ``SliceModel`` (no adapter): prompts are required."""
 
-    def __init__(self, engine: SamEngine):
+    def __init__(self, engine: InferenceEngine):
         self.engine = engine
 
     @property
@@ -59,32 +61,44 @@ class PlainBackbone:
         return self.engine.mask_to_prompt(emb, mask)
 
 
-def as_slice_model(model: Union[SamEngine, SliceModel]) -> SliceModel:
+def as_slice_model(model: Union[InferenceEngine, SliceModel]) -> SliceModel:
     """A bare engine means the plain backbone."""
-    return PlainBackbone(model) if isinstance(model, SamEngine) else model
+    return PlainBackbone(model) if isinstance(model, InferenceEngine) else model
 
 
-def vanilla_predict(engine: SamEngine, emb: ImageEmbedding, prompts: Prompts,
-                    output_size: Tuple[int, int]) -> Prediction:
+def vanilla_predict(
+    engine: InferenceEngine, emb: ImageEmbedding, prompts: Prompts, output_size: Tuple[int, int]
+) -> Prediction:
     """The plain backbone. SAM ViT: a single click is ambiguous, so the best of 3 masks; otherwise one."""
     if prompts.empty:
-        raise InputError("vanilla SAM needs prompts (points or a box) on every slice it segments; "
-                         "use an adapter for automatic prompts")
+        raise InputError(
+            "vanilla SAM needs prompts (points or a box) on every slice it segments; "
+            "use an adapter for automatic prompts"
+        )
     n_points = 0 if prompts.points is None else len(prompts.points)
     multimask = engine.spec.vanilla_multimask(n_points, prompts.box is not None)
     pred = engine.predict(emb, prompts, multimask_output=multimask, output_size=output_size)
     b = pred.best()
-    return Prediction(pred.masks[b:b + 1], pred.logits[b:b + 1], pred.iou[b:b + 1], pred.low_res[b:b + 1],
-                      pred.points, pred.labels, prompts.box)
+    return Prediction(
+        pred.masks[b : b + 1],
+        pred.logits[b : b + 1],
+        pred.iou[b : b + 1],
+        pred.low_res[b : b + 1],
+        pred.points,
+        pred.labels,
+        prompts.box,
+    )
 
 
 def _to_square_prompts(geom, prompts: Prompts) -> Prompts:
     if geom.is_identity:
         return prompts
-    return Prompts(points=None if prompts.points is None else geom.points_to_square(prompts.points),
-                   labels=prompts.labels,
-                   box=None if prompts.box is None else geom.box_to_square(prompts.box),
-                   mask_logits=prompts.mask_logits)
+    return Prompts(
+        points=None if prompts.points is None else geom.points_to_square(prompts.points),
+        labels=prompts.labels,
+        box=None if prompts.box is None else geom.box_to_square(prompts.box),
+        mask_logits=prompts.mask_logits,
+    )
 
 
 def slice_indices(n: int, slice_range: Optional[Tuple[int, int]]) -> range:
@@ -101,18 +115,26 @@ def volume_value_range(volume: np.ndarray, intensity: Optional[IntensityRule]) -
     return (intensity or IntensityRule()).value_range(volume)
 
 
-def slice_image(volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int,
-                value_range: Tuple[float, float]) -> Tuple[SliceGeometry, np.ndarray]:
+def slice_image(
+    volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int, value_range: Tuple[float, float]
+) -> Tuple[SliceGeometry, np.ndarray]:
     """Slice ``index`` along ``ax`` as the uint8 RGB image SAM sees (square pixels) and its geometry."""
     native = take_slice(volume, ax, index)
     geom = slice_geometry(ijk_to_ras, ax, native.shape)
     return geom, geom.image_to_square(to_uint8_rgb(native, value_range))
 
 
-def segment_slice(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_to_ras: np.ndarray,
-                  axis: Union[int, str], index: int, prompts: Optional[Prompts] = None,
-                  previous_mask: Optional[np.ndarray] = None, intensity: Optional[IntensityRule] = None,
-                  value_range: Optional[Tuple[float, float]] = None) -> Prediction:
+def segment_slice(
+    model: Union[InferenceEngine, SliceModel],
+    volume: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    axis: Union[int, str],
+    index: int,
+    prompts: Optional[Prompts] = None,
+    previous_mask: Optional[np.ndarray] = None,
+    intensity: Optional[IntensityRule] = None,
+    value_range: Optional[Tuple[float, float]] = None,
+) -> Prediction:
     """One slice. ``prompts`` are in the slice's own pixels; ``previous_mask`` (same grid, e.g. the
     neighbouring slice's result during propagation) is fed to SAM as a mask prompt. The returned
     masks are on the native slice grid; pass ``value_range`` to reuse a per-volume intensity mapping."""
@@ -129,14 +151,20 @@ def segment_slice(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_t
     return model.predict(emb, p, geom.native_shape)
 
 
-def segment_volume(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_to_ras: np.ndarray,
-                   axis: Union[int, str] = "K", slice_range: Optional[Tuple[int, int]] = None,
-                   prompts: Optional[Dict[int, Prompts]] = None, intensity: Optional[IntensityRule] = None,
-                   automatic: bool = False,
-                   progress: Optional[Callable[[int, int], None]] = None,
-                   cancel: Optional[Callable[[], bool]] = None,
-                   value_range: Optional[Tuple[float, float]] = None,
-                   box_propagation: bool = False) -> np.ndarray:
+def segment_volume(
+    model: Union[InferenceEngine, SliceModel],
+    volume: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    axis: Union[int, str] = "K",
+    slice_range: Optional[Tuple[int, int]] = None,
+    prompts: Optional[Dict[int, Prompts]] = None,
+    intensity: Optional[IntensityRule] = None,
+    automatic: bool = False,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    value_range: Optional[Tuple[float, float]] = None,
+    box_propagation: bool = False,
+) -> np.ndarray:
     """Segment ``volume`` (KJI[×3]) slice by slice; returns a uint8 KJI mask on the volume's own grid.
 
     ``prompts`` maps slice index -> prompts in that slice's pixels (x = column, y = row). Without
@@ -164,23 +192,33 @@ def segment_volume(model: Union[SamEngine, SliceModel], volume: np.ndarray, ijk_
     for start in range(0, len(todo), step):
         if cancel is not None and cancel():
             raise Cancelled()
-        batch = todo[start:start + step]
+        batch = todo[start : start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
         embeddings = model.encode([image for _, image in prepared], cancel=cancel)
-        unprompted = [s for s in batch if automatic and s not in prompts]
-        batched = _automatic_masks(model, [e for s, e in zip(batch, embeddings) if s in unprompted],
-                                   prepared[0][0].native_shape)
-        for s, (g, _), emb in zip(batch, prepared, embeddings):
-            if batched is not None and s in unprompted:
-                mask = batched[unprompted.index(s)]
-            else:
-                p = _to_square_prompts(g, _slice_prompts(s, prompts, parents, out, ax))
-                mask = model.predict(emb, p, g.native_shape).masks[0]
+        for s, mask in zip(
+            batch, _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents, out, ax)
+        ):
             put_slice(out, ax, s, mask.astype(np.uint8))
             done += 1
             if progress:
                 progress(done, len(todo))
     return out
+
+
+def _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents, out, ax) -> List[np.ndarray]:
+    """The masks of one batch of slices: unprompted slices of an automatic run decoded together, the others
+    one by one with their prompts (a box-propagated slice with the box of the result it follows)."""
+    unprompted = [s for s in batch if automatic and s not in prompts]
+    together = [e for s, e in zip(batch, embeddings) if s in unprompted]
+    batched = _automatic_masks(model, together, prepared[0][0].native_shape)
+    masks = []
+    for s, (g, _), emb in zip(batch, prepared, embeddings):
+        if batched is not None and s in unprompted:
+            masks.append(batched[unprompted.index(s)])
+        else:
+            p = _to_square_prompts(g, _slice_prompts(s, prompts, parents, out, ax))
+            masks.append(model.predict(emb, p, g.native_shape).masks[0])
+    return masks
 
 
 def _slice_prompts(s: int, prompts: Dict[int, Prompts], parents, out: np.ndarray, ax: int) -> Prompts:
@@ -190,7 +228,7 @@ def _slice_prompts(s: int, prompts: Dict[int, Prompts], parents, out: np.ndarray
         return prompts.get(s, Prompts())
     parent, middle = parents[s]
     previous = take_slice(out, ax, parent)
-    return Prompts(box=mask_bbox(previous, PROPAGATION_MARGIN) if previous.any() else prompts[middle].box)
+    return Prompts(box=mask_box(previous, PROPAGATION_MARGIN) if previous.any() else prompts[middle].box)
 
 
 def _automatic_masks(model: SliceModel, embeddings: List[ImageEmbedding], output_size) -> Optional[np.ndarray]:
@@ -213,7 +251,8 @@ def box_parents(todo, prompts: Dict[int, Prompts]) -> Dict[int, Optional[Tuple[i
     comes from, the run's middle slice), or None for slices that use their own prompts. Insertion order is
     the processing order."""
     boxed = [s for s in todo if s in prompts and prompts[s].box is not None and prompts[s].points is None]
-    runs, order = [], {}
+    runs: List[List[int]] = []
+    order: Dict[int, Optional[Tuple[int, int]]] = {}
     for s in boxed:
         if runs and s == runs[-1][-1] + 1:
             runs[-1].append(s)

@@ -1,4 +1,5 @@
 """Adapter files: APM/IPS weights as safetensors with JSON metadata in the header (no pickle, no code)."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from PromiseSegmentLib.atomic_write import write_atomically
 from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.errors import AdapterError
 from PromiseSegmentLib.model.adapter_format import (
@@ -25,11 +27,18 @@ from PromiseSegmentLib.model.adapter_format import (
 from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME
-from PromiseSegmentLib.paths import write_atomically
 
 log = logging.getLogger(__name__)
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "AdapterError", "Adapter", "BackboneRecord", "save_adapter",
-           "read_metadata", "load_adapter"]  # FORMAT_VERSION 2: backbone-aware; APM with box head
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "AdapterError",
+    "Adapter",
+    "BackboneRecord",
+    "save_adapter",
+    "read_metadata",
+    "load_adapter",
+]  # FORMAT_VERSION 2: backbone-aware; APM with box head
 
 
 @dataclass
@@ -49,8 +58,13 @@ class BackboneRecord:
         return BackboneRecord(spec.name, spec.family, backbone.identity, spec.image_size, tuple(spec.tap_channels))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "family": self.family, "identity": self.identity,
-                "image_size": self.image_size, "tap_channels": list(self.tap_channels)}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "identity": self.identity,
+            "image_size": self.image_size,
+            "tap_channels": list(self.tap_channels),
+        }
 
 
 @dataclass
@@ -64,12 +78,15 @@ class Adapter:
     training: Dict[str, Any] = field(default_factory=dict)
 
     def metadata(self) -> Dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
-                "apm": self.apm.config if self.apm is not None else None,
-                "ips": self.ips.config if self.ips is not None else None,
-                "intensity": self.intensity.to_dict(),
-                "target": {"name": self.target_name, "color": list(self.target_color)},
-                "training": self.training}
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone.to_dict(),
+            "apm": self.apm.config if self.apm is not None else None,
+            "ips": self.ips.config if self.ips is not None else None,
+            "intensity": self.intensity.to_dict(),
+            "target": {"name": self.target_name, "color": list(self.target_color)},
+            "training": self.training,
+        }
 
     def modules(self) -> Dict[str, torch.nn.Module]:
         return {k: m for k, m in (("apm", self.apm), ("ips", self.ips)) if m is not None}
@@ -99,9 +116,11 @@ def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, to
     path = Path(path)
     states = states or {name: m.state_dict() for name, m in adapter.modules().items()}
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, s in states.items() for k, v in s.items()}
-    return write_atomically(path, lambda tmp: save_file(tensors, tmp,
-                                                        metadata={METADATA_KEY: json.dumps(adapter.metadata())}),
-                            verify=_readable)
+    return write_atomically(
+        path,
+        lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(adapter.metadata())}),
+        verify=_readable,
+    )
 
 
 def read_metadata(path) -> Dict[str, Any]:
@@ -111,9 +130,11 @@ def read_metadata(path) -> Dict[str, Any]:
     before that; any problem is an ``AdapterError`` naming the file."""
     meta = read_adapter_metadata(path)
     _check_record(path, meta)
-    expected = {f"{name}.{key}": (DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape), t.numel() * t.element_size())
-                for name, module in _build_modules(path, meta, "meta").items()
-                for key, t in module.state_dict().items()}
+    expected = {
+        f"{name}.{key}": (DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape), t.numel() * t.element_size())
+        for name, module in _build_modules(path, meta, "meta").items()
+        for key, t in module.state_dict().items()
+    }
     _check_tensors(path, _tensor_table(path), expected)
     return meta
 
@@ -129,20 +150,26 @@ def _check_record(path, meta: Dict[str, Any]) -> None:
     rec = meta["backbone"]
     spec = BACKBONES.get(rec["name"])
     if spec is None:
-        raise AdapterError(f"{path} was trained on backbone {reprlib.repr(rec['name'])}, which this PromiseSegment "
-                           f"does not know ({', '.join(user_backbones())}): update PromiseSegment or use another "
-                           f"adapter")
+        raise AdapterError(
+            f"{path} was trained on backbone {reprlib.repr(rec['name'])}, which this PromiseSegment "
+            f"does not know ({', '.join(user_backbones())}): update PromiseSegment or use another "
+            f"adapter"
+        )
     want = {"family": spec.family, "image_size": spec.image_size, "tap_channels": list(spec.tap_channels)}
     found = {k: rec.get(k) for k in want}
     if found != want:
-        raise AdapterError(f"{path}: its backbone record {reprlib.repr(found)} contradicts the registry's "
-                           f"{spec.name} {want}; the file was edited or is damaged")
+        raise AdapterError(
+            f"{path}: its backbone record {reprlib.repr(found)} contradicts the registry's "
+            f"{spec.name} {want}; the file was edited or is damaged"
+        )
     apm = meta["apm"]
     built_for = [apm.get("tap_channels"), apm.get("image_size")] if apm is not None else None
     if built_for is not None and built_for != [want["tap_channels"], want["image_size"]]:
-        raise AdapterError(f"{path}: its APM was built for tap_channels {reprlib.repr(built_for[0])} and image_size "
-                           f"{reprlib.repr(built_for[1])}, but {spec.name} has {want['tap_channels']} and "
-                           f"{want['image_size']}; the file was edited or is damaged")
+        raise AdapterError(
+            f"{path}: its APM was built for tap_channels {reprlib.repr(built_for[0])} and image_size "
+            f"{reprlib.repr(built_for[1])}, but {spec.name} has {want['tap_channels']} and "
+            f"{want['image_size']}; the file was edited or is damaged"
+        )
 
 
 def _build_modules(path, meta: Dict[str, Any], device="cpu") -> Dict[str, torch.nn.Module]:
@@ -185,15 +212,19 @@ def _check_tensors(path, table: Dict[str, Any], expected: Dict[str, Tuple[str, l
     if missing:
         raise AdapterError(f"{path} lacks tensor(s) {_few(missing)} that its metadata needs; the file is damaged")
     if extra:
-        raise AdapterError(f"{path} holds tensor(s) {_few(extra)} not in its metadata's APM/IPS; it was edited or "
-                           f"written by another program")
+        raise AdapterError(
+            f"{path} holds tensor(s) {_few(extra)} not in its metadata's APM/IPS; it was edited or "
+            f"written by another program"
+        )
     spans = []
     for name, (dtype, shape, nbytes) in sorted(expected.items()):
         entry = table[name] if isinstance(table[name], dict) else {}
         if (entry.get("dtype"), entry.get("shape")) != (dtype, shape):
-            raise AdapterError(f"{path}: tensor {name} has dtype {reprlib.repr(entry.get('dtype'))} and shape "
-                               f"{reprlib.repr(entry.get('shape'))} where its metadata needs {dtype!r} and shape "
-                               f"{shape}; the file is damaged or was written by another program")
+            raise AdapterError(
+                f"{path}: tensor {name} has dtype {reprlib.repr(entry.get('dtype'))} and shape "
+                f"{reprlib.repr(entry.get('shape'))} where its metadata needs {dtype!r} and shape "
+                f"{shape}; the file is damaged or was written by another program"
+            )
         offsets = entry.get("data_offsets")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
             raise AdapterError(f"{path}: tensor {name} has no valid data_offsets; the file is damaged")
@@ -201,8 +232,10 @@ def _check_tensors(path, table: Dict[str, Any], expected: Dict[str, Tuple[str, l
     position = 0
     for (start, end), nbytes, name in sorted(spans):
         if start != position or end - start != nbytes:
-            raise AdapterError(f"{path}: tensor {name}'s bytes {start}..{end} overlap another's, leave a gap or do "
-                               f"not fit its shape; the file is damaged")
+            raise AdapterError(
+                f"{path}: tensor {name}'s bytes {start}..{end} overlap another's, leave a gap or do "
+                f"not fit its shape; the file is damaged"
+            )
         position = end
 
 
@@ -222,27 +255,44 @@ def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
     modules = _build_modules(path, meta)
     _load_weights(path, modules)
     target = meta.get("target") or {}
-    record = BackboneRecord(rec["name"], rec.get("family", ""), rec.get("identity", ""),
-                            int(rec.get("image_size", 0)), tuple(rec.get("tap_channels", ())))
+    record = BackboneRecord(
+        rec["name"],
+        rec.get("family", ""),
+        rec.get("identity", ""),
+        int(rec.get("image_size", 0)),
+        tuple(rec.get("tap_channels", ())),
+    )
     apm, ips = modules.get("apm"), modules.get("ips")
     assert apm is None or isinstance(apm, APM)
     assert ips is None or isinstance(ips, IPS)
-    return Adapter(record, apm, ips, IntensityRule.from_dict(meta.get("intensity") or {}),
-                   target.get("name", DEFAULT_NAME), tuple(target.get("color", DEFAULT_COLOR)),
-                   meta.get("training") or {}).eval()
+    return Adapter(
+        record,
+        apm,
+        ips,
+        IntensityRule.from_dict(meta.get("intensity") or {}),
+        target.get("name", DEFAULT_NAME),
+        tuple(target.get("color", DEFAULT_COLOR)),
+        meta.get("training") or {},
+    ).eval()
 
 
 def _check_backbone(path, rec: Dict[str, Any], backbone, allow_mismatch: bool) -> None:
     spec = backbone.spec
     if rec.get("family") != spec.family or list(rec.get("tap_channels", [])) != list(spec.tap_channels):
-        raise AdapterError(f"{path} was trained on backbone {rec['name']} but the loaded backbone is "
-                           f"{spec.name}; load {rec['name']} (the layers differ, this cannot be overridden)")
+        raise AdapterError(
+            f"{path} was trained on backbone {rec['name']} but the loaded backbone is "
+            f"{spec.name}; load {rec['name']} (the layers differ, this cannot be overridden)"
+        )
     if rec.get("identity") != backbone.identity:
-        msg = (f"{path} was trained on {rec['name']} weights {rec.get('identity')} but the loaded ones are "
-               f"{backbone.identity}")
+        msg = (
+            f"{path} was trained on {rec['name']} weights {rec.get('identity')} but the loaded ones are "
+            f"{backbone.identity}"
+        )
         if not allow_mismatch:
-            raise AdapterError(msg + "; load those weights, or allow the mismatch explicitly "
-                                     "(--allow-backbone-mismatch) if you know they are compatible")
+            raise AdapterError(
+                msg + "; load those weights, or allow the mismatch explicitly "
+                "(--allow-backbone-mismatch) if you know they are compatible"
+            )
         log.warning("%s; continuing because the mismatch was allowed (results may be poor)", msg)
 
 
@@ -254,7 +304,7 @@ def _load_weights(path, modules: Dict[str, torch.nn.Module]) -> None:
     except Exception as exc:  # safetensors' own error type: a damaged tensor table
         raise AdapterError(f"{path}: its weights cannot be read ({exc})") from None
     for name, module in modules.items():
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -1,6 +1,7 @@
 """The adapter file format without torch: the safetensors header, PromiseSegment's metadata and every
 check that needs only the file (so the command line and Slicer refuse a damaged adapter before torch is
 installed or a backbone is loaded)."""
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,22 @@ def read_safetensors_header(path) -> dict:
         raise AdapterError(f"{path} is damaged: its header's metadata or tensor table is malformed")
     ends = [t["data_offsets"][1] for t in entries]
     if 8 + n + max(ends, default=0) != size:
-        raise AdapterError(f"{path} is truncated or damaged: {size} bytes, its header describes "
-                           f"{8 + n + max(ends, default=0)}")
+        raise AdapterError(
+            f"{path} is truncated or damaged: {size} bytes, its header describes {8 + n + max(ends, default=0)}"
+        )
     return header
 
 
 def _is_tensor_entry(t) -> bool:
     """A tensor entry as safetensors writes it: a dtype name, a shape and two whole-number byte offsets."""
     offsets = t.get("data_offsets") if isinstance(t, dict) else None
-    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int and v >= 0 for v in offsets)
-            and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list))
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(v) is int and v >= 0 for v in offsets)
+        and isinstance(t.get("dtype"), str)
+        and isinstance(t.get("shape"), list)
+    )
 
 
 def read_adapter_metadata(path) -> Dict[str, Any]:
@@ -84,18 +91,23 @@ def _check_format(meta, path) -> None:
     if not isinstance(version, int) or isinstance(version, bool):
         raise AdapterError(f"{path}: its metadata has no integer format_version; not a PromiseSegment adapter")
     if version > FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format {version}; this PromiseSegment reads {FORMAT_VERSION}: "
-                           f"update PromiseSegment")
+        raise AdapterError(
+            f"{path} has adapter format {version}; this PromiseSegment reads {FORMAT_VERSION}: update PromiseSegment"
+        )
     if version < FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format {version} (from before backbones were recorded, SAM ViT "
-                           f"only); this PromiseSegment reads format {FORMAT_VERSION}: retrain the adapter")
+        raise AdapterError(
+            f"{path} has adapter format {version} (from before backbones were recorded, SAM ViT "
+            f"only); this PromiseSegment reads format {FORMAT_VERSION}: retrain the adapter"
+        )
     missing = [k for k in ADAPTER_KEYS[:-1] if k not in meta]
     if missing:
         raise AdapterError(f"{path}: adapter metadata lacks {', '.join(missing)}")
     extra = sorted(set(meta) - set(ADAPTER_KEYS))
     if extra:
-        raise AdapterError(f"{path}: adapter metadata has unknown keys ({', '.join(extra)}); it was edited or "
-                           f"written by another program")
+        raise AdapterError(
+            f"{path}: adapter metadata has unknown keys ({', '.join(extra)}); it was edited or "
+            f"written by another program"
+        )
 
 
 def _check_adapter_parts(meta: Dict[str, Any]) -> None:
@@ -118,12 +130,16 @@ def _check_adapter_parts(meta: Dict[str, Any]) -> None:
     IntensityRule.from_dict(meta["intensity"])
     target = meta["target"]
     color = target.get("color", [0, 0, 0]) if isinstance(target, dict) else None
-    if (not isinstance(target, dict) or not isinstance(target.get("name", ""), str) or not isinstance(color, list)
-            or len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color)):
+    if (
+        not isinstance(target, dict)
+        or not isinstance(target.get("name", ""), str)
+        or not isinstance(color, list)
+        or len(color) != 3
+        or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color)
+    ):
         raise ValueError("target must hold a name and an RGB colour of three numbers in 0..1")
     if not isinstance(meta.get("training", {}), dict):
         raise ValueError("training must be a table")
-
 
 
 def check_adapter_fits(backbone: Optional[str], meta: Optional[Dict[str, Any]], path) -> None:
@@ -133,7 +149,7 @@ def check_adapter_fits(backbone: Optional[str], meta: Optional[Dict[str, Any]], 
         return
     trained = meta["backbone"].get("name")
     if trained in BACKBONE_KINDS and trained != backbone and BACKBONE_KINDS[trained] != BACKBONE_KINDS[backbone]:
-        raise AdapterError(f"{path} was trained on backbone {trained}; --backbone {backbone} cannot use it "
-                           f"(leave out --backbone to use {trained})")
-
-
+        raise AdapterError(
+            f"{path} was trained on backbone {trained}; --backbone {backbone} cannot use it "
+            f"(leave out --backbone to use {trained})"
+        )

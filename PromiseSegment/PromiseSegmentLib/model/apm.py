@@ -12,6 +12,7 @@ A presence logit (is the target on this image at all?) lets automatic runs leave
 Gradients from the mask loss reach the APM through the frozen prompt encoder and mask decoder;
 training may add an auxiliary loss on the box and objectness (``training.TrainConfig``).
 """
+
 from __future__ import annotations
 
 import reprlib
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RESNET34_BLOCKS = (3, 4, 6, 3)
+from PromiseSegmentLib.names import RESNET34_BLOCKS
+
 PROMPT_KINDS = ("points", "box")
 MAX_REFINEMENT = 3
 # Bounds on an APM's sizes (an adapter file's metadata is untrusted): the largest APM they allow, on ViT-H's
@@ -45,8 +47,11 @@ def _check_int(value, name: str, low: int, high: int) -> None:
 
 
 def _check_ints(values, name: str, low: int, high: int, counts: range) -> None:
-    if not (isinstance(values, (list, tuple)) and len(values) in counts
-            and all(_is_int(v) and low <= v <= high for v in values)):
+    if not (
+        isinstance(values, (list, tuple))
+        and len(values) in counts
+        and all(_is_int(v) and low <= v <= high for v in values)
+    ):
         n = f"{counts.start}" if len(counts) == 1 else f"{counts.start}..{counts.stop - 1}"
         raise ValueError(f"APM {name} must be {n} integers in {low}..{high}, got {reprlib.repr(values)}")
 
@@ -59,8 +64,11 @@ def check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, hea
     _check_int(fusion_dim, "fusion_dim", 1, MAX_FUSION_DIM)
     _check_int(tap_pool, "tap_pool", 1, MAX_TAP_POOL)
     _check_ints(head_blocks, "head_blocks", 1, MAX_HEAD_BLOCKS, range(4, 5))
-    if (not isinstance(prompts, (list, tuple)) or not prompts or
-            any(not isinstance(p, str) or p not in PROMPT_KINDS for p in prompts)):
+    if (
+        not isinstance(prompts, (list, tuple))
+        or not prompts
+        or any(not isinstance(p, str) or p not in PROMPT_KINDS for p in prompts)
+    ):
         raise ValueError(f"APM prompts must be some of {PROMPT_KINDS}, got {reprlib.repr(prompts)}")
     _check_ints(slot_labels, "slot_labels", 0, 1, range(1 if "points" in prompts else 0, MAX_SLOTS + 1))
 
@@ -81,10 +89,17 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = (nn.Identity() if stride == 1 and cin == cout else
-                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -96,8 +111,11 @@ class PointHead(nn.Module):
 
     def __init__(self, dim: int, n_points: int, head_blocks: Sequence[int]):
         super().__init__()
-        layers: List[nn.Module] = [nn.Conv2d(dim, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),
-                                   nn.ReLU(inplace=True)]
+        layers: List[nn.Module] = [
+            nn.Conv2d(dim, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+        ]
         cin = 64
         for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), head_blocks)):
             for b in range(blocks):
@@ -117,9 +135,13 @@ class BoxHead(nn.Module):
         super().__init__()
         # Dilated context: a cell inside a large object must see its edges.
         self.body = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=4, dilation=4), nn.ReLU(inplace=True))
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 3, padding=2, dilation=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 3, padding=4, dilation=4),
+            nn.ReLU(inplace=True),
+        )
         self.context = nn.Linear(dim, dim)  # global context added to every cell (object size, presence)
         self.objectness = nn.Conv2d(dim, 1, 1)
         self.distances = nn.Conv2d(dim, 4, 1)
@@ -145,42 +167,61 @@ class APM(nn.Module):
     """Encoder taps (each (B, C_i, 64, 64), C_i from ``tap_channels``) -> ``ApmOutput`` in the input frame
     of a backbone whose square input is ``image_size``."""
 
-    def __init__(self, tap_channels: Sequence[int], image_size: int, prompts: Sequence[str] = ("points",),
-                 slot_labels: Sequence[int] = tuple(default_slot_labels(16, 8)), fusion_dim: int = 256,
-                 head_blocks: Sequence[int] = RESNET34_BLOCKS, tap_pool: int = 1, box_refinement: int = 0,
-                 refinement_margin: float = 0.0):
+    labels: torch.Tensor  # a buffer (typed here: nn.Module's attribute lookup types it as Tensor | Module)
+
+    def __init__(
+        self,
+        tap_channels: Sequence[int],
+        image_size: int,
+        prompts: Sequence[str] = ("points",),
+        slot_labels: Sequence[int] = tuple(default_slot_labels(16, 8)),
+        fusion_dim: int = 256,
+        head_blocks: Sequence[int] = RESNET34_BLOCKS,
+        tap_pool: int = 1,
+        box_refinement: int = 0,
+        refinement_margin: float = 0.0,
+    ):
         super().__init__()
         check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool)
         prompts = tuple(prompts)
-        self.config = {"tap_channels": [int(c) for c in tap_channels], "image_size": int(image_size),
-                       "prompts": list(prompts), "slot_labels": [int(v) for v in slot_labels],
-                       "fusion_dim": int(fusion_dim), "head_blocks": [int(b) for b in head_blocks],
-                       "tap_pool": int(tap_pool)}
+        self.config = {
+            "tap_channels": [int(c) for c in tap_channels],
+            "image_size": int(image_size),
+            "prompts": list(prompts),
+            "slot_labels": [int(v) for v in slot_labels],
+            "fusion_dim": int(fusion_dim),
+            "head_blocks": [int(b) for b in head_blocks],
+            "tap_pool": int(tap_pool),
+        }
         self.image_size, self.prompts, self.tap_pool = int(image_size), prompts, int(tap_pool)
         self.register_buffer("labels", torch.tensor(list(slot_labels), dtype=torch.int32), persistent=False)
         # Taps differ in scale (TinyViT: std 0.3-0.45; ViT blocks far more): normalise each before fusing.
         self.norms = nn.ModuleList([nn.GroupNorm(1, c) for c in tap_channels])
         self.fusion = nn.Sequential(
-            nn.Conv2d(sum(tap_channels), fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1))
+            nn.Conv2d(sum(tap_channels), fusion_dim, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(fusion_dim, fusion_dim, 3, padding=1),
+        )
         self.point_head = PointHead(fusion_dim, len(slot_labels), head_blocks) if "points" in prompts else None
         self.box_head = BoxHead(fusion_dim) if "box" in prompts else None
         self.set_refinement(box_refinement, refinement_margin)
-        self.to(memory_format=torch.channels_last)  # NHWC convs: APM 13.3 -> 10.7 ms per image on 2 CPU cores
-
+        self.to(memory_format=torch.channels_last)  # NHWC convs: faster on CPUs (oneDNN)
 
     def set_refinement(self, steps: int, margin: float) -> None:
         """How inference refines the box (``promise.ProMISeModel``): ``steps`` re-decodes, each with the
         previous mask's bounding box grown by ``margin`` of its size on every side. Chosen on held-out
         images after training (``training.choose_box_refinement``) and kept in the adapter's metadata."""
         if not _is_int(steps) or isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise ValueError(f"box refinement must be a whole number of steps and a margin, got {steps!r} and "
-                             f"{margin!r}")
+            raise ValueError(
+                f"box refinement must be a whole number of steps and a margin, got {steps!r} and {margin!r}"
+            )
         steps, margin = int(steps), float(margin)
         if not 0 <= steps <= MAX_REFINEMENT or not 0.0 <= margin <= 1.0:
-            raise ValueError(f"box refinement must be 0..{MAX_REFINEMENT} steps with a margin in [0, 1], "
-                             f"got {steps} and {margin}")
+            raise ValueError(
+                f"box refinement must be 0..{MAX_REFINEMENT} steps with a margin in [0, 1], got {steps} and {margin}"
+            )
         if steps and self.box_head is None:
             raise ValueError("box refinement needs an APM with a box head")
         self.box_refinement, self.refinement_margin = steps, margin

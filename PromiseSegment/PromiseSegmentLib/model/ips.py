@@ -1,5 +1,8 @@
 """Incremental Pattern Shifting: an image-conditioned additive shift of SAM's mask tokens."""
+
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import nn
@@ -11,12 +14,15 @@ DECODER_DIM, MASK_TOKENS, MAX_HIDDEN = 256, 4, 8192
 
 def check_config(dim, hidden, n_tokens) -> None:
     """Refuse sizes that cannot fit the decoder or are absurd, before any layer is allocated."""
+
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not (is_int(dim) and dim == DECODER_DIM and is_int(n_tokens) and n_tokens == MASK_TOKENS):
-        raise ValueError(f"IPS dim and n_tokens must be {DECODER_DIM} and {MASK_TOKENS} (the mask decoder's), got "
-                         f"{dim!r} and {n_tokens!r}")
+        raise ValueError(
+            f"IPS dim and n_tokens must be {DECODER_DIM} and {MASK_TOKENS} (the mask decoder's), got "
+            f"{dim!r} and {n_tokens!r}"
+        )
     if not (is_int(hidden) and 1 <= hidden <= MAX_HIDDEN):
         raise ValueError(f"IPS hidden must be an integer in 1..{MAX_HIDDEN}, got {hidden!r}")
 
@@ -33,8 +39,9 @@ class IPS(nn.Module):
         self.config = {"dim": dim, "hidden": hidden, "n_tokens": n_tokens}
         self.n_tokens, self.dim = n_tokens, dim
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens * dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        last = cast(nn.Linear, self.mlp[2])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
         pattern = image_embedding.float().mean(dim=(2, 3))

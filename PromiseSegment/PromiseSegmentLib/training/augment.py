@@ -1,6 +1,7 @@
 """Training augmentations (DESIGN §2) on a uint8 RGB image and its mask, driven by a torch.Generator
 so that a run is reproducible and resumable: random resized crop, flips, shift-scale-rotate in one
 affine warp, then brightness/contrast and blur or noise."""
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def augment(rgb: np.ndarray, mask: np.ndarray, gen: torch.Generator) -> Tuple[np
     if r < 0.2:
         sigma = _u(gen, 0.5, 1.5)
         k = torch.arange(-3, 4).float()
-        w = torch.exp(-(k ** 2) / (2 * sigma ** 2))
+        w = torch.exp(-(k**2) / (2 * sigma**2))
         w = (w / w.sum()).to(img.dtype)
         img = F.conv2d(F.pad(img, (3, 3, 0, 0), mode="reflect"), w.view(1, 1, 1, 7).repeat(3, 1, 1, 1), groups=3)
         img = F.conv2d(F.pad(img, (0, 0, 3, 3), mode="reflect"), w.view(1, 1, 7, 1).repeat(3, 1, 1, 1), groups=3)

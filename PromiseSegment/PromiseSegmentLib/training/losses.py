@@ -1,5 +1,6 @@
 """Training losses and the Dice used for model selection: the paper's mask loss (BCE + soft Dice on the
 decode token), the APM's auxiliary box/objectness/presence loss, and box IoU."""
+
 from __future__ import annotations
 
 from typing import List, NamedTuple
@@ -18,6 +19,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class BoxOverlap(NamedTuple):
     """Per box pair (each (B,)): IoU, the union's area, the smallest enclosing box's area."""
+
     iou: torch.Tensor
     union: torch.Tensor
     hull: torch.Tensor

@@ -7,6 +7,7 @@ their voxel. The model part (load, box drag, preview, apply, undo, cancel) also 
 packages of ``Resources/requirements.txt`` already installed - the extensions dashboard runs tests with
 installs skipped - and is skipped with a message naming what is missing (ctest runs each ``test_*``
 method itself, so each model test checks; ``runTest`` is what Slicer's Reload and Test button calls)."""
+
 import os
 import tempfile
 
@@ -19,7 +20,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 def phantom(shape=(16, 64, 64)):
     """A torch-free test volume: a bright ellipsoid on a noisy background, and its mask."""
-    k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
     truth = (((k - 8) / 5.0) ** 2 + ((j - 32) / 14.0) ** 2 + ((i - 30) / 16.0) ** 2 <= 1).astype(np.uint8)
     image = 100 + 400.0 * truth + np.random.default_rng(0).normal(0, 20, shape)
     ijk_to_ras = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -32,9 +33,11 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        for test in (self.test_effect_registers_and_parameters_round_trip,
-                     self.test_press_before_the_model_is_loaded_is_consumed_without_setup,
-                     self.test_click_under_a_transform_finds_its_voxel):
+        for test in (
+            self.test_effect_registers_and_parameters_round_trip,
+            self.test_press_before_the_model_is_loaded_is_consumed_without_setup,
+            self.test_click_under_a_transform_finds_its_voxel,
+        ):
             self.setUp()
             test()
         from PromiseSegmentSlicerLib.dependencies import missing_message
@@ -42,8 +45,11 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         if missing_message():
             self.delayDisplay(f"model tests skipped: PromiseSegment {missing_message()}")
             return
-        for test in (self.test_box_drag_preview_apply_undo, self.test_cancelled_run_changes_nothing,
-                     self.test_cancel_in_the_effect_progress_dialog_changes_nothing):
+        for test in (
+            self.test_box_drag_preview_apply_undo,
+            self.test_cancelled_run_changes_nothing,
+            self.test_cancel_in_the_effect_progress_dialog_changes_nothing,
+        ):
             self.setUp()
             test()
 
@@ -83,7 +89,7 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         *_, editor = self._scene()
         effect = self._effect(editor)
         widget = effect.self()
-        self.assertEqual(effect.parameter("Mode"), "box", "box is the default prompt (LiteMedSAM)")
+        self.assertEqual(effect.parameter("PromptTool"), "box", "box is the default prompt (LiteMedSAM)")
         widget.customWindow.checked = True
         widget.windowCenter.value = 55.0  # each write fires updateGUIFromMRML; it must not undo the others
         widget.windowWidth.value = 350.0
@@ -102,8 +108,9 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
             effect = self._effect(editor)
             sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
             interactor = sliceWidget.sliceView().interactor()
-            consumed = effect.self().processInteractionEvents(interactor, vtk.vtkCommand.LeftButtonPressEvent,
-                                                              sliceWidget)
+            consumed = effect.self().processInteractionEvents(
+                interactor, vtk.vtkCommand.LeftButtonPressEvent, sliceWidget
+            )
             self.assertTrue(consumed, "the press does not go on to window/level")
             self.assertIsNone(PromiseSegment.sharedLogic().coreIfInstalled, "nothing was installed or loaded")
             self.assertIn("Load model", effect.self().statusLabel.text)
@@ -159,8 +166,9 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         image, truth, m, volume, seg, sid, editor = self._scene()
         before = seg.GetSegmentation().GetNumberOfSegments()
         with self.assertRaises(Cancelled):
-            PromiseSegment.sharedLogic().segmentVolume(volume, seg, boxes=[(16, 20, 8, 46, 46, 8)], mode="vanilla",
-                                                       cancel=lambda: True)
+            PromiseSegment.sharedLogic().segmentVolume(
+                volume, seg, boxes=[(16, 20, 8, 46, 46, 8)], mode="vanilla", cancel=lambda: True
+            )
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), before)
         self.assertFalse(segment_mask(seg, sid, volume).any())
 
@@ -170,7 +178,8 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         self.requirePackages()
         from PromiseSegmentLib.backbones.registry import load_backbone
         from PromiseSegmentLib.model.adapter import save_adapter
-        from PromiseSegmentLib.training.trainer import TrainConfig, build_adapter
+        from PromiseSegmentLib.training.config import TrainConfig
+        from PromiseSegmentLib.training.trainer import build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
         image, truth, m, volume, seg, sid, editor = self._scene()

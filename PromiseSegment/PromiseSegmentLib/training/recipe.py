@@ -1,0 +1,152 @@
+"""Training recipes (torch-free): the schedule chosen from the data size and the backbone, the plan a run
+prints before any work, its time estimate from rates measured on this machine, and the scaling of a plan
+to a time budget.
+
+``auto`` is the best recipe this project measured (docs/benchmarks.md): every image encoded once, plus a
+few augmented versions, into a feature cache on disk; the APM warmed up alone on its box loss; then IPS
+trained with the APM's weights kept (``apm_joint_lr`` 0), on a mix of the APM's boxes and jittered
+ground-truth boxes, so one adapter serves automatic and box modes. Epoch counts follow the number of
+optimisation steps, so a few slices get more epochs than a large set. ``paper`` is ProMISe's schedule
+(200 epochs, lr 1e-5, on-line augmentation that encodes every image at every step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional
+
+from PromiseSegmentLib.training.config import TrainConfig
+
+RECIPES = ("auto", "paper")
+SELECTION_FRACTION = 0.1  # of the training images, held out to select the epoch (never the user's val/)
+WARMUP_STEPS, WARMUP_EPOCHS = 600, (60, 300)  # APM warm-up: optimisation steps wanted, epoch bounds
+JOINT_STEPS, JOINT_EPOCHS = 150, (6, 25)
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Seconds per image on this machine, measured with the loaded backbone (``trainer.measure_rates``)."""
+
+    encode: float  # encoder (+ the APM's taps)
+    warmup_step: float  # APM forward + backward
+    joint_step: float  # APM + IPS + decoder forward + backward
+    evaluate: float  # the same forward without backward (epoch selection)
+    where: str  # e.g. "2 CPU threads", "cuda:0"
+
+
+def recipe_config(recipe: str, n_train: int, box_apm: bool = True, **overrides: Any) -> TrainConfig:
+    """The configuration of ``recipe`` for ``n_train`` training images, with ``overrides`` (the user's own
+    options, ``TrainConfig`` field names) applied on top."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    if recipe == "paper":
+        return replace(TrainConfig(), **overrides)
+    batch = overrides.get("batch_size") or (8 if n_train >= 64 else 4)
+    steps = max(1, math.ceil(n_train / batch))
+    warmup = _clamp(math.ceil(WARMUP_STEPS / steps), *WARMUP_EPOCHS) if box_apm else 0
+    joint = _clamp(math.ceil(JOINT_STEPS / steps), *JOINT_EPOCHS)
+    values: Dict[str, Any] = dict(
+        epochs=warmup + joint,
+        apm_warmup_epochs=warmup,
+        batch_size=batch,
+        lr=1e-3,
+        augment=False,
+        cache_features=True,
+        augmented_copies=4 if n_train <= 2000 else 2 if n_train <= 8000 else 0,
+        apm_fusion_dim=128,
+        apm_tap_pool=2,
+        apm_joint_lr=0.0 if box_apm else 1.0,
+        user_box_share=0.5 if box_apm else 0.0,
+    )
+    if "epochs" in overrides and "apm_warmup_epochs" not in overrides:
+        values["apm_warmup_epochs"] = min(warmup, max(0, overrides["epochs"] - 1))
+    values.update(overrides)
+    return replace(TrainConfig(), **values)
+
+
+def _clamp(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, value))
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a run will do: its configuration, the images it trains and selects on, and where it runs."""
+
+    recipe: str
+    config: TrainConfig
+    n_train: int
+    n_select: int
+
+    def encodes(self) -> int:
+        """Images through the encoder: each version once with the cache, every step without it."""
+        cfg = self.config
+        if cfg.cache_features and not cfg.augment:
+            return self.n_train * (1 + cfg.augmented_copies) + self.n_select
+        return self.n_train * cfg.epochs + self.n_select
+
+    def phase_seconds(self, rates: MachineRates) -> Dict[str, float]:
+        cfg = self.config
+        warmup, joint = cfg.apm_warmup_epochs, cfg.epochs - cfg.apm_warmup_epochs
+        select = self.n_select * rates.evaluate * cfg.epochs
+        if cfg.cache_features and not cfg.augment:
+            phases = {"encode": self.encodes() * rates.encode}
+            step_encode = 0.0
+        else:
+            phases, step_encode = {"encode": self.n_select * rates.encode}, rates.encode
+        phases["apm warm-up"] = warmup * self.n_train * (rates.warmup_step + step_encode)
+        phases["joint"] = joint * self.n_train * (rates.joint_step + step_encode) + select
+        return phases
+
+    def describe(self, rates: MachineRates, backbone: str) -> List[str]:
+        cfg, p = self.config, self.phase_seconds(rates)
+        versions = f" x {1 + cfg.augmented_copies} versions" if cfg.cache_features and cfg.augmented_copies else ""
+        joint = cfg.epochs - cfg.apm_warmup_epochs
+        ips = "IPS" if cfg.use_ips else "APM"
+        apm = "; APM kept as warmed up" if cfg.apm_warmup_epochs and cfg.apm_joint_lr == 0 else ""
+        boxes = f"; {cfg.user_box_share:.0%} ground-truth boxes" if cfg.user_box_share else ""
+        lines = [
+            f"plan (recipe {self.recipe}, {backbone} frozen; {self.n_train} training images, {self.n_select} to "
+            f"select the epoch):",
+            f"  1. encode {self.n_train}{versions} + {self.n_select} = {self.encodes():,} images  "
+            f"~ {_minutes(p['encode'])}",
+        ]
+        if cfg.apm_warmup_epochs:
+            lines.append(f"  2. APM warm-up: {cfg.apm_warmup_epochs} epochs  ~ {_minutes(p['apm warm-up'])}")
+        lines.append(f"  {len(lines)}. joint ({ips}{apm}{boxes}): {joint} epochs  ~ {_minutes(p['joint'])}")
+        lines.append(
+            f"  about {_minutes(sum(p.values()))} on {rates.where} (measured here: encode {rates.encode:.2f} s, "
+            f"warm-up step {1000 * rates.warmup_step:.0f} ms, joint step {1000 * rates.joint_step:.0f} ms per image)"
+        )
+        return lines
+
+
+def fit_to_budget(plan: TrainPlan, rates: MachineRates, seconds: float) -> TrainPlan:
+    """``plan`` scaled to fit ``seconds``: fewer augmented copies first, then fewer epochs in both phases
+    (at least one of each). Unchanged when it already fits."""
+    cfg = plan.config
+    while _total(plan, rates) > seconds and cfg.augmented_copies > 0:
+        cfg = replace(cfg, augmented_copies=cfg.augmented_copies - 1)
+        plan = replace(plan, config=cfg)
+    total = _total(plan, rates)
+    if total <= seconds:
+        return plan
+    fixed = plan.phase_seconds(rates)["encode"] if cfg.cache_features and not cfg.augment else 0.0
+    share = max(0.0, seconds - fixed) / max(1e-9, total - fixed)
+    warmup = max(1 if cfg.apm_warmup_epochs else 0, int(cfg.apm_warmup_epochs * share))
+    joint = max(1, int((cfg.epochs - cfg.apm_warmup_epochs) * share))
+    return replace(plan, config=replace(cfg, epochs=warmup + joint, apm_warmup_epochs=warmup))
+
+
+def _total(plan: TrainPlan, rates: MachineRates) -> float:
+    return sum(plan.phase_seconds(rates).values())
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def selection_count(n_images: int, fraction: Optional[float]) -> int:
+    """How many of ``n_images`` to hold out for selecting the epoch (at least one, leaving one to train)."""
+    share = SELECTION_FRACTION if fraction is None else fraction
+    return min(max(1, int(round(share * n_images))), max(0, n_images - 1))
