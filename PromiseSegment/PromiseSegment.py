@@ -69,7 +69,8 @@ class PromiseSegmentParameterNode:
     axis: Annotated[str, Choice(list(AXES))] = AXES[0]
     device: Annotated[str, Choice(list(DEVICES))] = DEVICES[0]
     trainSegmentName: str = ""
-    trainEpochs: Annotated[int, WithinRange(1, 1000)] = 50
+    trainTimeBudget: Annotated[int, WithinRange(0, 1440)] = 0  # minutes; 0: the whole plan
+    trainDense: bool = False
     trainOutput: str = ""
 
 
@@ -172,6 +173,13 @@ class ProgressWithCancel:
         if not self.dialog.wasCanceled:
             self.dialog.setValue(int(100 * done / max(total or 1, 1)))
         slicer.app.processEvents()
+
+    def trainingStatus(self, status):
+        """A training run's ``TrainStatus``: the phase and epoch in the label, the phase's share as the bar."""
+        if not self.dialog.wasCanceled:
+            epoch = f", epoch {status.epoch + 1}/{status.epochs}" if status.epoch is not None else ""
+            self.dialog.setLabelText(f"{self.title}: {status.phase}{epoch}")
+        self.progress(status.done, status.total)
 
     def cancelled(self):
         slicer.app.processEvents()
@@ -300,7 +308,26 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "(a cohort loaded into one scene trains one adapter)"
             ),
         )
-        self.trainEpochs = self._field(train, _("Epochs:"), qt.QSpinBox(), "trainEpochs")
+        self.trainTimeBudget = self._field(
+            train,
+            _("Time budget (min):"),
+            qt.QSpinBox(),
+            "trainTimeBudget",
+            _(
+                "0: the whole measured plan; otherwise the plan is scaled to fit and training stops at the budget "
+                "with the best adapter so far"
+            ),
+        )
+        self.trainDense = self._field(
+            train,
+            _("Every slice annotated:"),
+            qt.QCheckBox(),
+            "trainDense",
+            _(
+                "checked: a slice without the segment is truly empty; unchecked: only annotated slices are used (the "
+                "others are unknown)"
+            ),
+        )
         self.trainOutput = self._field(
             train,
             _("Save adapter as:"),
@@ -417,7 +444,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with ProgressWithCancel(_("ProMISe: training adapter"), _("Training failed.")) as progress:
             self.logic.core  # noqa: B018  (first use: torch & co. are installed before the imports below)
-            from PromiseSegmentLib.training.config import TrainConfig
+            from PromiseSegmentLib.training.recipe import RunOptions
             from PromiseSegmentSlicerLib.scene import training_pairs_in_scene
 
             fallback = {p.segmentation.GetID(): p.inputVolume} if p.segmentation and p.inputVolume else {}
@@ -429,13 +456,18 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     )
                     + (f"; skipped: {', '.join(skipped)}" if skipped else "")
                 )
+            options = RunOptions(
+                overrides={"target_name": p.trainSegmentName},
+                time_budget_min=p.trainTimeBudget or None,
+                dense=p.trainDense,
+            )
             result = self.logic.trainAdapter(
                 pairs,
                 p.trainOutput,
                 backbone=backboneSpec(p),
                 device=deviceSpec(p),
-                config=TrainConfig(epochs=p.trainEpochs, target_name=p.trainSegmentName),
-                progress=progress.progress,
+                options=options,
+                progress=progress.trainingStatus,
                 cancel=progress.cancelled,
             )
             p.adapterFile = p.trainOutput
@@ -443,7 +475,7 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Adapter saved: {path}\ntrained on {n} segmentation(s)").format(path=p.trainOutput, n=len(pairs))
                 + (f" (skipped: {', '.join(skipped)})" if skipped else "")
                 + "\n"
-                + _("best validation Dice {dice} after {epochs} epochs").format(
+                + _("best selection Dice {dice} after {epochs} epochs").format(
                     dice=f"{result.best_val_dice:.3f}", epochs=len(result.history)
                 )
             )

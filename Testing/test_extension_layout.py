@@ -282,3 +282,18 @@ def test_no_function_in_the_extension_is_over_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long
+
+
+def test_the_core_has_short_modules_and_functions():
+    """One concept per module, one job per function: at most 350 lines a module, 50 a function."""
+    too_long = []
+    for path in sorted(CORE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 350:
+            too_long.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                too_long.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+                )
+    assert not too_long

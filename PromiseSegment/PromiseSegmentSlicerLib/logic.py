@@ -490,9 +490,11 @@ class SceneLogic:
         axis: Union[int, str] = "K",
         emptyShare: float = 0.1,
         seed: int = 0,
+        dense: bool = False,
     ):
         """(volume node, segmentation node, segment ID) triples -> training slices: each segment is
-        exported on its volume's grid (Slicer's own export), then sliced like files would be."""
+        exported on its volume's grid (Slicer's own export), then sliced like files would be. Slices without
+        the segment are unknown (not used) unless ``dense`` says every slice was annotated."""
         from PromiseSegmentLib.data.datasets import volume_cases
 
         cases = []
@@ -500,9 +502,8 @@ class SceneLogic:
             array = mrml.volume_array(volumeNode)
             mask = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
             name = f"{volumeNode.GetName()}_{segmentId}"
-            cases += volume_cases(
-                name, array, mask, mrml.volume_ijk_to_ras(volumeNode), intensity, axis, None, emptyShare, seed
-            )
+            ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode)
+            cases += volume_cases(name, array, mask, ijk_to_ras, intensity, axis, None, emptyShare, seed, dense)
         return cases
 
     @exclusive
@@ -511,34 +512,37 @@ class SceneLogic:
         pairs: Sequence[Tuple[object, object, str]],
         output: Union[str, os.PathLike],
         backbone: Optional[str] = None,
+        options=None,
         config=None,
-        axis: Union[int, str] = "K",
-        valFraction: float = 0.15,
-        emptyShare: float = 0.1,
         resume: bool = False,
-        progress: Optional[Callable[[int, int, dict], None]] = None,
+        progress: Optional[Callable] = None,
         cancel: Optional[CancelFn] = None,
         device: Optional[str] = None,
     ):
         """Train an APM+IPS adapter from segmentations already in the scene; the backbone stays frozen.
-        ``config`` is a ``TrainConfig``; returns its ``TrainResult`` and writes ``output`` (a new file: an
-        existing one is refused before any work unless ``resume`` continues its interrupted run)."""
-        from PromiseSegmentLib.training.config import TrainConfig
-        from PromiseSegmentLib.training.trainer import train_adapter
 
-        config = config or TrainConfig()
-        config.check()
+        ``options`` (``training.recipe.RunOptions``; default: the ``auto`` recipe for the data) sets the
+        recipe, the user's own settings on top of it, a time budget and the selection share; ``config`` (a
+        full ``TrainConfig``) replaces the recipe. ``progress`` gets ``training.trainer.TrainStatus``
+        updates (phase, done, total). Returns the ``TrainResult`` and writes ``output`` (a new file: an
+        existing one is refused before any work unless ``resume`` continues its interrupted run)."""
+        from PromiseSegmentLib.training.recipe import RunOptions, split_for_selection
+        from PromiseSegmentLib.training.run import run_training
+
+        options = options or RunOptions()
+        if config is not None:
+            config.check()
         output = Path(output)
         if output.exists() and not resume:
             raise InputError(f"{output} already exists; choose another file name (an adapter is never replaced)")
         if not pairs:
             raise InputError("no (volume, segmentation, segment) to train on")
-        cases = self.trainingCases(pairs, IntensityRule.from_dict(config.intensity), axis, emptyShare, config.seed)
-        order = np.random.default_rng(config.seed).permutation(len(cases))
-        n_val = max(1, int(round(valFraction * len(cases)))) if len(cases) > 1 else 0
-        val, train = [cases[i] for i in order[:n_val]], [cases[i] for i in order[n_val:]]
+        intensity = IntensityRule.from_dict(config.intensity if config else options.overrides.get("intensity") or {})
+        seed = config.seed if config else options.overrides.get("seed", 0)
+        cases = self.trainingCases(pairs, intensity, options.axis, options.empty_share, seed, options.dense)
+        train, select = split_for_selection(cases, options.selection_fraction, seed)
         engine = engine_for(self.loadBackbone(backbone, None, device), None, device, precision=self.precision)
-        return train_adapter(engine, train, val, config, output, resume, progress, cancel)
+        return run_training(engine, train, select, options, output, resume, progress, cancel, log.info, config)
 
 
 def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> None:

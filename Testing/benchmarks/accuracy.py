@@ -251,9 +251,9 @@ def main():
                 trainer.train_src.cache = dict(enumerate(encoded_items(trainer, enc["fit"], fit, backbone.spec)))
                 trainer.val_src.cache = dict(enumerate(encoded_items(trainer, enc["select"], select, backbone.spec)))
                 t = time.time()
-                result = trainer.run(False, lambda e, n, row: print(f"  {config} {row}", flush=True), None)
+                result = trainer.run(False, lambda s: s.record and print(f"  {config} {s.record}", flush=True), None)
                 trained, params = time.time() - t, result.adapter.trainable_parameters()
-                per_epoch = float(np.mean([h["seconds"] for h in result.history if h["phase"] == "joint"]))
+                per_epoch = float(np.mean([h.seconds for h in result.history if h.phase == "joint"]))
                 model = ProMISeModel(engine_for(backbone, result.adapter, "cpu"), result.adapter)
                 mode, prompt = ("ips", "box") if cfg.user_prompt == "box" else ("apm+ips", "none")
                 if args.save_adapters:

@@ -206,7 +206,7 @@ def make_adapter(path, backbone):
 
         return load_adapter(path, backbone).eval(), f"trained adapter {path}"
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=128, apm_tap_pool=2), backbone)
     with torch.no_grad():

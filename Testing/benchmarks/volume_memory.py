@@ -31,7 +31,7 @@ def child(shape, slices, cache_mb):
 
     from PromiseSegmentLib.backbones.registry import load_backbone
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
     from PromiseSegmentSlicerLib.logic import SceneLogic
 
     def rss_mb():

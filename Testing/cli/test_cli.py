@@ -244,3 +244,14 @@ def test_a_bug_is_an_internal_error_not_the_users_mistake(tmp_path, sample_nrrd,
     rc = main(["segment", str(sample_nrrd), "-o", str(tmp_path / "out.seg.nrrd"), "--point", "16,16,1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "internal error" in err[0] and type(bug).__name__ in err[0]
+
+
+@pytest.mark.parametrize("command", ["train", "segment", "evaluate", "demo", "checkpoints"])
+def test_every_option_says_what_it_does(command):
+    """``--help`` is the reference a user has: no option without a help text."""
+    from PromiseSegmentLib.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    silent = [a.option_strings[0] for a in sub._actions if a.option_strings and a.dest != "help" and not a.help]
+    assert not silent, f"{command}: options without help: {silent}"

@@ -373,7 +373,7 @@ def test_promise_decodes_in_the_engine_precision_with_fp32_prompts(lite_medsam, 
     """The automatic path's decoder runs in bf16; the APM's box (the prompt) stays exactly the fp32 one."""
     from PromiseSegmentLib.model.promise import ProMISeModel
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
 
     adapter = build_adapter(TrainConfig(apm_fusion_dim=32, apm_tap_pool=2), lite_medsam)
     with torch.no_grad():  # a non-zero IPS shift, so the shifted decode is what is compared

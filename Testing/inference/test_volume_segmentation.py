@@ -103,7 +103,7 @@ def _box_adapter(backbone, presence: float):
     import torch
 
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
 
     adapter = build_adapter(TrainConfig(apm_prompts=("box",), apm_fusion_dim=16, apm_tap_pool=2), backbone)
     with torch.no_grad():

@@ -64,6 +64,7 @@ def _tiny_engine():
 
 def _write_state(path, variant):
     from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.resume import save_state
     from PromiseSegmentLib.training.trainer import Trainer
 
     trainer = Trainer(
@@ -73,7 +74,7 @@ def _write_state(path, variant):
         TrainConfig(use_apm=False, epochs=1, seed=variant),
         Path(str(path)[: -len(".state.pt")]),
     )
-    trainer.save_state(0)
+    save_state(trainer, 0)
 
 
 def _write_report(folder, variant):

@@ -53,7 +53,8 @@ from PromiseSegmentLib.model.adapter import (
 from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.training.config import TrainConfig
-from PromiseSegmentLib.training.trainer import build_adapter, train_adapter
+from PromiseSegmentLib.training.setup import build_adapter
+from PromiseSegmentLib.training.trainer import train_adapter
 
 LIGHT = dict(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), apm_tap_pool=2)
 
@@ -383,7 +384,7 @@ def interrupted_run(tmp_path_factory, engine):
             cases[:2],
             TrainConfig(**CFG),
             folder / "a.safetensors",
-            progress=lambda e, n, row: done.append(e),
+            progress=lambda s: s.record and done.append(s.record.epoch),
             cancel=lambda: len(done) >= 2,
         )
     return {"train": cases[2:], "val": cases[:2], "folder": folder}
@@ -488,7 +489,7 @@ def test_resume_refusals_say_what_differs(name, changes, phrase, interrupted_run
 def test_resume_with_more_epochs_continues(interrupted_run, engine, tmp_path):
     result, _, _ = _resume(interrupted_run, engine, tmp_path, epochs=4)
     assert not isinstance(result, InputError), result
-    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert [r.epoch for r in result.history] == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- the command line, training inputs
@@ -513,7 +514,7 @@ def cli_run(tmp_path_factory):
 def _cli_resume_on_changed_data(cli_run, tmp_path, capsys):
     folder = Path(shutil.copytree(cli_run["out"].parent, tmp_path / "run"))
     pairs = [(rgb.copy(), m) for rgb, m in cli_run["pairs"]]
-    pairs[2][0][5, 5] ^= 1  # one pixel of one image (c2 is a training case: the first --val-fraction go to val)
+    pairs[2][0][5, 5] ^= 1  # one pixel of one image (the seeded split makes c2 a selection case)
     other = save_folder(tmp_path / "b", pairs)
     argv = [
         str(a).replace(str(cli_run["out"].parent), str(folder)).replace(str(cli_run["data"]), str(other))
@@ -528,12 +529,12 @@ def _cli_resume_on_changed_data(cli_run, tmp_path, capsys):
 
 def test_cli_resume_on_changed_data_is_one_line(cli_run, tmp_path, capsys):
     rc, err = _cli_resume_on_changed_data(cli_run, tmp_path, capsys)
-    one_error(rc, err, "the training data differ from the interrupted run's (1 of 2 cases changed)", "--resume")
+    one_error(rc, err, "the validation data differ from the interrupted run's (1 of 1 cases changed)", "--resume")
 
 
 def test_cli_resume_on_changed_data_is_refused_before_the_backbone_loads(cli_run, tmp_path, capsys, no_model):
     rc, err = _cli_resume_on_changed_data(cli_run, tmp_path, capsys)
-    one_error(rc, err, "the training data differ from the interrupted run's (1 of 2 cases changed)")
+    one_error(rc, err, "the validation data differ from the interrupted run's (1 of 1 cases changed)")
 
 
 def _folder_with_masks(root, masks, image_size=(24, 24)):

@@ -23,7 +23,7 @@ def logic():
 def adapter():
     from PromiseSegmentLib.backbones.registry import BACKBONES
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
 
     cfg = TrainConfig(apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1), seed=3)
     return build_adapter(cfg, BACKBONES["tiny_random"].load()).eval()
@@ -366,7 +366,7 @@ def test_a_full_disk_while_saving_an_adapter_leaves_no_partial_file(logic, tmp_p
     try:
         cfg = TrainConfig(epochs=1, batch_size=4, augment=False, apm_fusion_dim=16, apm_head_blocks=(1, 1, 1, 1))
         with pytest.raises(OSError):
-            logic.trainAdapter(lesion_pairs(make_app().scene), disk / "lesion.safetensors", config=cfg, emptyShare=0.0)
+            logic.trainAdapter(lesion_pairs(make_app().scene), disk / "lesion.safetensors", config=cfg)
         assert sorted(p.name for p in disk.iterdir()) == [], "no adapter, no state file, no temp file"
     finally:
         subprocess.run(["umount", str(disk)], check=False)

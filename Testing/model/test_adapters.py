@@ -19,7 +19,8 @@ from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.model.promise import ProMISeModel, engine_for
 from PromiseSegmentLib.modes import resolve_mode
 from PromiseSegmentLib.training.config import TrainConfig
-from PromiseSegmentLib.training.trainer import backbone_fingerprint, build_adapter, train_adapter
+from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter
+from PromiseSegmentLib.training.trainer import train_adapter
 
 LIGHT = dict(apm_fusion_dim=32, apm_head_blocks=(1, 1, 1, 1))
 
@@ -169,8 +170,8 @@ def trained(tmp_path_factory, tiny_backbone):
 
 def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     result, out, _, _ = trained
-    joint = [row["loss"] for row in result.history if row["phase"] == "joint"]
-    assert joint[-1] < joint[0] and result.history[0]["phase"] == "apm warm-up"
+    joint = [row.loss for row in result.history if row.phase == "joint"]
+    assert joint[-1] < joint[0] and result.history[0].phase == "apm warm-up"
     meta = read_metadata(out)
     assert meta["format_version"] == 2
     assert meta["backbone"] == {
@@ -187,7 +188,7 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
 
 
 def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained, tiny_backbone):
-    from PromiseSegmentLib.training.trainer import REFINEMENT_GAIN, REFINEMENTS
+    from PromiseSegmentLib.training.selection import REFINEMENT_GAIN, REFINEMENTS
 
     result, out, _, _ = trained
     meta = read_metadata(out)
@@ -203,7 +204,7 @@ def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained
     from PromiseSegmentLib.cli.train import refinement_summary
 
     line = refinement_summary(result.adapter)
-    assert f"without {by_choice[(0, 0.0)]:.3f}" in line and f"validation Dice {by_choice[best]:.3f}" in line
+    assert f"without {by_choice[(0, 0.0)]:.3f}" in line and f"selection Dice {by_choice[best]:.3f}" in line
 
 
 def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):
@@ -285,13 +286,13 @@ def test_resume_after_an_interruption_restores_the_exact_state(trained, tiny_bac
             cases[:2],
             cfg,
             tmp_path / "r.safetensors",
-            progress=lambda e, n, row: epochs_done.append(e),
+            progress=lambda s: s.record and epochs_done.append(s.record.epoch),
             cancel=cancel_after_two,
         )
     state = torch.load(str(tmp_path / "r.safetensors") + ".state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["optim"]["state"]  # Adam moments were saved
     resumed = train_adapter(engine, cases[2:], cases[:2], cfg, tmp_path / "r.safetensors", resume=True)
-    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
+    assert [r.loss for r in resumed.history] == pytest.approx([r.loss for r in full.history], rel=1e-5)
 
 
 def test_a_training_set_of_empty_masks_is_refused(tiny_backbone):
@@ -393,7 +394,8 @@ def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, r
 
 
 def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backbone):
-    from PromiseSegmentLib.training.trainer import Trainer, lr_factor
+    from PromiseSegmentLib.training.config import lr_factor
+    from PromiseSegmentLib.training.trainer import Trainer
 
     cfg = TrainConfig(epochs=6, apm_warmup_epochs=2, lr=1e-3, lr_schedule="cosine", apm_joint_lr=0.5)
     warm = [lr_factor(cfg, e, True) for e in range(2)]
@@ -422,39 +424,43 @@ def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backb
     assert [g["lr"] for g in trainer.optim.param_groups] == pytest.approx([1e-3 * 0.8535534 * 0.5, 1e-3 * 0.8535534])
 
 
-def test_augmented_copies_are_encoded_once_each_and_reproducible(tiny_backbone):
-    from PromiseSegmentLib.training.features import FeatureSource
+def test_augmented_copies_are_encoded_once_each_reproducible_and_reused(tiny_backbone, tmp_path):
+    from PromiseSegmentLib.training.features import StoredFeatures
 
-    pairs = make_training_slices([1, 2], empty_share=0.0)[:3]
+    pairs = make_training_slices([1, 2], empty_share=0.0)[:4]
     cases = [Case(str(i), rgb, m) for i, (rgb, m) in enumerate(pairs)]
     engine = engine_for(tiny_backbone, None, "cpu")
     encoded = []
     encode = engine.encode
     engine.encode = lambda images, *a, **k: encoded.append(len(images)) or encode(images, *a, **k)
 
-    def source(seed):
-        return FeatureSource(engine, cases, True, torch.Generator().manual_seed(5), False, None, copies=2, seed=seed)
+    def store(seed, folder):
+        return StoredFeatures(engine, None, cases[:3], cases[3:], 2, seed, torch.Generator().manual_seed(5), folder)
 
-    src = source(0)
-    draws = [src.item(i) for _ in range(12) for i in range(3)]
-    versions = {id(d) for d in draws}
-    assert len(encoded) == len(versions) <= 3 * 3  # each version of each image encoded once, then reused
-    assert len(src.copies) >= 1 and set(src.copies) <= {(i, v) for i in range(3) for v in (1, 2)}
-    i, v = next(iter(src.copies))
-    copy, original = src.copies[(i, v)], src.cache.get(i) or src._encode(cases[i].rgb, cases[i].mask)
-    assert not torch.equal(copy.features, original.features)  # really augmented
-    again = source(0)
-    again.gen.manual_seed(123)  # another draw order: each copy comes from its own seed
-    assert [again.item(j) for _ in range(12) for j in range(3)]
-    common = set(again.copies) & set(src.copies)
-    assert common and all(torch.equal(again.copies[k].features, src.copies[k].features) for k in common)
-    assert not torch.equal(source(1)._encode(*augment_copy(cases[i], 1, i, v)).features, copy.features)
-
-
-def augment_copy(case, seed, i, v):
-    from PromiseSegmentLib.training.augment import augment
-
-    return augment(case.rgb, case.mask, torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + v))
+    src = store(0, tmp_path / "a")
+    assert src.prepare() == 3 * 3 + 1 and sum(encoded) == 3 * 3 + 1  # each version of each image once
+    versions = [src._read(r, ()) for r in range(3)]  # image 0: as given, then its two augmented copies
+    assert not torch.equal(versions[0].features, versions[1].features)  # really augmented
+    assert not torch.equal(versions[1].features, versions[2].features)
+    draws = src.get([0, 1, 2] * 8, ("taps", "target", "box"))
+    assert all(d.features is None for d in draws)  # the warm-up reads no embeddings
+    src.close(finished=False)
+    again = store(0, tmp_path / "a")
+    encoded.clear()
+    assert again.prepare() == 0 and not encoded  # an interrupted run's records are reused
+    assert torch.equal(again._read(1, ()).features, versions[1].features)
+    again.close(finished=False)
+    other = store(1, tmp_path / "b")
+    other.prepare()
+    assert torch.equal(other._read(0, ()).features, versions[0].features)  # the image as given
+    assert not torch.equal(other._read(1, ()).features, versions[1].features)  # copies follow the seed
+    other.close(finished=True)
+    assert (tmp_path / "b").exists()  # a folder the user chose is kept
+    owned = StoredFeatures(engine, None, cases[:3], [], 0, 0, torch.Generator())
+    owned.prepare()
+    assert owned.folder.is_dir()
+    owned.close(finished=True)
+    assert not owned.folder.exists()  # a finished run removes the cache it made
 
 
 def test_augmented_copies_need_the_feature_cache():

@@ -90,7 +90,7 @@ def test_preview_then_apply_is_one_undo_step_and_writes_one_slice(logic):
 def test_automatic_mode_runs_the_apm_and_takes_clicks_as_refinements(logic):
     from PromiseSegmentLib.backbones.registry import BACKBONES
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
     from PromiseSegmentSlicerLib.interaction import ClickSession
 
     app, m, volume, seg, truth = scene()
@@ -129,7 +129,7 @@ def test_adapter_folder_import_never_replaces_and_refuses_non_adapters(tmp_path)
     from PromiseSegmentLib.backbones.registry import BACKBONES
     from PromiseSegmentLib.model.adapter import save_adapter
     from PromiseSegmentLib.training.config import TrainConfig
-    from PromiseSegmentLib.training.trainer import build_adapter
+    from PromiseSegmentLib.training.setup import build_adapter
     from PromiseSegmentSlicerLib.adapter_folder import describe, import_adapter, installed_adapters
 
     adapter = build_adapter(

@@ -591,6 +591,7 @@ UNCHECKABLE = {
     "setValue": QT + "QProgressDialog::setValue(int progress)",
     "setCancelButtonText": QT + "QProgressDialog::setCancelButtonText(const QString &text)",
     "wasCanceled": QT + "QProgressDialog::wasCanceled property",
+    "setLabelText": QT + "QProgressDialog::setLabelText(const QString &text)",
     "setSingleShot": QT + "QTimer::setSingleShot(bool)",
     "setInterval": QT + "QTimer::setInterval(int msec)",
     "start": QT + "QTimer::start()",

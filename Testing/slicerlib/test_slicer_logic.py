@@ -8,7 +8,8 @@ from slicer_scene import add_segmentation, add_volume, ellipsoid, make_app, obli
 from PromiseSegmentLib.data.preprocessing import IntensityRule, resolve_axis, take_slice
 from PromiseSegmentLib.errors import Cancelled, InputError
 from PromiseSegmentLib.training.config import TrainConfig
-from PromiseSegmentLib.training.trainer import build_adapter
+from PromiseSegmentLib.training.recipe import RunOptions
+from PromiseSegmentLib.training.setup import build_adapter
 
 SHAPE = (9, 40, 44)  # K, J, I
 
@@ -325,13 +326,13 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
         target_name="Lesion",
     )
     out = tmp_path / "lesion.safetensors"
-    result = logic.trainAdapter(pairs, out, config=cfg, emptyShare=0.0)
+    result = logic.trainAdapter(pairs, out, config=cfg)  # only the annotated slices: not --dense
     assert out.exists() and read_metadata(out)["target"]["name"] == "Lesion"
     assert read_metadata(out)["training"]["train_cases"] + read_metadata(out)["training"]["val_cases"] == len(cases)
     volume, seg, _ = pairs[0]
     sid = logic.segmentVolume(volume, seg, adapter=str(out), sliceRange=(3, 4))
     assert seg.GetSegmentation().GetSegment(sid).GetName() == "Lesion"
-    assert result.history and np.isfinite(result.history[0]["loss"])
+    assert result.history and np.isfinite(result.history[0].loss)
 
 
 def test_training_pairs_are_found_across_the_scene(app):
@@ -393,7 +394,8 @@ def test_mr_volume_end_to_end_with_its_real_label_map(app, logic, tmp_path, data
         target_name="Tumour",
     )
     default = SceneLogic()  # the default backbone, LiteMedSAM
-    result = default.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", config=cfg, emptyShare=0.2)
+    dense = RunOptions(dense=True, empty_share=0.2)  # every slice annotated: a few empty ones too
+    result = default.trainAdapter([(volume, seg, sid)], tmp_path / "tumour.safetensors", options=dense, config=cfg)
     assert result.adapter.backbone.name == "lite_medsam" and result.adapter.apm.prompts == ("box",)
     assert result.adapter.training["train_cases"] >= 2
 

@@ -118,10 +118,15 @@ class LineProgress:
         if self.unit == "B":
             amount = f"{self.done / 1e6:.1f}" + (f" of {self.total / 1e6:.1f}" if self.total else "") + " MB"
         else:
-            amount = f"{self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"
+            plural = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
+            amount = f"{self.done}" + (f"/{self.total}" if self.total else "") + f" {plural}"
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         extra = "".join(f", {k} {v}" for k, v in self.values.items())
-        print(f"{PROG}: {self.desc}: {amount}{share}{extra}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+        elapsed = now - self.start
+        eta = ""
+        if self.total and 0 < self.done < self.total:
+            eta = f", about {_duration(elapsed * (self.total - self.done) / self.done)} left"
+        print(f"{PROG}: {self.desc}: {amount}{share}{extra}, {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -136,3 +141,7 @@ class LineProgress:
 def progress_bar(desc: str, unit: str = "it"):
     """A terminal progress bar, or progress lines at a modest rate when stderr is not a terminal."""
     return bar(desc, unit) if sys.stderr.isatty() else LineProgress(desc, unit)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

@@ -16,9 +16,8 @@ from PromiseSegmentLib.cli.arguments import (
     add_backbone_args,
     announce,
     engine_options,
-    progress_bar,
 )
-from PromiseSegmentLib.cli.train import refinement_summary, train_progress
+from PromiseSegmentLib.cli.train import PhaseProgress, refinement_summary
 from PromiseSegmentLib.cli.validation import preflight
 
 DEMO_TEST = ("10035_spleen_49", "10038_spleen_14", "10039_spleen_59")  # 3 patients never seen in training
@@ -63,15 +62,12 @@ def cmd_demo(args) -> int:
     test = [c for c in cases if c.id in DEMO_TEST]
     rest = [c for c in cases if c.id not in DEMO_TEST]
     fit, select = rest[:-3], rest[-3:]
-    with progress_bar("training adapter", "epoch") as b:
-        result = train_adapter(
-            engine_for(backbone, None, args.device, **engine_options(args)),
-            fit,
-            select,
-            cfg,
-            out / "spleen_adapter.safetensors",
-            progress=train_progress(b),
-        )
+    bars = PhaseProgress()
+    try:
+        engine = engine_for(backbone, None, args.device, **engine_options(args))
+        result = train_adapter(engine, fit, select, cfg, out / "spleen_adapter.safetensors", progress=bars)
+    finally:
+        bars.close()
     model = ProMISeModel(engine_for(backbone, result.adapter, args.device, **engine_options(args)), result.adapter)
     announce(model.engine)
     lines, dices = _demo_segment(model, test, out)
@@ -126,6 +122,6 @@ def add_demo_command(sub) -> None:
     add_backbone_args(p)
     p.add_argument("--warmup", type=non_negative_int, default=40, help="APM warm-up epochs (box loss only; cheap)")
     p.add_argument("--epochs", type=positive_int, default=25, help="joint APM+IPS epochs after the warm-up")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     p.set_defaults(func=cmd_demo)

@@ -39,11 +39,17 @@ def add_evaluate_command(sub) -> None:
     from PromiseSegmentLib.names import MODES
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 per case into a CSV, a summary and a PNG figure")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="folder with images/ + masks/ (or split subfolders: see --split)")
     p.add_argument("--split", help="subfolder (e.g. val)")
-    p.add_argument("--adapter")
-    p.add_argument("--allow-backbone-mismatch", action="store_true")
-    p.add_argument("--mode", default="auto", choices=MODES)
+    p.add_argument("--adapter", help="adapter file (.safetensors); without it the frozen backbone alone")
+    p.add_argument(
+        "--allow-backbone-mismatch",
+        action="store_true",
+        help="evaluate an adapter on a backbone other than the one it was trained on (for comparisons)",
+    )
+    p.add_argument(
+        "--mode", default="auto", choices=MODES, help="ProMISe mode (auto: automatic with an APM, else prompts)"
+    )
     p.add_argument(
         "--prompt",
         choices=["none", "center", "gt-points", "gt-box"],
@@ -51,7 +57,7 @@ def add_evaluate_command(sub) -> None:
         help="simulated user prompts: none, one positive click at the image centre, 3+3 points "
         "sampled from the ground truth (seeded per case), or the ground truth's bounding box",
     )
-    p.add_argument("--limit", type=positive_int)
+    p.add_argument("--limit", type=positive_int, help="evaluate at most this many images (quick trials)")
     p.add_argument("--out", required=True, help="output folder for metrics.csv and figure.png")
     p.add_argument("--overwrite", action="store_true", help="replace metrics.csv and figure.png in --out")
     add_backbone_args(p)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from PromiseSegmentLib.atomic_write import expect_outputs
 from PromiseSegmentLib.cli.arguments import intensity_from_args
@@ -93,8 +93,9 @@ def _train(args) -> None:
         raise InputError(
             f"{state} holds an interrupted run: pass --resume to continue it, or --overwrite to start again"
         )
-    train_config(args).check()
-    if args.cache_features and not args.no_augment:
+    cfg = train_config(args, 100)  # the data are counted later; the checks do not depend on the count
+    cfg.check()
+    if cfg.cache_features and cfg.augment:
         raise InputError("--cache-features needs --no-augment (augmented images are encoded afresh each time)")
     if args.no_apm and args.no_ips:
         raise InputError("--no-apm and --no-ips leave nothing to train")
@@ -113,32 +114,40 @@ def _check_nifti_case(out: Path) -> None:
         )
 
 
-def train_config(args) -> TrainConfig:
-    """The training configuration the train command's options give (before torch is imported)."""
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        n_points=args.points,
-        n_positive=args.positive,
-        apm_fusion_dim=args.apm_width,
-        apm_head_blocks=args.apm_blocks,
-        apm_tap_pool=args.apm_tap_pool,
-        box_loss_weight=args.box_loss_weight,
-        apm_warmup_epochs=args.apm_warmup,
-        user_prompt=args.user_prompt,
-        apm_prompts=args.apm_prompts,
-        apm_joint_lr=args.apm_joint_lr,
-        lr_schedule=args.lr_schedule,
-        augmented_copies=args.augmented_copies,
-        augment=not args.no_augment,
-        cache_features=args.cache_features,
-        use_apm=not args.no_apm,
-        use_ips=not args.no_ips,
-        target_name=args.name,
-        intensity=intensity_from_args(args).to_dict(),
-    )
+# train option (argparse dest) -> TrainConfig field; an option left out takes the recipe's value
+TRAIN_OPTIONS = {
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed", "points": "n_points",
+    "positive": "n_positive", "apm_width": "apm_fusion_dim", "apm_blocks": "apm_head_blocks",
+    "apm_tap_pool": "apm_tap_pool", "box_loss_weight": "box_loss_weight", "apm_warmup": "apm_warmup_epochs",
+    "user_prompt": "user_prompt", "apm_prompts": "apm_prompts", "apm_joint_lr": "apm_joint_lr",
+    "lr_schedule": "lr_schedule", "augmented_copies": "augmented_copies", "augment": "augment",
+    "cache_features": "cache_features", "user_box_share": "user_box_share",
+}  # fmt: skip
+
+
+def train_overrides(args) -> Dict[str, Any]:
+    """The ``TrainConfig`` fields the user gave options for (the rest come from the recipe)."""
+    given = {field: getattr(args, dest) for dest, field in TRAIN_OPTIONS.items() if getattr(args, dest) is not None}
+    if args.no_apm:
+        given["use_apm"] = False
+    if args.no_ips:
+        given["use_ips"] = False
+    if given.get("augment") and "cache_features" not in given:
+        given["cache_features"] = False  # on-line augmentation encodes afresh: nothing to cache
+    given["target_name"] = args.name
+    given["intensity"] = intensity_from_args(args).to_dict()
+    return given
+
+
+def train_config(args, n_train: int) -> TrainConfig:
+    """The configuration of the train command for ``n_train`` training images: the recipe's, with the user's
+    options on top (before torch is imported)."""
+    from PromiseSegmentLib.training.recipe import recipe_config
+
+    given = train_overrides(args)
+    default = ("box",) if (args.backbone or DEFAULT_BACKBONE) in BOX_ONLY_BACKBONES else ("points",)
+    box_apm = "box" in (given.get("apm_prompts") or default) and given.get("use_apm", True)
+    return recipe_config(args.recipe, n_train, box_apm, **given)
 
 
 def _evaluate(args) -> None:

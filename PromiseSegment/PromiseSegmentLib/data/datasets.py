@@ -59,9 +59,12 @@ def volume_cases(
     label: Optional[int] = None,
     empty_share: float = 0.1,
     seed: int = 0,
+    dense: bool = False,
 ) -> List[Case]:
-    """Slices of a volume that contain the label, plus ``empty_share`` × as many empty slices
-    (chosen with ``seed``), resampled to square pixels."""
+    """The slices of a volume that contain the label, resampled to square pixels. A slice without the label
+    is *unknown* (a user annotates some slices of a volume and leaves the rest for the model), unless
+    ``dense`` says the annotation is complete: then ``empty_share`` × as many empty slices (chosen with
+    ``seed``) are added as true negatives."""
     volume = check_volume(volume)
     if labelmap.shape != volume.shape[:3]:
         raise InputError(f"{name}: label map {labelmap.shape} does not match the volume {volume.shape[:3]}")
@@ -73,7 +76,7 @@ def volume_cases(
     present = [s for s in range(volume.shape[ax]) if take_slice(target, ax, s).any()]
     empty = [s for s in range(volume.shape[ax]) if s not in set(present)]
     rng = np.random.default_rng(seed)
-    n_empty = min(len(empty), int(round(empty_share * len(present))))
+    n_empty = min(len(empty), int(round(empty_share * len(present)))) if dense else 0
     chosen = sorted(present + list(rng.choice(empty, n_empty, replace=False) if n_empty else []))
     cases = []
     for s in chosen:
@@ -85,9 +88,15 @@ def volume_cases(
 
 
 def load_volume_pairs(
-    pairs: Sequence[Sequence[str]], rule: IntensityRule, axis="K", label=None, empty_share: float = 0.1, seed: int = 0
+    pairs: Sequence[Sequence[str]],
+    rule: IntensityRule,
+    axis="K",
+    label=None,
+    empty_share: float = 0.1,
+    seed: int = 0,
+    dense: bool = False,
 ) -> List[Case]:
-    """(image file, label-map file) pairs (NRRD/NIfTI/...) -> slice cases."""
+    """(image file, label-map file) pairs (NRRD/NIfTI/...) -> slice cases (``volume_cases``)."""
     from PromiseSegmentLib.data.volume_io import read_labelmap, read_volume
 
     cases: List[Case] = []
@@ -95,7 +104,9 @@ def load_volume_pairs(
         vol, lab = read_volume(image_path), read_labelmap(label_path)
         if not np.allclose(vol.ijk_to_ras, lab.ijk_to_ras, atol=1e-3):
             raise InputError(f"{label_path} is not on the grid of {image_path}; resample it first")
-        cases += volume_cases(vol.name, vol.array, lab.array, vol.ijk_to_ras, rule, axis, label, empty_share, seed)
+        cases += volume_cases(
+            vol.name, vol.array, lab.array, vol.ijk_to_ras, rule, axis, label, empty_share, seed, dense
+        )
     return cases
 
 

@@ -178,8 +178,7 @@ def segment_volume(
     volume = check_volume(volume)
     ax = resolve_axis(axis, ijk_to_ras)
     prompts = prompts or {}
-    n = volume.shape[ax]
-    todo = [s for s in slice_indices(n, slice_range) if automatic or s in prompts]
+    todo = [s for s in slice_indices(volume.shape[ax], slice_range) if automatic or s in prompts]
     if not todo:
         raise InputError("no slice to segment: give prompts on at least one slice in range, or use an adapter")
     vr = value_range or volume_value_range(volume, intensity)
@@ -187,8 +186,7 @@ def segment_volume(
     parents = box_parents(todo, prompts) if box_propagation and not automatic else {}
     if parents:
         todo = list(parents)  # middle-out: each slice after the one it takes its box from
-    step = 1 if parents else model.batch_size
-    done = 0
+    step, done = (1 if parents else model.batch_size), 0
     for start in range(0, len(todo), step):
         if cancel is not None and cancel():
             raise Cancelled()

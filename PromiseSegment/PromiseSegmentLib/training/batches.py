@@ -18,11 +18,10 @@ from PromiseSegmentLib.inference.engine import PromptBatch
 class Encoded:
     """One training image, encoded: what an epoch needs without the encoder."""
 
-    features: torch.Tensor  # (1, 256, 64, 64) fp16
+    features: Optional[torch.Tensor]  # (1, 256, 64, 64) fp16; None when not read (the APM's warm-up)
     taps: List[torch.Tensor]  # APM-ready taps (after ``APM.prepare_taps``), fp16
     target: torch.Tensor  # (256, 256) bool, the mask in the decoder's frame
     box: Optional[torch.Tensor]  # (4,) the mask's bounding box in the input frame, None if empty
-    mask: np.ndarray  # the mask on the image grid (for sampled point prompts)
     input_size: tuple
     original_size: tuple
 
@@ -38,7 +37,7 @@ def input_box(mask: np.ndarray, spec, original_size) -> Optional[torch.Tensor]:
 
 @dataclass
 class Batch:
-    features: torch.Tensor
+    features: Optional[torch.Tensor]
     taps: List[torch.Tensor]
     target: torch.Tensor  # (B, 256, 256) float
     boxes: torch.Tensor  # (B, 4) ground-truth boxes (zeros where empty)
@@ -49,8 +48,9 @@ def collate(items: List[Encoded], device) -> Batch:
     taps = [torch.cat([it.taps[k] for it in items]).to(device).float() for k in range(len(items[0].taps))]
     boxes = torch.stack([it.box if it.box is not None else torch.zeros(4) for it in items]).to(device)
     present = torch.tensor([it.box is not None for it in items], device=device)
+    features = [it.features for it in items if it.features is not None]
     return Batch(
-        torch.cat([it.features for it in items]).to(device).float(),
+        torch.cat(features).to(device).float() if len(features) == len(items) else None,
         taps,
         torch.stack([it.target for it in items]).to(device).float(),
         boxes,
@@ -85,15 +85,17 @@ def user_prompts(
         return PromptBatch(boxes=boxes)
     if kind == "points":
         pts, labels = [], []
-        for it in items:
-            p, lab = sample_points(it.mask, 3, 3, rng)
-            pts.append(torch.as_tensor(spec.to_input_frame(p, it.original_size), dtype=torch.float32))
+        for it in items:  # drawn on the decoder-frame target, inside the image's part of the padded square
+            scale = spec.image_size / it.target.shape[-1]
+            rows, cols = (int(np.ceil(n / scale)) for n in it.input_size)
+            p, lab = sample_points(it.target[:rows, :cols].numpy(), 3, 3, rng)
+            pts.append(torch.as_tensor((p + 0.5) * scale, dtype=torch.float32))
             labels.append(torch.as_tensor(lab))
         width = max(len(lab) for lab in labels)
         for k in range(len(pts)):  # pad to a common count with SAM's "not a point" label (-1)
             pad = width - len(labels[k])
             pts[k] = torch.cat([pts[k], torch.zeros(pad, 2)])
             labels[k] = torch.cat([labels[k], torch.full((pad,), -1, dtype=labels[k].dtype)])
-        dev = batch.features.device
+        dev = batch.target.device
         return PromptBatch(torch.stack(pts).to(dev), torch.stack(labels).to(dev))
     return PromptBatch()

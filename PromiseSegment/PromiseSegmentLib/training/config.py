@@ -28,6 +28,7 @@ OPTION_NAMES = {
     "apm_joint_lr": "--apm-joint-lr",
     "lr_schedule": "--lr-schedule",
     "augmented_copies": "--augmented-copies",
+    "user_box_share": "--user-box-share",
 }
 LR_SCHEDULES = ("constant", "cosine")
 MAX_AUGMENTED_COPIES = 16  # each copy is one more encoded image kept in memory (fp16)
@@ -48,6 +49,9 @@ def check_train_settings(values: Dict[str, Any]) -> None:
         raise InputError(
             f"--apm-warmup ({values['apm_warmup_epochs']}) must be shorter than --epochs ({values['epochs']})"
         )
+    share = values.get("user_box_share", 0.0)
+    if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+        raise InputError(f"--user-box-share must be between 0 and 1, got {share}")
     for name in ("box_loss_weight", "apm_joint_lr"):
         w = values.get(name, 0.0)
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
@@ -90,6 +94,8 @@ class TrainConfig:
     apm_joint_lr: float = 1.0  # the APM's learning rate in the joint phase, as a share of lr (0: weights kept as
     # warmed up; its BatchNorm statistics still follow the data)
     lr_schedule: str = "constant"  # "cosine": within each phase (warm-up, joint), lr decays from lr towards 0
+    user_box_share: float = 0.0  # joint phase: share of images prompted by a jittered ground-truth box instead of
+    # the APM's, so IPS also serves a user's box (box mode with the same adapter); 0: the APM's boxes only
     user_prompt: str = "none"  # "box"/"points": no APM, IPS trained with prompts from the ground truth
     bf16: bool = True  # CUDA autocast; ignored on CPU
     target_name: str = DEFAULT_NAME
@@ -109,3 +115,13 @@ class TrainConfig:
 
 
 TRAIN_DEFAULTS: Dict[str, Any] = asdict(TrainConfig())  # what the command line shows as its defaults
+
+
+def lr_factor(cfg: TrainConfig, epoch: int, warmup: bool) -> float:
+    """The share of ``lr`` for ``epoch``: 1 (constant), or a cosine from 1 over the epoch's phase."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    start, length = (
+        (0, cfg.apm_warmup_epochs) if warmup else (cfg.apm_warmup_epochs, cfg.epochs - cfg.apm_warmup_epochs)
+    )
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / max(1, length)))

@@ -29,16 +29,19 @@ DONE = "done.npy"
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """The shapes of one record: the embedding, each prepared tap, the target (all fp16 but the bool target)."""
+    """The shapes of one record: the embedding and each prepared tap (fp16), the decoder-frame target (bool),
+    the mask's box in the input frame (NaN when empty) and the image's input and original sizes."""
 
     features: Tuple[int, ...]
     taps: Tuple[Tuple[int, ...], ...]
     target: Tuple[int, ...]
 
     def parts(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
-        named = {"features": (self.features, np.dtype(np.float16))}
+        named: Dict[str, Tuple[Tuple[int, ...], np.dtype]] = {"features": (self.features, np.dtype(np.float16))}
         named.update({f"tap{k}": (shape, np.dtype(np.float16)) for k, shape in enumerate(self.taps)})
         named["target"] = (self.target, np.dtype(np.bool_))
+        named["box"] = ((4,), np.dtype(np.float32))
+        named["sizes"] = ((4,), np.dtype(np.int32))
         return named
 
     def bytes_per_record(self) -> int:
@@ -77,7 +80,8 @@ class FeatureStore:
         if marker.is_file():
             remove_store(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        meta = {"key": self.key, "count": self.count, "record_bytes": self.layout.bytes_per_record()}
+        layout = {"features": self.layout.features, "taps": self.layout.taps, "target": self.layout.target}
+        meta = {"key": self.key, "count": self.count, "layout": layout}
         write_bytes_atomically(marker, json.dumps(meta).encode(), overwrite=True)
 
     def _read_done(self) -> np.ndarray:
@@ -130,6 +134,11 @@ class FeatureStore:
             out[name] = np.frombuffer(raw, dt).reshape(shape)
         return out
 
+    def sizes(self, i: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """(input size, original size) of record ``i``."""
+        h, w, oh, ow = (int(v) for v in self.get(i, ["sizes"])["sizes"])
+        return (h, w), (oh, ow)
+
     def save_progress(self) -> None:
         """Which records are complete (after their bytes are on disk), for a later run to reuse."""
         for fd in self._fds.values():
@@ -144,6 +153,18 @@ class FeatureStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+def existing_layout(folder: Path, key: str, count: int) -> Optional[RecordLayout]:
+    """The record layout of the store in ``folder`` when it holds ``key`` (a run to continue), else None."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file() or _marker_key(marker) != (key, count):
+        return None
+    try:
+        lay = json.loads(marker.read_text())["layout"]
+        return RecordLayout(tuple(lay["features"]), tuple(tuple(t) for t in lay["taps"]), tuple(lay["target"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def remove_store(folder: Path) -> None:

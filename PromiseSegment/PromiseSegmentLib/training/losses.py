@@ -38,7 +38,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> BoxOverlap:
 def apm_aux_loss(apm_out, batch, image_size: int) -> torch.Tensor:
     """Box (L1 + generalised IoU, in fractions of the side), objectness map and presence BCE; ``batch`` a
     ``training.Batch`` (features, target, boxes, present)."""
-    loss = batch.features.new_zeros(())
+    loss = batch.target.new_zeros(())
     if apm_out.presence is not None:
         loss = loss + F.binary_cross_entropy_with_logits(apm_out.presence, batch.present.float())
     keep = batch.present

@@ -5,23 +5,24 @@ to a time budget.
 ``auto`` is the best recipe this project measured (docs/benchmarks.md): every image encoded once, plus a
 few augmented versions, into a feature cache on disk; the APM warmed up alone on its box loss; then IPS
 trained with the APM's weights kept (``apm_joint_lr`` 0), on a mix of the APM's boxes and jittered
-ground-truth boxes, so one adapter serves automatic and box modes. Epoch counts follow the number of
-optimisation steps, so a few slices get more epochs than a large set. ``paper`` is ProMISe's schedule
+ground-truth boxes, so one adapter serves automatic and box modes. Epoch counts follow the
+data size: a few slices get the demo's long schedule, a large set one that fits about half an hour on two
+CPU cores. ``paper`` is ProMISe's schedule
 (200 epochs, lr 1e-5, on-line augmentation that encodes every image at every step).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from PromiseSegmentLib.training.config import TrainConfig
 
 RECIPES = ("auto", "paper")
 SELECTION_FRACTION = 0.1  # of the training images, held out to select the epoch (never the user's val/)
-WARMUP_STEPS, WARMUP_EPOCHS = 600, (60, 300)  # APM warm-up: optimisation steps wanted, epoch bounds
-JOINT_STEPS, JOINT_EPOCHS = 150, (6, 25)
+SMALL_SET = 100  # fewer training images: the demo's schedule (more epochs, a narrower APM, augmented copies)
 
 
 @dataclass(frozen=True)
@@ -42,25 +43,26 @@ def recipe_config(recipe: str, n_train: int, box_apm: bool = True, **overrides: 
         raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
     if recipe == "paper":
         return replace(TrainConfig(), **overrides)
-    batch = overrides.get("batch_size") or (8 if n_train >= 64 else 4)
-    steps = max(1, math.ceil(n_train / batch))
-    warmup = _clamp(math.ceil(WARMUP_STEPS / steps), *WARMUP_EPOCHS) if box_apm else 0
-    joint = _clamp(math.ceil(JOINT_STEPS / steps), *JOINT_EPOCHS)
+    small = n_train < SMALL_SET
+    warmup, joint = (40, 25) if small else (20, 4)
+    warmup = warmup if box_apm else 0
     values: Dict[str, Any] = dict(
         epochs=warmup + joint,
         apm_warmup_epochs=warmup,
-        batch_size=batch,
+        batch_size=4 if small else 8,
         lr=1e-3,
         augment=False,
         cache_features=True,
-        augmented_copies=4 if n_train <= 2000 else 2 if n_train <= 8000 else 0,
-        apm_fusion_dim=128,
+        augmented_copies=2 if small else 0,  # copies matter most when images are few; encodes dominate else
+        apm_fusion_dim=64 if small else 128,
         apm_tap_pool=2,
-        apm_joint_lr=0.0 if box_apm else 1.0,
+        apm_joint_lr=(1.0 if small else 0.0) if box_apm else 1.0,
         user_box_share=0.5 if box_apm else 0.0,
     )
-    if "epochs" in overrides and "apm_warmup_epochs" not in overrides:
-        values["apm_warmup_epochs"] = min(warmup, max(0, overrides["epochs"] - 1))
+    if "epochs" in overrides and "apm_warmup_epochs" not in overrides:  # the same share of warm-up
+        values["apm_warmup_epochs"] = min(
+            round(overrides["epochs"] * warmup / (warmup + joint)), overrides["epochs"] - 1
+        )
     values.update(overrides)
     return replace(TrainConfig(), **values)
 
@@ -88,7 +90,7 @@ class TrainPlan:
     def phase_seconds(self, rates: MachineRates) -> Dict[str, float]:
         cfg = self.config
         warmup, joint = cfg.apm_warmup_epochs, cfg.epochs - cfg.apm_warmup_epochs
-        select = self.n_select * rates.evaluate * cfg.epochs
+        select = self.n_select * rates.evaluate * (cfg.epochs - cfg.apm_warmup_epochs)
         if cfg.cache_features and not cfg.augment:
             phases = {"encode": self.encodes() * rates.encode}
             step_encode = 0.0
@@ -147,6 +149,33 @@ def _minutes(seconds: float) -> str:
 
 
 def selection_count(n_images: int, fraction: Optional[float]) -> int:
-    """How many of ``n_images`` to hold out for selecting the epoch (at least one, leaving one to train)."""
+    """How many of ``n_images`` to hold out for selecting the epoch: at least one (a single image leaves
+    none to train on, which ``setup.check_training_cases`` refuses)."""
     share = SELECTION_FRACTION if fraction is None else fraction
-    return min(max(1, int(round(share * n_images))), max(0, n_images - 1))
+    return min(n_images, max(1, int(round(share * n_images))))
+
+
+def split_for_selection(cases: List, fraction: Optional[float], seed: int) -> Tuple[List, List]:
+    """(train, selection): a seeded random share of ``cases`` held out to select the epoch."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n = selection_count(len(cases), fraction)
+    return [cases[i] for i in order[n:]], [cases[i] for i in order[:n]]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run is set up beyond its hyperparameters: the recipe and the user's own settings on top
+    of it (``TrainConfig`` fields), a time budget, the selection share, the feature cache's folder, and how
+    volumes become slices (``dense``: every slice annotated, so unlabelled ones are truly empty)."""
+
+    recipe: str = "auto"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    time_budget_min: Optional[float] = None
+    selection_fraction: Optional[float] = None
+    feature_cache: Optional[str] = None
+    dense: bool = False
+    empty_share: float = 0.1
+    axis: str = "K"
+
+    def config(self, n_train: int, box_apm: bool) -> TrainConfig:
+        return recipe_config(self.recipe, n_train, box_apm, **dict(self.overrides))

@@ -28,6 +28,7 @@ STATE_KEYS = (
     "cases",
     "backbone",
     "data",
+    "planned_epochs",
 )
 RESUMABLE_CHANGES = ("epochs",)  # options that may differ between an interrupted run and its resumption
 
@@ -54,10 +55,11 @@ def resume_config(cfg: TrainConfig) -> Dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence] = None) -> Dict:
-    """An interrupted run's state; ``InputError`` if it is damaged, was written with other options or for more
-    epochs than ``cfg`` has, or (``cases``: the training and validation cases, or only their counts) for other
-    data; the message says what differs. Needs no backbone: the command line calls it before loading one."""
+def read_resume_state(path: Path, cfg: Optional[TrainConfig], cases: Optional[Sequence] = None) -> Dict:
+    """An interrupted run's state; ``InputError`` if it is damaged, was written (given ``cfg``) with other
+    options or for more epochs than ``cfg`` has, or (``cases``: the training and validation cases, or only
+    their counts) for other data; the message says what differs. Needs no backbone: the command line calls it
+    before loading one."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -71,17 +73,23 @@ def read_resume_state(path: Path, cfg: TrainConfig, cases: Optional[Sequence] = 
             f"{path} is damaged or from an older PromiseSegment (it lacks {', '.join(missing)}); "
             f"start again with --overwrite"
         )
-    if not (isinstance(st["config"], dict) and type(st["epoch"]) is int and isinstance(st["cases"], (list, tuple))):
+    if not (
+        isinstance(st["config"], dict)
+        and type(st["epoch"]) is int
+        and type(st["planned_epochs"]) is int
+        and isinstance(st["cases"], (list, tuple))
+    ):
         raise InputError(
             f"{path} is damaged (its options, epoch or case counts are unreadable); start again with --overwrite"
         )
-    _check_options(path, st, cfg)
+    if cfg is not None:
+        check_options(path, st, cfg)
     if cases is not None:
         _check_data(path, st, cases)
     return st
 
 
-def _check_options(path: Path, st: Dict, cfg: TrainConfig) -> None:
+def check_options(path: Path, st: Dict, cfg: TrainConfig) -> None:
     now = resume_config(cfg)
     diffs = [
         f"{OPTION_NAMES.get(k, k)} {st['config'].get(k)!r} then, {now.get(k)!r} now"
@@ -137,3 +145,46 @@ def check_zip(tmp: str) -> None:
         bad = z.testzip()
     if bad is not None:
         raise OSError(f"{tmp}: {bad} does not read back")
+
+
+def save_state(trainer, epoch: int) -> None:
+    """The trainer's resumable state after ``epoch``, written atomically (checked to read back)."""
+    from dataclasses import asdict as _asdict
+
+    from PromiseSegmentLib.atomic_write import write_atomically
+
+    state = {
+        "modules": {n: m.state_dict() for n, m in trainer.adapter.modules().items()},
+        "optim": trainer.optim.state_dict(),
+        "generator": trainer.gen.get_state(),
+        "history": [_asdict(r) for r in trainer.history],
+        "best": trainer.best,
+        "epoch": epoch,
+        "best_modules": trainer.best_state,
+        "config": resume_config(trainer.cfg),
+        "planned_epochs": trainer.cfg.epochs,
+        "cases": [len(trainer.train), len(trainer.val)],
+        "backbone": trainer.engine.backbone.identity,
+        "data": trainer.data,
+    }
+    write_atomically(trainer.state_path, lambda tmp: torch.save(state, tmp), verify=check_zip)
+
+
+def restore_state(trainer, path: Path) -> Dict:
+    """Load an interrupted run's state into ``trainer`` (checked first: ``read_resume_state``); returns it."""
+    st = read_resume_state(path, trainer.cfg, (trainer.train, trainer.val))
+    if st["backbone"] != trainer.engine.backbone.identity:
+        raise InputError(
+            f"{path} was written on backbone weights {st['backbone']}, now {trainer.engine.backbone.identity}: "
+            f"resume with the same --backbone"
+        )
+    try:
+        for name, m in trainer.adapter.modules().items():
+            m.load_state_dict(st["modules"][name])
+        trainer.optim.load_state_dict(st["optim"])
+        trainer.gen.set_state(st["generator"])
+    except Exception as exc:
+        raise InputError(
+            f"{path} is damaged ({type(exc).__name__}); delete it or start again with --overwrite"
+        ) from None
+    return st

@@ -179,7 +179,7 @@ class PromiseSegmentEffectTest(ScriptedLoadableModuleTest):
         from PromiseSegmentLib.backbones.registry import load_backbone
         from PromiseSegmentLib.model.adapter import save_adapter
         from PromiseSegmentLib.training.config import TrainConfig
-        from PromiseSegmentLib.training.trainer import build_adapter
+        from PromiseSegmentLib.training.setup import build_adapter
         from PromiseSegmentSlicerLib.mrml import segment_mask
 
         image, truth, m, volume, seg, sid, editor = self._scene()

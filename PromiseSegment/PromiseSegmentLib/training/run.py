@@ -1,0 +1,57 @@
+"""One training run as users start it (command line, Slicer, console): the recipe's configuration for the
+data, the plan with its estimate on this machine, said before any work, the time budget, then training."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from PromiseSegmentLib.callbacks import CancelFn
+from PromiseSegmentLib.data.datasets import Case
+from PromiseSegmentLib.inference.engine import InferenceEngine
+from PromiseSegmentLib.training.config import TrainConfig
+from PromiseSegmentLib.training.rates import measure_rates
+from PromiseSegmentLib.training.recipe import RunOptions, TrainPlan, fit_to_budget
+from PromiseSegmentLib.training.trainer import TrainProgress, TrainResult, train_adapter
+
+
+def plan_for(
+    engine: InferenceEngine,
+    train: List[Case],
+    select: List[Case],
+    options: RunOptions,
+    config: Optional[TrainConfig] = None,
+) -> tuple:
+    """(plan, rates): the run's plan scaled to the time budget, and this machine's measured rates.
+    ``config`` (an interrupted run's, or one given in full) replaces the recipe and is not rescaled."""
+    box_apm = "box" in engine.spec.apm_prompts and options.overrides.get("use_apm", True)
+    cfg = config or options.config(len(train), box_apm)
+    cfg.check()
+    rates = measure_rates(engine, cfg, train[0])
+    plan = TrainPlan(options.recipe if config is None else "as given", cfg, len(train), len(select))
+    if options.time_budget_min and config is None:
+        plan = fit_to_budget(plan, rates, options.time_budget_min * 60)
+    return plan, rates
+
+
+def run_training(
+    engine: InferenceEngine,
+    train: List[Case],
+    select: List[Case],
+    options: RunOptions,
+    output: Optional[Path] = None,
+    resume: bool = False,
+    progress: Optional[TrainProgress] = None,
+    cancel: Optional[CancelFn] = None,
+    say: Callable[[str], None] = print,
+    config: Optional[TrainConfig] = None,
+) -> TrainResult:
+    """Plan (said through ``say``), then train with the budget's deadline."""
+    started = time.monotonic()
+    plan, rates = plan_for(engine, train, select, options, config)
+    say("\n".join(plan.describe(rates, engine.backbone.name)))
+    budget = options.time_budget_min
+    deadline = started + budget * 60 if budget else None
+    folder = Path(options.feature_cache) if options.feature_cache else None
+    return train_adapter(engine, train, select, plan.config, output, resume, progress, cancel, folder, deadline)

@@ -1,0 +1,82 @@
+"""Training recipes and plans: defaults from the data size, the printed plan and its estimate, the time budget."""
+
+import subprocess
+import sys
+
+import pytest
+
+from PromiseSegmentLib.training.recipe import (
+    MachineRates,
+    TrainPlan,
+    fit_to_budget,
+    recipe_config,
+    selection_count,
+    split_for_selection,
+)
+
+RATES = MachineRates(encode=0.5, warmup_step=0.05, joint_step=0.25, evaluate=0.1, where="2 CPU threads")
+
+
+def test_the_auto_recipe_follows_the_data_size_and_the_backbone():
+    few, many = recipe_config("auto", 15), recipe_config("auto", 700)
+    assert few.cache_features and not few.augment and few.augmented_copies > 0  # cheap copies for a few slices
+    assert few.apm_warmup_epochs > many.apm_warmup_epochs and few.epochs > many.epochs
+    assert many.apm_joint_lr == 0 and 0 < many.user_box_share < 1  # IPS also serves the user's box
+    points = recipe_config("auto", 700, box_apm=False)
+    assert points.apm_warmup_epochs == 0 and points.user_box_share == 0  # no box APM: no warm-up, no boxes
+    for cfg in (few, many, points):
+        cfg.check()
+
+
+def test_the_paper_recipe_is_prompts_schedule_and_options_override_any_recipe():
+    paper = recipe_config("paper", 700)
+    assert (paper.epochs, paper.lr, paper.augment, paper.cache_features) == (200, 1e-5, True, False)
+    mine = recipe_config("auto", 700, lr=3e-4, augmented_copies=1)
+    assert mine.lr == 3e-4 and mine.augmented_copies == 1
+    short = recipe_config("auto", 15, epochs=13)
+    assert short.epochs == 13 and 0 < short.apm_warmup_epochs < 13  # the warm-up keeps its share
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe_config("fast", 10)
+
+
+def test_the_plan_counts_every_encode_and_says_what_each_phase_costs():
+    cfg = recipe_config("auto", 630, augmented_copies=4)
+    plan = TrainPlan("auto", cfg, 630, 70)
+    assert plan.encodes() == 630 * 5 + 70
+    seconds = plan.phase_seconds(RATES)
+    assert seconds["encode"] == pytest.approx(plan.encodes() * 0.5)
+    assert seconds["apm warm-up"] == pytest.approx(cfg.apm_warmup_epochs * 630 * 0.05)
+    lines = plan.describe(RATES, "lite_medsam")
+    assert "630 x 5 versions + 70 = 3,220 images" in lines[1]
+    assert lines[-1].startswith("  about ") and "2 CPU threads" in lines[-1]
+    online = TrainPlan("paper", recipe_config("paper", 630), 630, 70)
+    assert online.encodes() == 630 * 200 + 70  # on-line augmentation encodes at every step
+
+
+def test_a_time_budget_drops_copies_first_then_epochs_and_keeps_one_of_each():
+    plan = TrainPlan("auto", recipe_config("auto", 630, augmented_copies=4), 630, 70)
+    total = sum(plan.phase_seconds(RATES).values())
+    assert fit_to_budget(plan, RATES, total + 1) == plan  # fits: unchanged
+    fitted = fit_to_budget(plan, RATES, 1800)
+    assert sum(fitted.phase_seconds(RATES).values()) <= 1800 * 1.01
+    assert fitted.config.augmented_copies == 0
+    tiny = fit_to_budget(plan, RATES, 1).config
+    assert tiny.apm_warmup_epochs >= 1 and tiny.epochs - tiny.apm_warmup_epochs >= 1
+
+
+def test_the_selection_split_is_seeded_and_never_empty():
+    cases = list(range(50))
+    train, select = split_for_selection(cases, None, 3)
+    assert len(select) == 5 and sorted(train + select) == cases
+    assert split_for_selection(cases, None, 3) == (train, select)
+    assert selection_count(1, None) == 1 and selection_count(2, 0.1) == 1
+
+
+def test_the_recipe_needs_no_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from PromiseSegmentLib.training.recipe import recipe_config, TrainPlan\n"
+        "recipe_config('auto', 100).check()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
