@@ -114,8 +114,8 @@ class TrainPlan:
             f"~ {_minutes(p['encode'])}",
         ]
         if cfg.apm_warmup_epochs:
-            lines.append(f"  2. APM warm-up: {cfg.apm_warmup_epochs} epochs  ~ {_minutes(p['apm warm-up'])}")
-        lines.append(f"  {len(lines)}. joint ({ips}{apm}{boxes}): {joint} epochs  ~ {_minutes(p['joint'])}")
+            lines.append(f"  2. APM warm-up: {_epochs(cfg.apm_warmup_epochs)}  ~ {_minutes(p['apm warm-up'])}")
+        lines.append(f"  {len(lines)}. joint ({ips}{apm}{boxes}): {_epochs(joint)}  ~ {_minutes(p['joint'])}")
         lines.append(
             f"  about {_minutes(sum(p.values()))} on {rates.where} (measured here: encode {rates.encode:.2f} s, "
             f"warm-up step {1000 * rates.warmup_step:.0f} ms, joint step {1000 * rates.joint_step:.0f} ms per image)"
@@ -142,6 +142,10 @@ def fit_to_budget(plan: TrainPlan, rates: MachineRates, seconds: float) -> Train
 
 def _total(plan: TrainPlan, rates: MachineRates) -> float:
     return sum(plan.phase_seconds(rates).values())
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def _minutes(seconds: float) -> str:
