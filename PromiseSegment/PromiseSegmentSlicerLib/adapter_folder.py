@@ -1,6 +1,6 @@
 """The user's adapter folder: list, import (copy, never move) and describe adapter files.
 
-Reading the description parses only the safetensors JSON header (``validation.read_adapter_metadata``,
+Reading the description parses only the safetensors JSON header (``adapter_format.read_adapter_metadata``,
 the same checks as the command line), so it works before torch is installed and never executes anything
 from the file.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 from PromiseSegmentLib.atomic_write import write_atomically
-from PromiseSegmentLib.model.adapter_format import read_adapter_metadata
+from PromiseSegmentLib.model.adapter_format import AdapterMetadata, read_adapter_metadata
 from PromiseSegmentLib.paths import cache_dir
 
 
@@ -25,7 +25,7 @@ def installed_adapters() -> List[Path]:
     return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
-def adapter_metadata(path) -> dict:
+def adapter_metadata(path) -> AdapterMetadata:
     """The adapter's checked metadata; ``AdapterError`` (a ``ValueError``) naming the file otherwise."""
     return read_adapter_metadata(path)
 
@@ -35,19 +35,13 @@ def describe(path) -> str:
         m = adapter_metadata(path)
     except (OSError, ValueError) as exc:
         return f"not usable: {exc}"
-    apm = m.get("apm") or {}
-    parts = [
-        p
-        for p, present in ((f"APM ({'+'.join(apm.get('prompts', ['points']))})", apm), ("IPS", m.get("ips")))
-        if present
-    ]
-    training = m.get("training") or {}
-    dice = training.get("best_val_dice")
-    backbone = m["backbone"]["name"]
+    parts = [f"APM ({'+'.join(m.apm.prompts)})"] if m.apm else []
+    parts += ["IPS"] if m.ips else []
+    dice = m.best_val_dice
     return (
-        f"{m.get('target', {}).get('name', '?')}: {'+'.join(parts) or 'empty'} for {backbone}"
-        + (f", validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else "")
-        + f", intensity {m.get('intensity', {}).get('kind', '?')}"
+        f"{m.target_name}: {'+'.join(parts)} for {m.backbone.name}"
+        + (f", validation Dice {dice:.3f}" if dice is not None else "")
+        + f", intensity {m.intensity.kind}"
     )
 
 

@@ -135,7 +135,7 @@ class SceneLogic:
         """The backbone an adapter (file or object) was trained on, from its metadata only."""
         if isinstance(adapter, Adapter):
             return adapter.backbone.name
-        return read_metadata(adapter)["backbone"]["name"] if adapter else None
+        return read_metadata(adapter).backbone.name if adapter else None
 
     def _adapterKey(self, path: Path, loaded: LoadedBackbone, allowMismatch: bool) -> tuple:
         return str(path.resolve()), path.stat().st_mtime_ns, loaded.name, loaded.identity, allowMismatch
@@ -250,6 +250,7 @@ class SceneLogic:
     def predictVolume(
         self,
         volumeNode,
+        *,
         axis: Union[int, str] = "K",
         sliceRange: Optional[Tuple[int, int]] = None,
         points: PointList = (),
@@ -295,7 +296,9 @@ class SceneLogic:
         """What the effect's "slice range" / "whole volume" scopes write: the predicted slices as
         (``vtkOrientedImageData`` in the segmentation's frame, its IJK extent), ready for
         ``writeLabelmap`` or ``modifySelectedSegmentByLabelmap``. ``predictArgs`` go to ``predictVolume``."""
-        mask = self.predictVolume(volumeNode, axis, sliceRange, segmentationNode=segmentationNode, **predictArgs)
+        mask = self.predictVolume(
+            volumeNode, axis=axis, sliceRange=sliceRange, segmentationNode=segmentationNode, **predictArgs
+        )
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
         ax = resolve_axis(axis, ijk_to_ras)
         extent = mrml.slice_extent(mask.shape, ax, *(sliceRange or (0, mask.shape[ax] - 1)))
@@ -307,6 +310,7 @@ class SceneLogic:
         volumeNode,
         segmentationNode,
         segmentId: Optional[str] = None,
+        *,
         adapter: Union[None, str, Adapter] = None,
         backbone: Optional[str] = None,
         axis: Union[int, str] = "K",
@@ -332,7 +336,17 @@ class SceneLogic:
         checkTarget(segmentationNode, segmentId, overwrite)
         model = self.loadModel(backbone, adapter, device)
         mask = self.predictVolume(
-            volumeNode, axis, sliceRange, points, boxes, mode, progress, cancel, model, intensity, segmentationNode
+            volumeNode,
+            axis=axis,
+            sliceRange=sliceRange,
+            points=points,
+            boxes=boxes,
+            mode=mode,
+            progress=progress,
+            cancel=cancel,
+            model=model,
+            intensity=intensity,
+            segmentationNode=segmentationNode,
         )
         ijk_to_ras = mrml.volume_ijk_to_ras(volumeNode, segmentationNode)
         extent = None

@@ -386,16 +386,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from PromiseSegmentSlicerLib.adapter_folder import adapter_metadata
 
         try:
-            rule = adapter_metadata(adapterPath).get("intensity") or {} if adapterPath else {}
+            rule = adapter_metadata(adapterPath).intensity if adapterPath else None
         except (OSError, ValueError):
-            rule = {}  # not (yet) a readable adapter: the error comes when it is used
-        if rule.get("kind") == "window":
-            self.windowCenter.value, self.windowWidth.value = rule["center"], rule["width"]
+            rule = None  # not (yet) a readable adapter: the error comes when it is used
+        if rule is not None and rule.kind == "window":
+            self.windowCenter.value, self.windowWidth.value = rule.center, rule.width
             self.customWindow.toolTip = _("off: the adapter's window {c}/{w}").format(
-                c=f"{rule['center']:g}", w=f"{rule['width']:g}"
+                c=f"{rule.center:g}", w=f"{rule.width:g}"
             )
-        elif rule:
-            self.customWindow.toolTip = _("off: the adapter's rule ({kind})").format(kind=rule.get("kind"))
+        elif rule is not None:
+            self.customWindow.toolTip = _("off: the adapter's rule ({kind})").format(kind=rule.kind)
         else:
             self.customWindow.toolTip = _("off: percentiles 0.5-99.5 of the volume (no adapter)")
 

@@ -70,7 +70,7 @@ def adapter_fill(backbone, vol, truth, ax, annotated, span, budget_min: float) -
     options = RunOptions(overrides={"intensity": rule.to_dict()}, time_budget_min=budget_min)
     result = run_training(engine, train, select, options, say=lambda text: None)
     model = ProMISeModel(engine_for(backbone, result.adapter, "cpu"), result.adapter)
-    return model.segment_volume(vol.array, vol.ijk_to_ras, "apm+ips", axis=ax, slice_range=span) > 0
+    return model.segment_volume(vol.array, vol.ijk_to_ras, mode="apm+ips", axis=ax, slice_range=span) > 0
 
 
 def unannotated_dice(pred, truth, ax, annotated, span) -> float:

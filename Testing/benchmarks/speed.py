@@ -117,7 +117,7 @@ def bench_volume(args, meter, ref, models, vol):
 
     def reference(first, last):
         for s in range(first, last + 1):
-            _, image = slice_image(vol, ijk, 0, s, vr)
+            image = slice_image(vol, ijk, 0, s, vr).image
             out["a"][s] = ref.segment(image, box)
 
     def engine(name, first, last):
@@ -162,7 +162,7 @@ def bench_prompts(models, vol, repeats: int):
     from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache
 
     k, ijk, vr = vol.shape[0] // 2, ijk_to_ras(), WINDOW.value_range(vol)
-    _, image = slice_image(vol, ijk, 0, k, vr)
+    image = slice_image(vol, ijk, 0, k, vr).image
     box = np.array([0.18, 0.30, 0.50, 0.62]) * vol.shape[1]
     embs, times = {}, {(name, what): [] for name in models for what in ("decoder", "slice")}
     for name, model in models.items():
@@ -337,7 +337,7 @@ def build(args, backbone):
 
 def warm_up(ref, models, engines, vol):
     ijk, vr = ijk_to_ras(), WINDOW.value_range(vol)
-    _, image = slice_image(vol, ijk, 0, 0, vr)
+    image = slice_image(vol, ijk, 0, 0, vr).image
     ref.segment(image, np.array([100, 100, 300, 300]))
     for name in models:
         run_engine(models, name, vol, 0, 0)
@@ -358,7 +358,7 @@ def child_memory(args) -> None:
 
         def job():
             for s in range(vol.shape[0]):
-                out[s] = ref.segment(slice_image(vol, ijk, 0, s, vr)[1], box)
+                out[s] = ref.segment(slice_image(vol, ijk, 0, s, vr).image, box)
 
     else:
         models, _ = build(args, load_backbone("lite_medsam"))

@@ -78,10 +78,10 @@ def _write_state(path, variant):
 
 
 def _write_report(folder, variant):
-    from PromiseSegmentLib.evaluation.report import write_report
+    from PromiseSegmentLib.evaluation.report import CaseScore, write_report
 
     cases, rng = _cases(), np.random.default_rng(variant)
-    rows = [{"id": c.id, "dice": rng.random(), "iou": rng.random(), "hd95": 3.0, "pred": c.mask} for c in cases]
+    rows = [CaseScore(c.id, rng.random(), rng.random(), 3.0, c.mask) for c in cases]
     write_report(rows, cases, Path(folder))
 
 
@@ -113,7 +113,7 @@ WRITERS = {  # target name -> write(path, variant): each variant writes differen
 
 
 def _record():
-    from PromiseSegmentLib.model.adapter import BackboneRecord
+    from PromiseSegmentLib.model.adapter_format import BackboneRecord
 
     return BackboneRecord("tiny_random", "sam_vit", "seed:7", 1024, (64, 64, 64))
 
@@ -397,4 +397,4 @@ def test_resume_finishes_the_run_and_removes_the_state(interrupted, tmp_path, ca
     rc, stdout, err = cli(capsys, *argv, "--resume")
     assert rc == 0 and f"wrote {out}" in stdout, err
     assert not Path(f"{out}.state.pt").exists() and not temps(folder)
-    assert read_metadata(out)["training"]["epochs"] == 2
+    assert read_metadata(out).training["epochs"] == 2

@@ -247,7 +247,7 @@ def test_damaged_adapters_are_refused_naming_the_file(case, ws, files, capsys, n
     from PromiseSegmentLib.model.adapter import read_metadata
 
     make, phrase = ADAPTER_DAMAGE[case]
-    bad = make(ws["tmp"] / f"{case}.safetensors", read_metadata(files["adapter"]), files["adapter"])
+    bad = make(ws["tmp"] / f"{case}.safetensors", read_metadata(files["adapter"]).to_json(), files["adapter"])
     rc, out, err = cli(capsys, "segment", files["vol"], "-o", ws["tmp"] / "x.seg.nrrd", "--adapter", bad, *TINY)
     line = one_error(rc, err, phrase)
     assert str(bad) in line and not (ws["tmp"] / "x.seg.nrrd").exists()

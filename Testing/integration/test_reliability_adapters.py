@@ -45,11 +45,11 @@ from PromiseSegmentLib.model.adapter import (
     METADATA_KEY,
     Adapter,
     AdapterError,
-    BackboneRecord,
     load_adapter,
     read_metadata,
     save_adapter,
 )
+from PromiseSegmentLib.model.adapter_format import BackboneRecord
 from PromiseSegmentLib.model.apm import APM
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.training.config import TrainConfig
@@ -85,7 +85,7 @@ def fx(tmp_path_factory):
     }
     return {
         "good": good,
-        "meta": adapter.metadata(),
+        "meta": adapter.metadata().to_json(),
         "tensors": tensors,
         "vol": write_nrrd(root / "vol.nrrd", vol.array.astype(np.float32), vol.ijk_to_ras),
     }
@@ -140,7 +140,7 @@ def lite_adapter(shape_lie=False):
     }
     if shape_lie:
         tensors["apm.fusion.0.weight"] = torch.zeros(16, 320, 3, 3)
-    return adapter.metadata(), tensors
+    return adapter.metadata().to_json(), tensors
 
 
 def _dtype(fx, dtype):
@@ -332,7 +332,7 @@ def test_valid_adapters_still_load_and_segment(fx, tmp_path, capsys):
     assert load_adapter(fx["good"], load_backbone("tiny_random")).apm is not None
     meta, tensors = lite_adapter()
     save(tmp_path / "lite.safetensors", meta, tensors)
-    assert read_metadata(tmp_path / "lite.safetensors")["backbone"]["name"] == "lite_medsam"
+    assert read_metadata(tmp_path / "lite.safetensors").backbone.name == "lite_medsam"
 
 
 @pytest.mark.parametrize(

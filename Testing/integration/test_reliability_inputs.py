@@ -330,7 +330,8 @@ def test_file_names_that_are_not_utf8_are_refused_before_any_work(capsys, tmp_pa
 def test_an_adapter_and_a_backbone_that_cannot_work_together_are_refused_before_any_download(
     capsys, tmp_path, files, request
 ):  # noqa: F811
-    from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord, save_adapter
+    from PromiseSegmentLib.model.adapter import Adapter, save_adapter
+    from PromiseSegmentLib.model.adapter_format import BackboneRecord
     from PromiseSegmentLib.model.ips import IPS
 
     record = BackboneRecord("lite_medsam", "lite_medsam", "sha256:0", 256, (160, 160, 320))

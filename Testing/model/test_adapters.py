@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from sample_data import make_training_slices
 
@@ -172,7 +173,7 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     result, out, _, _ = trained
     joint = [row.loss for row in result.history if row.phase == "joint"]
     assert joint[-1] < joint[0] and result.history[0].phase == "apm warm-up"
-    meta = read_metadata(out)
+    meta = read_metadata(out).to_json()
     assert meta["format_version"] == 2
     assert meta["backbone"] == {
         "name": "tiny_random",
@@ -187,11 +188,33 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     assert not (out.parent / (out.name + ".state.pt")).exists()  # a finished run keeps no resumable state
 
 
+def test_metadata_is_parsed_once_into_typed_records(trained, tmp_path):
+    from PromiseSegmentLib.model.adapter_format import AdapterMetadata, BackboneRecord
+    from PromiseSegmentLib.model.module_configs import ApmConfig, IpsConfig
+
+    result, out, _, _ = trained
+    meta = read_metadata(out)
+    assert isinstance(meta, AdapterMetadata) and isinstance(meta.backbone, BackboneRecord)
+    assert isinstance(meta.apm, ApmConfig) and isinstance(meta.ips, IpsConfig)
+    assert meta.apm == result.adapter.apm.config and meta.apm.prompts == ("box", "points")
+    assert meta.intensity == result.adapter.intensity and meta.best_val_dice == pytest.approx(result.best_val_dice)
+    for table, message in (
+        (dict(meta.to_json()["apm"], slots=3), "APM configuration has unknown keys slots"),
+        ({k: v for k, v in meta.to_json()["apm"].items() if k != "fusion_dim"}, "APM configuration lacks fusion_dim"),
+    ):
+        bad = tmp_path / "bad.safetensors"
+        with safe_open(str(out), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(bad), metadata={METADATA_KEY: json.dumps(dict(meta.to_json(), apm=table))})
+        with pytest.raises(AdapterError, match=message):
+            read_metadata(bad)
+
+
 def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained, tiny_backbone):
     from PromiseSegmentLib.training.selection import REFINEMENT_GAIN, REFINEMENTS
 
     result, out, _, _ = trained
-    meta = read_metadata(out)
+    meta = read_metadata(out).to_json()
     tried = meta["training"]["box_refinement_val_dice"]
     by_choice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
     assert list(by_choice) == list(REFINEMENTS) and all(0.0 <= d <= 1.0 for d in by_choice.values())

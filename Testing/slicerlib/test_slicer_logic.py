@@ -327,8 +327,8 @@ def test_train_adapter_from_segmentation_nodes(app, logic, tmp_path):
     )
     out = tmp_path / "lesion.safetensors"
     result = logic.trainAdapter(pairs, out, config=cfg)  # only the annotated slices: not --dense
-    assert out.exists() and read_metadata(out)["target"]["name"] == "Lesion"
-    assert read_metadata(out)["training"]["train_cases"] + read_metadata(out)["training"]["val_cases"] == len(cases)
+    assert out.exists() and read_metadata(out).target_name == "Lesion"
+    assert read_metadata(out).training["train_cases"] + read_metadata(out).training["val_cases"] == len(cases)
     volume, seg, _ = pairs[0]
     sid = logic.segmentVolume(volume, seg, adapter=str(out), sliceRange=(3, 4))
     assert seg.GetSegmentation().GetSegment(sid).GetName() == "Lesion"

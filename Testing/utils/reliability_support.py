@@ -181,7 +181,7 @@ def files(tmp_path_factory):
 
 def tiny_record():
     from PromiseSegmentLib.backbones.registry import load_backbone
-    from PromiseSegmentLib.model.adapter import BackboneRecord
+    from PromiseSegmentLib.model.adapter_format import BackboneRecord
 
     return BackboneRecord.of(load_backbone("tiny_random"))
 

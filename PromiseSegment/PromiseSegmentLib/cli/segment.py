@@ -45,7 +45,7 @@ def cmd_segment(args) -> int:
     vol = read_volume(args.input)
     axis = check_segment_volume(args, vol.array.shape, vol.ijk_to_ras)
     preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
-    adapter_rule = IntensityRule.from_dict(args.adapter_meta["intensity"]) if args.adapter_meta else None
+    adapter_rule = args.adapter_meta.intensity if args.adapter_meta else None
     intensity_from_args(args, adapter_rule).value_range(vol.array)  # a rule that cannot fit: refused now
     for note in box_clip_notes(args.box or [], vol.array.shape):
         print(f"{PROG}: {note}", file=sys.stderr, flush=True)

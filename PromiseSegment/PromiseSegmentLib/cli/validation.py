@@ -21,7 +21,7 @@ from PromiseSegmentLib.atomic_write import expect_outputs
 from PromiseSegmentLib.cli.arguments import intensity_from_args
 from PromiseSegmentLib.errors import InputError
 from PromiseSegmentLib.file_checks import check_distinct, check_input, check_output, check_output_folder
-from PromiseSegmentLib.model.adapter_format import check_adapter_fits, read_adapter_metadata
+from PromiseSegmentLib.model.adapter_format import AdapterMetadata, check_adapter_fits, read_adapter_metadata
 from PromiseSegmentLib.names import BOX_ONLY_BACKBONES, DEFAULT_BACKBONE, USER_BACKBONES
 from PromiseSegmentLib.training.config import TrainConfig
 
@@ -223,7 +223,7 @@ def check_segment_volume(args, shape: Sequence[int], ijk_to_ras) -> int:
 def preflight(
     device: Optional[str],
     mode: Optional[str] = None,
-    adapter_meta: Optional[dict] = None,
+    adapter_meta: Optional[AdapterMetadata] = None,
     backbone: Optional[str] = None,
     has_points: bool = False,
     has_box: bool = False,
@@ -247,14 +247,11 @@ def preflight(
 
 
 def _check_mode(
-    mode: str, adapter_meta: Optional[dict], backbone: Optional[str], has_points: bool, has_box: bool
+    mode: str, adapter_meta: Optional[AdapterMetadata], backbone: Optional[str], has_points: bool, has_box: bool
 ) -> None:
-    from types import SimpleNamespace
-
     from PromiseSegmentLib.modes import resolve_mode
 
-    stand_in = None if adapter_meta is None else SimpleNamespace(apm=adapter_meta.get("apm"))
-    name = backbone or (adapter_meta or {}).get("backbone", {}).get("name") or DEFAULT_BACKBONE
-    if not (has_points or has_box) and resolve_mode(mode, stand_in, False, False) in ("ips", "vanilla"):
+    name = backbone or (adapter_meta.backbone.name if adapter_meta else DEFAULT_BACKBONE)
+    if not (has_points or has_box) and resolve_mode(mode, adapter_meta, False, False) in ("ips", "vanilla"):
         raise InputError("without an adapter that has an APM, give prompts (--point or --box), or pass --adapter")
-    resolve_mode(mode, stand_in, has_points, has_box, name if name in BOX_ONLY_BACKBONES else None)
+    resolve_mode(mode, adapter_meta, has_points, has_box, name if name in BOX_ONLY_BACKBONES else None)

@@ -9,8 +9,9 @@ import csv
 import io
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +23,30 @@ from PromiseSegmentLib.evaluation.metrics import dice, hd95, iou
 
 EMPTY_TRUTH = "empty ground truth: Dice and IoU 1 only if nothing is predicted; HD95 nan if so, else inf"
 NO_BOX = "no box (empty ground truth): nothing predicted, which is right; HD95 nan"
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """One case's scores and prediction; ``note`` says when the empty-mask convention decided them."""
+
+    id: str
+    dice: float
+    iou: float
+    hd95: float
+    prediction: np.ndarray
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    cases: int
+    dice_mean: float
+    dice_std: float
+    dice_median: float
+    iou_mean: float
+    hd95_median: float  # over the cases where it is defined
+    hd95_undefined: int  # empty prediction or truth
+    empty_truth: int
 
 
 def simulated_prompts(case: Case, prompt: str) -> Prompts:
@@ -48,52 +73,43 @@ def predict_case(model, case: Case, mode: str, prompt: str) -> Tuple[np.ndarray,
 
 def evaluate_cases(
     model, cases: List[Case], mode: str = "auto", prompt: str = "none", progress: Optional[ProgressFn] = None
-) -> List[Dict]:
+) -> List[CaseScore]:
     rows = []
     for n, case in enumerate(cases):
         m, note = predict_case(model, case, mode, prompt)
-        rows.append(
-            {
-                "id": case.id,
-                "dice": dice(m, case.mask),
-                "iou": iou(m, case.mask),
-                "hd95": hd95(m, case.mask),
-                "pred": m,
-                "note": note,
-            }
-        )
+        rows.append(CaseScore(case.id, dice(m, case.mask), iou(m, case.mask), hd95(m, case.mask), m, note))
         if progress:
             progress(n + 1, len(cases))
     return rows
 
 
-def summary(rows: List[Dict]) -> Dict[str, float]:
-    d = np.array([r["dice"] for r in rows])
-    h = np.array([r["hd95"] for r in rows])
+def summary(rows: List[CaseScore]) -> Summary:
+    d = np.array([r.dice for r in rows])
+    h = np.array([r.hd95 for r in rows])
     finite = h[np.isfinite(h)]
-    return {
-        "cases": len(rows),
-        "dice_mean": float(d.mean()),
-        "dice_std": float(d.std()),
-        "dice_median": float(np.median(d)),
-        "iou_mean": float(np.mean([r["iou"] for r in rows])),
-        "hd95_median": float(np.median(finite)) if finite.size else math.nan,
-        "hd95_undefined": int((~np.isfinite(h)).sum()),
-        "empty_truth": sum(1 for r in rows if r.get("note")),
-    }
+    return Summary(
+        len(rows),
+        float(d.mean()),
+        float(d.std()),
+        float(np.median(d)),
+        float(np.mean([r.iou for r in rows])),
+        float(np.median(finite)) if finite.size else math.nan,
+        int((~np.isfinite(h)).sum()),
+        sum(1 for r in rows if r.note),
+    )
 
 
-def metrics_csv(rows: List[Dict]) -> bytes:
+def metrics_csv(rows: List[CaseScore]) -> bytes:
     """One row per case: id, dice, iou, hd95_px (``nan``/``inf`` by the empty-mask convention), note."""
     lines = io.StringIO()
     w = csv.writer(lines)
     w.writerow(["id", "dice", "iou", "hd95_px", "note"])
     for r in rows:
-        w.writerow([r["id"], f"{r['dice']:.4f}", f"{r['iou']:.4f}", f"{r['hd95']:.2f}", r.get("note", "")])
+        w.writerow([r.id, f"{r.dice:.4f}", f"{r.iou:.4f}", f"{r.hd95:.2f}", r.note])
     return lines.getvalue().encode()
 
 
-def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool = True) -> str:
+def write_report(rows: List[CaseScore], cases: List[Case], out: Path, overwrite: bool = True) -> str:
     """``metrics.csv`` and ``figure.png`` in ``out``, written as one unit (``atomic_write.write_all``: both or, on any
     failure, neither, with existing ones as they were; they are replaced only with ``overwrite``), and a
     summary line."""
@@ -116,16 +132,16 @@ def write_report(rows: List[Dict], cases: List[Case], out: Path, overwrite: bool
 
         plt.close(fig)
     s = summary(rows)
-    empty = f" ({s['empty_truth']} with an empty ground truth)" if s["empty_truth"] else ""
+    empty = f" ({s.empty_truth} with an empty ground truth)" if s.empty_truth else ""
     return (
-        f"cases {s['cases']}{empty}  Dice {s['dice_mean']:.3f} ± {s['dice_std']:.3f} "
-        f"(median {s['dice_median']:.3f})  IoU {s['iou_mean']:.3f}  HD95 median {s['hd95_median']:.1f} px "
-        f"({s['hd95_undefined']} cases with an empty prediction or truth)\n"
+        f"cases {s.cases}{empty}  Dice {s.dice_mean:.3f} ± {s.dice_std:.3f} "
+        f"(median {s.dice_median:.3f})  IoU {s.iou_mean:.3f}  HD95 median {s.hd95_median:.1f} px "
+        f"({s.hd95_undefined} cases with an empty prediction or truth)\n"
         f"wrote {targets[0]} and {targets[1]}"
     )
 
 
-def _figure(rows: List[Dict], cases: List[Case]):
+def _figure(rows: List[CaseScore], cases: List[Case]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,16 +149,16 @@ def _figure(rows: List[Dict], cases: List[Case]):
 
     from PromiseSegmentLib.data.volume_io import overlay_rgb
 
-    order = np.argsort([r["dice"] for r in rows])
+    order = np.argsort([r.dice for r in rows])
     picks = [("worst", order[0]), ("median", order[len(order) // 2]), ("best", order[-1])]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    axes[0].hist([r["dice"] for r in rows], bins=20, range=(0, 1), color="#c44")
+    axes[0].hist([r.dice for r in rows], bins=20, range=(0, 1), color="#c44")
     axes[0].set_xlabel("Dice")
     axes[0].set_ylabel("cases")
     axes[0].set_title(f"Dice distribution (n={len(rows)})")
     for ax, (label, i) in zip(axes[1:], picks):
-        ax.imshow(overlay_rgb(cases[i].rgb, [rows[i]["pred"], cases[i].mask]))
-        ax.set_title(f"{label}: {cases[i].id[:18]} Dice {rows[i]['dice']:.2f}")
+        ax.imshow(overlay_rgb(cases[i].rgb, [rows[i].prediction, cases[i].mask]))
+        ax.set_title(f"{label}: {cases[i].id[:18]} Dice {rows[i].dice:.2f}")
         ax.axis("off")
     fig.suptitle("red: prediction, green: ground truth")
     fig.tight_layout()

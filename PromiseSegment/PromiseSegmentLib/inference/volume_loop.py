@@ -7,6 +7,7 @@ ProMISe model fixed to one mode (``promise.ModelInMode``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
@@ -115,13 +116,22 @@ def volume_value_range(volume: np.ndarray, intensity: Optional[IntensityRule]) -
     return (intensity or IntensityRule()).value_range(volume)
 
 
+@dataclass(frozen=True)
+class SliceImage:
+    """One slice as SAM sees it: ``image`` uint8 RGB on square pixels, and the ``geometry`` that maps
+    prompts and masks between it and the slice's native grid."""
+
+    geometry: SliceGeometry
+    image: np.ndarray
+
+
 def slice_image(
     volume: np.ndarray, ijk_to_ras: np.ndarray, ax: int, index: int, value_range: Tuple[float, float]
-) -> Tuple[SliceGeometry, np.ndarray]:
+) -> SliceImage:
     """Slice ``index`` along ``ax`` as the uint8 RGB image SAM sees (square pixels) and its geometry."""
     native = take_slice(volume, ax, index)
     geom = slice_geometry(ijk_to_ras, ax, native.shape)
-    return geom, geom.image_to_square(to_uint8_rgb(native, value_range))
+    return SliceImage(geom, geom.image_to_square(to_uint8_rgb(native, value_range)))
 
 
 def segment_slice(
@@ -143,8 +153,8 @@ def segment_slice(
     ax = resolve_axis(axis, ijk_to_ras)
     slice_indices(volume.shape[ax], (index, index))
     vr = value_range or volume_value_range(volume, intensity)
-    geom, image = slice_image(volume, ijk_to_ras, ax, index, vr)
-    emb = model.encode([image])[0]
+    picture = slice_image(volume, ijk_to_ras, ax, index, vr)
+    geom, emb = picture.geometry, model.encode([picture.image])[0]
     p = _to_square_prompts(geom, prompts or Prompts())
     if previous_mask is not None:
         p = Prompts(p.points, p.labels, p.box, model.mask_to_prompt(emb, geom.mask_to_square(previous_mask)))
@@ -155,6 +165,7 @@ def segment_volume(
     model: Union[InferenceEngine, SliceModel],
     volume: np.ndarray,
     ijk_to_ras: np.ndarray,
+    *,
     axis: Union[int, str] = "K",
     slice_range: Optional[Tuple[int, int]] = None,
     prompts: Optional[Dict[int, Prompts]] = None,
@@ -192,7 +203,7 @@ def segment_volume(
             raise Cancelled()
         batch = todo[start : start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
-        embeddings = model.encode([image for _, image in prepared], cancel=cancel)
+        embeddings = model.encode([p.image for p in prepared], cancel=cancel)
         for s, mask in zip(
             batch, _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents, out, ax)
         ):
@@ -208,9 +219,10 @@ def _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents
     one by one with their prompts (a box-propagated slice with the box of the result it follows)."""
     unprompted = [s for s in batch if automatic and s not in prompts]
     together = [e for s, e in zip(batch, embeddings) if s in unprompted]
-    batched = _automatic_masks(model, together, prepared[0][0].native_shape)
+    batched = _automatic_masks(model, together, prepared[0].geometry.native_shape)
     masks = []
-    for s, (g, _), emb in zip(batch, prepared, embeddings):
+    for s, picture, emb in zip(batch, prepared, embeddings):
+        g = picture.geometry
         if batched is not None and s in unprompted:
             masks.append(batched[unprompted.index(s)])
         else:

@@ -21,6 +21,8 @@ from PromiseSegmentLib.errors import AdapterError
 from PromiseSegmentLib.model.adapter_format import (
     FORMAT_VERSION,
     METADATA_KEY,
+    AdapterMetadata,
+    BackboneRecord,
     read_adapter_metadata,
     read_safetensors_header,
 )
@@ -34,37 +36,10 @@ __all__ = [
     "METADATA_KEY",
     "AdapterError",
     "Adapter",
-    "BackboneRecord",
     "save_adapter",
     "read_metadata",
     "load_adapter",
 ]  # FORMAT_VERSION 2: backbone-aware; APM with box head
-
-
-@dataclass
-class BackboneRecord:
-    """What an adapter was trained on: registry name, family, weights identity (SHA-256), input size and
-    preprocessing (adapters are refused on another backbone)."""
-
-    name: str
-    family: str
-    identity: str
-    image_size: int
-    tap_channels: tuple
-
-    @staticmethod
-    def of(backbone) -> "BackboneRecord":
-        spec = backbone.spec
-        return BackboneRecord(spec.name, spec.family, backbone.identity, spec.image_size, tuple(spec.tap_channels))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "identity": self.identity,
-            "image_size": self.image_size,
-            "tap_channels": list(self.tap_channels),
-        }
 
 
 @dataclass
@@ -77,16 +52,16 @@ class Adapter:
     target_color: tuple = DEFAULT_COLOR
     training: Dict[str, Any] = field(default_factory=dict)
 
-    def metadata(self) -> Dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "backbone": self.backbone.to_dict(),
-            "apm": self.apm.config if self.apm is not None else None,
-            "ips": self.ips.config if self.ips is not None else None,
-            "intensity": self.intensity.to_dict(),
-            "target": {"name": self.target_name, "color": list(self.target_color)},
-            "training": self.training,
-        }
+    def metadata(self) -> AdapterMetadata:
+        return AdapterMetadata(
+            self.backbone,
+            self.apm.config if self.apm is not None else None,
+            self.ips.config if self.ips is not None else None,
+            self.intensity,
+            self.target_name,
+            self.target_color,
+            self.training,
+        )
 
     def modules(self) -> Dict[str, torch.nn.Module]:
         return {k: m for k, m in (("apm", self.apm), ("ips", self.ips)) if m is not None}
@@ -118,12 +93,12 @@ def save_adapter(adapter: Adapter, path, states: Optional[Dict[str, Dict[str, to
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, s in states.items() for k, v in s.items()}
     return write_atomically(
         path,
-        lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(adapter.metadata())}),
+        lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(adapter.metadata().to_json())}),
         verify=_readable,
     )
 
 
-def read_metadata(path) -> Dict[str, Any]:
+def read_metadata(path) -> AdapterMetadata:
     """The adapter's metadata, checked against the file alone: format, keys and types (``validation``), the
     backbone record against the registry, the APM/IPS sizes, and every tensor's name, dtype, shape and bytes.
     The command line and Slicer call it before loading a backbone, so a damaged or edited file is refused
@@ -142,28 +117,28 @@ def read_metadata(path) -> Dict[str, Any]:
 DTYPE_NAMES = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of what the modules hold
 
 
-def _check_record(path, meta: Dict[str, Any]) -> None:
+def _check_record(path, meta: AdapterMetadata) -> None:
     """The backbone record names a registered backbone and agrees with it, and the APM reads that backbone's
     taps at its input size: an edited record would otherwise pass the backbone check or mislead the APM."""
     from PromiseSegmentLib.backbones.registry import BACKBONES, user_backbones
 
-    rec = meta["backbone"]
-    spec = BACKBONES.get(rec["name"])
+    rec = meta.backbone
+    spec = BACKBONES.get(rec.name)
     if spec is None:
         raise AdapterError(
-            f"{path} was trained on backbone {reprlib.repr(rec['name'])}, which this PromiseSegment "
+            f"{path} was trained on backbone {reprlib.repr(rec.name)}, which this PromiseSegment "
             f"does not know ({', '.join(user_backbones())}): update PromiseSegment or use another "
             f"adapter"
         )
     want = {"family": spec.family, "image_size": spec.image_size, "tap_channels": list(spec.tap_channels)}
-    found = {k: rec.get(k) for k in want}
+    found = {"family": rec.family, "image_size": rec.image_size, "tap_channels": list(rec.tap_channels)}
     if found != want:
         raise AdapterError(
             f"{path}: its backbone record {reprlib.repr(found)} contradicts the registry's "
             f"{spec.name} {want}; the file was edited or is damaged"
         )
-    apm = meta["apm"]
-    built_for = [apm.get("tap_channels"), apm.get("image_size")] if apm is not None else None
+    apm = meta.apm
+    built_for = [_listed(apm.tap_channels), apm.image_size] if apm is not None else None
     if built_for is not None and built_for != [want["tap_channels"], want["image_size"]]:
         raise AdapterError(
             f"{path}: its APM was built for tap_channels {reprlib.repr(built_for[0])} and image_size "
@@ -172,13 +147,17 @@ def _check_record(path, meta: Dict[str, Any]) -> None:
         )
 
 
-def _build_modules(path, meta: Dict[str, Any], device="cpu") -> Dict[str, torch.nn.Module]:
+def _listed(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _build_modules(path, meta: AdapterMetadata, device="cpu") -> Dict[str, torch.nn.Module]:
     """The APM/IPS the metadata describes; their sizes are checked before any layer is allocated, and on the
     "meta" device nothing is allocated at all (the shapes the file's tensors must have)."""
     try:
         with torch.device(device):
-            apm = APM(**meta["apm"]) if meta["apm"] is not None else None
-            ips = IPS(**meta["ips"]) if meta["ips"] is not None else None
+            apm = APM.from_config(meta.apm) if meta.apm is not None else None
+            ips = IPS.from_config(meta.ips) if meta.ips is not None else None
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path}: APM/IPS configuration in its metadata is invalid: {exc}") from None
     return {k: m for k, m in (("apm", apm), ("ips", ips)) if m is not None}
@@ -249,45 +228,27 @@ def load_adapter(path, backbone=None, allow_mismatch: bool = False) -> Adapter:
     ``backbone`` (a ``LoadedBackbone``) refuse one trained on another backbone (always for another
     architecture; for other weights of the same architecture unless ``allow_mismatch``, then it warns)."""
     meta = read_metadata(path)
-    rec = meta["backbone"]
     if backbone is not None:
-        _check_backbone(path, rec, backbone, allow_mismatch)
+        _check_backbone(path, meta.backbone, backbone, allow_mismatch)
     modules = _build_modules(path, meta)
     _load_weights(path, modules)
-    target = meta.get("target") or {}
-    record = BackboneRecord(
-        rec["name"],
-        rec.get("family", ""),
-        rec.get("identity", ""),
-        int(rec.get("image_size", 0)),
-        tuple(rec.get("tap_channels", ())),
-    )
     apm, ips = modules.get("apm"), modules.get("ips")
     assert apm is None or isinstance(apm, APM)
     assert ips is None or isinstance(ips, IPS)
     return Adapter(
-        record,
-        apm,
-        ips,
-        IntensityRule.from_dict(meta.get("intensity") or {}),
-        target.get("name", DEFAULT_NAME),
-        tuple(target.get("color", DEFAULT_COLOR)),
-        meta.get("training") or {},
+        meta.backbone, apm, ips, meta.intensity, meta.target_name, meta.target_color, dict(meta.training)
     ).eval()
 
 
-def _check_backbone(path, rec: Dict[str, Any], backbone, allow_mismatch: bool) -> None:
+def _check_backbone(path, rec: BackboneRecord, backbone, allow_mismatch: bool) -> None:
     spec = backbone.spec
-    if rec.get("family") != spec.family or list(rec.get("tap_channels", [])) != list(spec.tap_channels):
+    if rec.family != spec.family or list(rec.tap_channels) != list(spec.tap_channels):
         raise AdapterError(
-            f"{path} was trained on backbone {rec['name']} but the loaded backbone is "
-            f"{spec.name}; load {rec['name']} (the layers differ, this cannot be overridden)"
+            f"{path} was trained on backbone {rec.name} but the loaded backbone is "
+            f"{spec.name}; load {rec.name} (the layers differ, this cannot be overridden)"
         )
-    if rec.get("identity") != backbone.identity:
-        msg = (
-            f"{path} was trained on {rec['name']} weights {rec.get('identity')} but the loaded ones are "
-            f"{backbone.identity}"
-        )
+    if rec.identity != backbone.identity:
+        msg = f"{path} was trained on {rec.name} weights {rec.identity} but the loaded ones are {backbone.identity}"
         if not allow_mismatch:
             raise AdapterError(
                 msg + "; load those weights, or allow the mismatch explicitly "

@@ -7,17 +7,77 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.errors import AdapterError, InputError
 from PromiseSegmentLib.file_checks import check_input
-from PromiseSegmentLib.names import BACKBONE_KINDS
+from PromiseSegmentLib.model.module_configs import ApmConfig, IpsConfig, config_from_json, config_to_json
+from PromiseSegmentLib.names import BACKBONE_KINDS, DEFAULT_COLOR, DEFAULT_NAME
 
 METADATA_KEY = "promise_segment"
 ADAPTER_KEYS = ("format_version", "backbone", "apm", "ips", "intensity", "target", "training")
 FORMAT_VERSION = 2
 MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """What an adapter was trained on: registry name, family, weights identity (SHA-256), input size and
+    taps (adapters are refused on another backbone)."""
+
+    name: str
+    family: str
+    identity: str
+    image_size: int
+    tap_channels: Tuple[int, ...]
+
+    @staticmethod
+    def of(backbone) -> "BackboneRecord":
+        """The record of a ``LoadedBackbone``."""
+        spec = backbone.spec
+        return BackboneRecord(spec.name, spec.family, backbone.identity, spec.image_size, tuple(spec.tap_channels))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "identity": self.identity,
+            "image_size": self.image_size,
+            "tap_channels": list(self.tap_channels),
+        }
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """An adapter file's metadata, parsed and checked once (``read_adapter_metadata``): what the loader,
+    the command line's checks, the adapter folder and the Slicer effect read."""
+
+    backbone: BackboneRecord
+    apm: Optional[ApmConfig]
+    ips: Optional[IpsConfig]
+    intensity: IntensityRule = field(default_factory=IntensityRule)
+    target_name: str = DEFAULT_NAME
+    target_color: Tuple[float, float, float] = DEFAULT_COLOR
+    training: Mapping[str, Any] = field(default_factory=dict)  # the run's record: options, scores, history
+
+    @property
+    def best_val_dice(self) -> Optional[float]:
+        dice = self.training.get("best_val_dice")
+        return float(dice) if isinstance(dice, (int, float)) and not isinstance(dice, bool) else None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone.to_json(),
+            "apm": config_to_json(self.apm) if self.apm is not None else None,
+            "ips": config_to_json(self.ips) if self.ips is not None else None,
+            "intensity": self.intensity.to_dict(),
+            "target": {"name": self.target_name, "color": list(self.target_color)},
+            "training": dict(self.training),
+        }
 
 
 def read_safetensors_header(path) -> dict:
@@ -60,7 +120,7 @@ def _is_tensor_entry(t) -> bool:
     )
 
 
-def read_adapter_metadata(path) -> Dict[str, Any]:
+def read_adapter_metadata(path) -> AdapterMetadata:
     """An adapter's metadata, fully checked; every problem is an ``AdapterError`` naming the file."""
     if not Path(path).is_file():
         try:
@@ -80,10 +140,9 @@ def read_adapter_metadata(path) -> Dict[str, Any]:
         raise AdapterError(f"{path} is damaged: its metadata nests too deeply to be an adapter's") from None
     _check_format(meta, path)
     try:
-        _check_adapter_parts(meta)
+        return _parse(meta)
     except (InputError, TypeError, ValueError) as exc:
         raise AdapterError(f"{path}: adapter metadata is invalid: {exc}") from None
-    return meta
 
 
 def _check_format(meta, path) -> None:
@@ -110,9 +169,7 @@ def _check_format(meta, path) -> None:
         )
 
 
-def _check_adapter_parts(meta: Dict[str, Any]) -> None:
-    from PromiseSegmentLib.data.preprocessing import IntensityRule
-
+def _parse(meta: Dict[str, Any]) -> AdapterMetadata:
     b = meta["backbone"]
     types = {"name": str, "family": str, "identity": str, "image_size": int, "tap_channels": list}
     if not isinstance(b, dict) or "name" not in b:
@@ -120,16 +177,12 @@ def _check_adapter_parts(meta: Dict[str, Any]) -> None:
     bad = [k for k, t in types.items() if k in b and not isinstance(b[k], t)]
     if bad:
         raise ValueError(f"backbone {', '.join(bad)} of the wrong type")
-    for part in ("apm", "ips"):
-        if meta[part] is not None and not isinstance(meta[part], dict):
-            raise ValueError(f"{part} must be a table or null")
     if meta["apm"] is None and meta["ips"] is None:
         raise ValueError("it has neither an APM nor IPS")
     if not isinstance(meta["intensity"], dict):
         raise ValueError("intensity must be a table")
-    IntensityRule.from_dict(meta["intensity"])
     target = meta["target"]
-    color = target.get("color", [0, 0, 0]) if isinstance(target, dict) else None
+    color = target.get("color", list(DEFAULT_COLOR)) if isinstance(target, dict) else None
     if (
         not isinstance(target, dict)
         or not isinstance(target.get("name", ""), str)
@@ -138,16 +191,32 @@ def _check_adapter_parts(meta: Dict[str, Any]) -> None:
         or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color)
     ):
         raise ValueError("target must hold a name and an RGB colour of three numbers in 0..1")
-    if not isinstance(meta.get("training", {}), dict):
+    training = meta.get("training", {})
+    if not isinstance(training, dict):
         raise ValueError("training must be a table")
+    return AdapterMetadata(
+        BackboneRecord(
+            b["name"],
+            b.get("family", ""),
+            b.get("identity", ""),
+            b.get("image_size", 0),
+            tuple(b.get("tap_channels", ())),
+        ),
+        config_from_json(ApmConfig, meta["apm"]) if meta["apm"] is not None else None,
+        config_from_json(IpsConfig, meta["ips"]) if meta["ips"] is not None else None,
+        IntensityRule.from_dict(meta["intensity"]),
+        target.get("name", DEFAULT_NAME),
+        (float(color[0]), float(color[1]), float(color[2])),
+        training,
+    )
 
 
-def check_adapter_fits(backbone: Optional[str], meta: Optional[Dict[str, Any]], path) -> None:
+def check_adapter_fits(backbone: Optional[str], meta: Optional[AdapterMetadata], path) -> None:
     """An adapter and a ``--backbone`` registry name that cannot work together are refused before any
     download or load (the same rule as ``registry._compatible``, from the torch-free catalogue)."""
     if not backbone or meta is None or backbone not in BACKBONE_KINDS:
         return
-    trained = meta["backbone"].get("name")
+    trained = meta.backbone.name
     if trained in BACKBONE_KINDS and trained != backbone and BACKBONE_KINDS[trained] != BACKBONE_KINDS[backbone]:
         raise AdapterError(
             f"{path} was trained on backbone {trained}; --backbone {backbone} cannot use it "

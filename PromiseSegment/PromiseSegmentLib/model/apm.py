@@ -16,13 +16,14 @@ training may add an auxiliary loss on the box and objectness (``training.TrainCo
 from __future__ import annotations
 
 import reprlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from PromiseSegmentLib.model.module_configs import ApmConfig
 from PromiseSegmentLib.names import RESNET34_BLOCKS
 
 PROMPT_KINDS = ("points", "box")
@@ -184,15 +185,15 @@ class APM(nn.Module):
         super().__init__()
         check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool)
         prompts = tuple(prompts)
-        self.config = {
-            "tap_channels": [int(c) for c in tap_channels],
-            "image_size": int(image_size),
-            "prompts": list(prompts),
-            "slot_labels": [int(v) for v in slot_labels],
-            "fusion_dim": int(fusion_dim),
-            "head_blocks": [int(b) for b in head_blocks],
-            "tap_pool": int(tap_pool),
-        }
+        self.config = ApmConfig(
+            tuple(int(c) for c in tap_channels),
+            int(image_size),
+            prompts,
+            tuple(int(v) for v in slot_labels),
+            int(fusion_dim),
+            tuple(int(b) for b in head_blocks),
+            int(tap_pool),
+        )
         self.image_size, self.prompts, self.tap_pool = int(image_size), prompts, int(tap_pool)
         self.register_buffer("labels", torch.tensor(list(slot_labels), dtype=torch.int32), persistent=False)
         # Taps differ in scale (TinyViT: std 0.3-0.45; ViT blocks far more): normalise each before fusing.
@@ -225,7 +226,11 @@ class APM(nn.Module):
         if steps and self.box_head is None:
             raise ValueError("box refinement needs an APM with a box head")
         self.box_refinement, self.refinement_margin = steps, margin
-        self.config.update(box_refinement=steps, refinement_margin=margin)
+        self.config = replace(self.config, box_refinement=steps, refinement_margin=margin)
+
+    @staticmethod
+    def from_config(config: ApmConfig) -> "APM":
+        return APM(**asdict(config))
 
     @property
     def n_points(self) -> int:

@@ -7,6 +7,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from PromiseSegmentLib.model.module_configs import IpsConfig
+
 # Every registered backbone's mask decoder (SAM's) has 256-wide embeddings and 4 mask tokens; an IPS of other
 # sizes cannot shift them. The hidden width is bounded so an edited adapter file cannot ask for gigabytes.
 DECODER_DIM, MASK_TOKENS, MAX_HIDDEN = 256, 4, 8192
@@ -36,12 +38,16 @@ class IPS(nn.Module):
     def __init__(self, dim: int = DECODER_DIM, hidden: int = 1024, n_tokens: int = MASK_TOKENS):
         super().__init__()
         check_config(dim, hidden, n_tokens)
-        self.config = {"dim": dim, "hidden": hidden, "n_tokens": n_tokens}
+        self.config = IpsConfig(dim, hidden, n_tokens)
         self.n_tokens, self.dim = n_tokens, dim
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens * dim))
         last = cast(nn.Linear, self.mlp[2])
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+
+    @staticmethod
+    def from_config(config: IpsConfig) -> "IPS":
+        return IPS(config.dim, config.hidden, config.n_tokens)
 
     def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
         pattern = image_embedding.float().mean(dim=(2, 3))

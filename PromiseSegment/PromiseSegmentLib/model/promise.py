@@ -157,7 +157,7 @@ class ProMISeModel:
         """Whether ``mode`` segments every slice by itself (APM) rather than only prompted slices."""
         return self.has_apm and mode in ("auto",) + APM_MODES
 
-    def segment_volume(self, volume: np.ndarray, ijk_to_ras: np.ndarray, mode: str = "auto", **kwargs) -> np.ndarray:
+    def segment_volume(self, volume: np.ndarray, ijk_to_ras: np.ndarray, *, mode: str = "auto", **kwargs) -> np.ndarray:
         """Volume (KJI, or KJI x 3 RGB) at ``ijk_to_ras`` -> uint8 KJI mask on the same grid; see
         ``volume_segmentation.segment_volume`` for the other arguments (axis, slice_range, prompts in each
         slice's pixels, progress, cancel). The adapter's intensity rule applies unless one is given."""
@@ -247,7 +247,7 @@ def load_model(
     """Backbone (registry name or checkpoint path; ``None``: the adapter's backbone, else the default) plus
     an optional adapter file. The adapter's metadata is read first, so a mismatch is reported before any
     weights are loaded."""
-    expected = read_metadata(adapter_path)["backbone"]["name"] if adapter_path else None
+    expected = read_metadata(adapter_path).backbone.name if adapter_path else None
     loaded = load_backbone(backbone or expected, expected)
     adapter = load_adapter(adapter_path, loaded, allow_mismatch) if adapter_path else None
     return ProMISeModel(engine_for(loaded, adapter, device, batch_size, precision=precision, threads=threads), adapter)

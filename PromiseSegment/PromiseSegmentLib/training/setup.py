@@ -12,7 +12,8 @@ from PromiseSegmentLib.backbones.base import LoadedBackbone
 from PromiseSegmentLib.data.datasets import Case
 from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.model.adapter import Adapter, BackboneRecord
+from PromiseSegmentLib.model.adapter import Adapter
+from PromiseSegmentLib.model.adapter_format import BackboneRecord
 from PromiseSegmentLib.model.apm import APM, default_slot_labels
 from PromiseSegmentLib.model.ips import IPS
 from PromiseSegmentLib.training.config import TrainConfig
