@@ -354,11 +354,7 @@ class SceneLogic:
             ax = resolve_axis(axis, ijk_to_ras)
             extent = mrml.slice_extent(mask.shape, ax, *sliceRange)
             if segmentId and editorLogic is None:  # keep the segment outside the range
-                kept = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
-                outside = np.ones(mask.shape, bool)
-                outside[(slice(None),) * ax + (slice(sliceRange[0], sliceRange[1] + 1),)] = False
-                mask = np.where(outside, kept, mask)
-                extent = None
+                mask, extent = keptOutside(mask, segmentationNode, segmentId, volumeNode, ax, sliceRange), None
         labelmap = mrml.labelmap_from_mask(mask, ijk_to_ras, extent)  # allocated before the scene changes
         del mask
         if not segmentation_has_geometry(segmentationNode):
@@ -557,6 +553,14 @@ class SceneLogic:
         train, select = split_for_selection(cases, options.selection_fraction, seed)
         engine = engine_for(self.loadBackbone(backbone, None, device), None, device, precision=self.precision)
         return run_training(engine, train, select, options, output, resume, progress, cancel, log.info, config)
+
+
+def keptOutside(mask: np.ndarray, segmentationNode, segmentId: str, volumeNode, ax: int, sliceRange) -> np.ndarray:
+    """``mask`` inside ``sliceRange`` along ``ax``, the segment's current voxels outside it."""
+    kept = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
+    outside = np.ones(mask.shape, bool)
+    outside[(slice(None),) * ax + (slice(sliceRange[0], sliceRange[1] + 1),)] = False
+    return np.where(outside, kept, mask)
 
 
 def checkTarget(segmentationNode, segmentId: Optional[str], overwrite: bool) -> None:

@@ -204,9 +204,8 @@ def segment_volume(
         batch = todo[start : start + step]
         prepared = [slice_image(volume, ijk_to_ras, ax, s, vr) for s in batch]
         embeddings = model.encode([p.image for p in prepared], cancel=cancel)
-        for s, mask in zip(
-            batch, _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents, out, ax)
-        ):
+        masks = _batch_masks(model, batch, prepared, embeddings, automatic, prompts, parents, out, ax)
+        for s, mask in zip(batch, masks):
             put_slice(out, ax, s, mask.astype(np.uint8))
             done += 1
             if progress:
