@@ -20,7 +20,9 @@ def _resolve(mode: str, adapter, has_points: bool, has_box: bool) -> str:
             return "vanilla"
         if not has_points and not has_box:
             return "apm+ips" if has_apm else "ips"
-        return "apm+clicks" if has_apm and not has_box else "ips"
+        if has_apm and not has_box:
+            return "apm+clicks"
+        return "ips" if ips_for_user_box(adapter) else "vanilla"
     if mode != "vanilla" and adapter is None:
         raise InputError(f"mode {mode} needs an adapter; load one or use vanilla")
     if mode in APM_MODES and not has_apm:
@@ -33,9 +35,17 @@ def _resolve(mode: str, adapter, has_points: bool, has_box: bool) -> str:
     return mode
 
 
+def ips_for_user_box(adapter) -> bool:
+    """Whether "auto" applies the adapter's IPS to the user's own prompts: training measures the adapter
+    with ground-truth boxes against the frozen backbone on its selection images and records the verdict
+    (``training.ips_for_user_box``); where IPS lost, the frozen decoder serves the user's box. Adapters
+    without that record keep IPS."""
+    return bool(adapter.training.get("ips_for_user_box", True)) if adapter is not None else False
+
+
 def resolve_mode(mode: str, adapter, has_points: bool, has_box: bool, box_only: Optional[str] = None) -> str:
-    """The one mode rule: what ``mode`` means given the adapter (anything with an ``apm`` attribute, or
-    None) and the user's prompts. ``box_only``: the name of a backbone trained on box prompts only, on which
+    """The one mode rule: what ``mode`` means given the adapter (an ``Adapter``, its ``AdapterMetadata``,
+    or None) and the user's prompts. ``box_only``: the name of a backbone trained on box prompts only, on which
     points alone are refused (they segment nothing)."""
     resolved = _resolve(mode, adapter, has_points, has_box)
     if box_only and resolved in ("ips", "vanilla") and not has_box:

@@ -148,7 +148,7 @@ def test_registry_has_the_design_hashes_and_the_default():
     from PromiseSegmentLib.inference.devices import pick_device
     from PromiseSegmentLib.modes import resolve_mode
 
-    with_apm = SimpleNamespace(apm=object())
+    with_apm = SimpleNamespace(apm=object(), training={})
     assert [resolve_mode(m, with_apm, False, True) for m in MODES] == ["ips", "apm+ips", "ips", "apm+clicks", "vanilla"]
     for name in DEVICES[1:]:  # every listed device is one pick_device understands (available here or not)
         try:

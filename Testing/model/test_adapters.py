@@ -90,6 +90,17 @@ def test_the_one_mode_rule(mode, points, box, expected, make_backbone):
     assert resolve_mode(mode, adapter, points, box) == expected
 
 
+def test_auto_gives_the_users_box_to_the_frozen_decoder_where_training_measured_ips_worse(make_backbone):
+    adapter = build_adapter(TrainConfig(**LIGHT), make_backbone(_tiny()))
+    adapter.training = {"ips_for_user_box": False}
+    assert resolve_mode("auto", adapter, False, True) == resolve_mode("auto", adapter, True, True) == "vanilla"
+    assert resolve_mode("auto", adapter, False, False) == "apm+ips"  # automatic prompts keep IPS
+    assert resolve_mode("auto", adapter, True, False) == "apm+clicks"
+    assert resolve_mode("ips", adapter, False, True) == "ips"  # asked for explicitly: IPS it is
+    adapter.training = {"ips_for_user_box": True}
+    assert resolve_mode("auto", adapter, False, True) == "ips"
+
+
 def test_mode_rule_refusals(make_backbone):
     with pytest.raises(InputError, match="needs an adapter"):
         resolve_mode("ips", None, True, False)
@@ -185,6 +196,8 @@ def test_training_lowers_the_loss_and_writes_an_adapter(trained):
     assert meta["apm"]["prompts"] == ["box", "points"] and meta["apm"]["slot_labels"] == [1] * 8 + [0] * 8
     assert meta["ips"]["hidden"] == 1024 and meta["training"]["mode"] == "apm+ips"
     assert meta["training"]["best_val_dice"] == pytest.approx(result.best_val_dice)
+    t = meta["training"]
+    assert t["ips_for_user_box"] == (t["val_box_dice"] >= t["val_frozen_box_dice"])
     assert not (out.parent / (out.name + ".state.pt")).exists()  # a finished run keeps no resumable state
 
 

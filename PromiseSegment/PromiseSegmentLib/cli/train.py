@@ -150,7 +150,12 @@ def _summary(output: str, result) -> str:
     t = result.adapter.training
     box = ""
     if "val_box_dice" in t:
-        box = f"; with the ground-truth box {t['val_box_dice']:.3f} (frozen backbone {t['val_frozen_box_dice']:.3f})"
+        box = f"; with the ground-truth box {t['val_box_dice']:.3f} (frozen backbone {t['val_frozen_box_dice']:.3f}"
+        box += (
+            ": your own boxes go through IPS)"
+            if t.get("ips_for_user_box")
+            else ": your own boxes use the frozen decoder)"
+        )
     return (
         f"wrote {output}: selection Dice {result.best_val_dice:.3f} automatic{box}, "
         f"{result.adapter.trainable_parameters():,} trainable parameters, {result.seconds:.0f} s"

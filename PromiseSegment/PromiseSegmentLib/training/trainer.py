@@ -317,6 +317,8 @@ class Trainer:
         if best is not None and np.isfinite(best.val_box_dice):
             a.training["val_box_dice"] = best.val_box_dice
             a.training["val_frozen_box_dice"] = self.frozen_box
+            # the user's box with IPS only where IPS measured at least as good as the frozen decoder
+            a.training["ips_for_user_box"] = bool(best.val_box_dice >= self.frozen_box)
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
         return a
