@@ -29,6 +29,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMISE_SEGMENT_CACHE", str(tmp_path / "cache"))
+    # The reference numerics (PyTorch's encoder) unless a test asks for a runtime: Testing/inference/
+    # test_openvino.py does, with a cache of its own.
+    monkeypatch.setenv("PROMISE_SEGMENT_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

@@ -22,5 +22,7 @@ DEFAULT_COLOR = (0.9, 0.3, 0.2)
 DEFAULT_NAME = "Segment"  # the target name when neither an adapter nor the user gave one
 RESNET34_BLOCKS = (3, 4, 6, 3)  # the APM head's residual blocks per stage, as ResNet-34
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # acceleration.resolve_precision says what each means here
+RUNTIMES = ("auto", "torch", "openvino")  # the image encoder's runtime (openvino_runtime.resolve_runtime)
+RUNTIME_ENV = "PROMISE_SEGMENT_RUNTIME"  # the runtime when none is given (tests pin "torch")
 DEVICES = ("auto", "cuda", "mps", "cpu")  # "auto": CUDA, then Apple MPS, then CPU
 AXES = ("axial", "coronal", "sagittal", "K", "J", "I")  # anatomical planes or the volume's own IJK axes

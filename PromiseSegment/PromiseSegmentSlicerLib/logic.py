@@ -69,11 +69,18 @@ class SceneLogic:
     checkpoint or device is asked for); encoder outputs are cached by slice content, so a repeated run,
     or a click on an already-encoded slice, re-runs the decoder only."""
 
-    def __init__(self, embeddingCacheBytes: int = 1 << 30, backbone: Optional[str] = None, precision: str = "auto"):
+    def __init__(
+        self,
+        embeddingCacheBytes: int = 1 << 30,
+        backbone: Optional[str] = None,
+        precision: str = "auto",
+        runtime: Optional[str] = None,
+    ):
         """``backbone``: used when a call names none and its adapter does not say (default LiteMedSAM).
-        ``precision``: the engine's (``acceleration``; "auto" = the fastest mode measured to agree with fp32)."""
+        ``precision``: the engine's (``acceleration``; "auto" = the fastest mode measured to agree with fp32).
+        ``runtime``: the encoder's (``openvino_runtime``; None: ``$PROMISE_SEGMENT_RUNTIME``, else auto)."""
         self.defaultBackbone = backbone
-        self.precision = precision
+        self.precision, self.runtime = precision, runtime
         self.engineDescription = ""  # what runs, e.g. "lite_medsam on cpu (2 threads): bf16 (...)"
         self.embeddingCache = EmbeddingCache(embeddingCacheBytes)
         self._backbone: Optional[LoadedBackbone] = None
@@ -161,7 +168,9 @@ class SceneLogic:
             if key not in self._adapters:
                 self._adapters = {key: load_adapter(path, loaded, allowMismatch)}
             adapterObject = self._adapters[key]
-        engine = engine_for(loaded, adapterObject, device, cache=self.embeddingCache, precision=self.precision)
+        engine = engine_for(
+            loaded, adapterObject, device, cache=self.embeddingCache, precision=self.precision, runtime=self.runtime
+        )
         if engine.describe() != self.engineDescription:
             self.engineDescription = engine.describe()
             log.info("ProMISe engine: %s", self.engineDescription)  # once per change, not per call

@@ -47,6 +47,7 @@ from PromiseSegmentLib.data.prompts import (
 )
 from PromiseSegmentLib.evaluation.metrics import dice  # noqa: E402
 from PromiseSegmentLib.inference.engine import InferenceEngine
+from PromiseSegmentLib.inference.openvino_runtime import openvino_version  # noqa: E402
 from PromiseSegmentLib.inference.volume_loop import slice_image  # noqa: E402
 from PromiseSegmentLib.model.promise import ProMISeModel  # noqa: E402
 
@@ -222,6 +223,11 @@ def machine_line(engine) -> str:
         if os.path.exists("/proc/cpuinfo")
         else "?"
     )
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        flags = set(next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), []))
+    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags) or "?"
+    cpu = f"{cpu} ({isa})"
     gpu = f", GPU {torch.cuda.get_device_name()}" if engine.device.type == "cuda" else ""
     wait = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
     return (
@@ -280,6 +286,7 @@ LABELS = {
     "b": "(b) engine fp32, APM+IPS",
     "c": "(c) engine auto, APM+IPS",
     "d": "(d) engine bf16 with stage 0 in bf16, APM+IPS",
+    "e": "(e) engine auto with the OpenVINO encoder, APM+IPS",
 }
 
 
@@ -332,6 +339,11 @@ def build(args, backbone):
         models["d"] = Stage0InBf16(
             ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)
         )
+    if openvino_version() and args.device == "cpu":
+        engine = InferenceEngine(backbone, capture_taps=True, precision="auto", runtime="openvino", **kw)
+        seconds = engine.prepare_runtime()
+        print(f"(e) OpenVINO encoder: {'converted in %.0f s' % seconds if seconds else 'read from the cache'}")
+        models["e"] = ProMISeModel(engine, adapter)
     return models, note
 
 
@@ -379,7 +391,9 @@ def report_memory(args) -> None:
     print(f"\n### Peak memory, each variant alone in a fresh process, {args.size}x{args.size}x{n} volume, cache off")
     print("| variant | RSS before the run (MB) | peak RSS (MB) | peak device (MB) | seconds |")
     print("|---|---|---|---|---|")
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "e"):
+        if name == "e" and not (openvino_version() and args.device == "cpu"):
+            continue
         cmd = [
             sys.executable,
             __file__,
@@ -421,17 +435,22 @@ def report_real(args, ref, engines, labels, cases) -> None:
         f"\n### Real images with the ground-truth box ({len(cases)}: {', '.join(sorted({f for f, _ in cases}))}), "
         f"vanilla decoding"
     )
+    names = ["a", *engines]
     print_speed_table(
         meter,
-        ["a", "b", "c"],
-        {**labels, "b": "(b) engine fp32", "c": f"(c) engine {engines['c'].precision.name}"},
+        names,
+        {
+            **labels,
+            **{n: f"({n}) engine {e.precision.name}, {e.runtime} encoder" for n, e in engines.items()},
+        },
         "image",
     )
     truth = [c.mask for _, c in cases]
-    for name in ("a", "b", "c"):
+    for name in names:
         print(f"- ({name}) mean Dice vs ground truth {np.mean([dice(m, t) for m, t in zip(real[name], truth)]):.4f}")
-    scores = [dice(x, y) for x, y in zip(real["c"], real["b"])]
-    print(f"- agreement (c) vs (b): mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
+    for name in names[2:]:
+        scores = [dice(x, y) for x, y in zip(real[name], real["b"])]
+        print(f"- agreement ({name}) vs (b): mean Dice {np.mean(scores):.4f} (min {np.min(scores):.4f})")
 
 
 def report_automatic(models, cases) -> None:
@@ -465,7 +484,7 @@ def automatic(models, name, rgb) -> np.ndarray:
 def report_prompts(args, models, vol) -> None:
     if args.prompts < 1:
         return
-    lat = bench_prompts({name: models[name] for name in ("b", "c")}, vol, args.prompts)  # (d) decodes as (c)
+    lat = bench_prompts({n: models[n] for n in ("b", "c", "e") if n in models}, vol, args.prompts)  # (d) as (c)
     print(f"\n### Prompt latency on an encoded slice, ms p50 / p95 ({args.prompts} boxes each, interleaved)")
     print("| variant | decoder only (engine.predict, box) | segment_slice, embedding cached (IPS + box) |")
     print("|---|---|---|")
@@ -498,8 +517,9 @@ def main():
     ref.model.to(args.device)
     models, note = build(args, backbone)
     engines = {
-        p[0]: InferenceEngine(backbone, args.device, precision=p[1], threads=args.threads)
-        for p in (("b", "fp32"), ("c", "auto"))
+        p[0]: InferenceEngine(backbone, args.device, precision=p[1], threads=args.threads, runtime=p[2])
+        for p in (("b", "fp32", "torch"), ("c", "auto", "torch"), ("e", "auto", "openvino"))
+        if p[0] in models
     }
     fast = models["c"].engine
     labels = {**LABELS, "c": f"(c) engine {fast.precision.name} (auto), APM+IPS"}

@@ -128,6 +128,19 @@ def test_stage_0_runs_in_fp32_under_bf16_autocast(lite_medsam):
     assert stage1_16.dtype == torch.bfloat16 and (stage1_16.float() - stage1).abs().max() > 1e-3
 
 
+def test_fused_gelu_under_bf16_autocast_falls_back_to_the_plain_ops_without_bf16_kernels(monkeypatch):
+    """Where oneDNN has no bf16 kernels (AVX2 CPUs) its fused op refuses bf16 ("could not create a primitive
+    descriptor"); the fused module must then run the plain ops, which autocast handles."""
+    monkeypatch.setattr(rw, "mkldnn_bf16_native", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 128)
+    x = torch.randn(2, 10, 64, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, plain = rw.LinearGelu(lin)(x), torch.nn.functional.gelu(lin(x))
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    assert (fused.float() - plain.float()).abs().max() <= 3e-2
+
+
 LIB = Path(__file__).resolve().parents[2] / "PromiseSegment"
 HEAP_PROBE = """
 import resource

@@ -40,6 +40,7 @@ class LoadedBackbone:
     path: Optional[Path] = None
     rewrites: List[str] = field(default_factory=list)  # load-time speed-ups (``Backbone.optimise``), in words
     half_decoders: dict = field(default_factory=dict, repr=False)  # (dtype, device) -> ``decoder.HalfDecoder``
+    openvino_encoders: dict = field(default_factory=dict, repr=False)  # (precision, threads) -> OpenVinoEncoder
 
     @property
     def name(self) -> str:
@@ -60,6 +61,7 @@ class Backbone:
     box_only: bool = False  # True: points alone do not segment (trained on boxes only)
     cpu_bf16: bool = False  # bf16 masks measured to agree with fp32 (Dice >= 0.99): ``auto`` may use bf16 on CPUs
     channels_last: bool = False  # the encoder is convolutional enough to prefer NHWC inputs
+    openvino_measured: bool = False  # its encoder measured faster and agreeing in OpenVINO: ``auto`` may use it
     encode_bytes_per_image: int = 2 << 30  # estimated device memory per image in the fp32 encoder (batch sizing;
     # SAM ViT: global attention holds a 64x64-token bias per head)
 

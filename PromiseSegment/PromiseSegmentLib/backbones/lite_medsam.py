@@ -86,6 +86,7 @@ class LiteMedSAM(Backbone):
     # benchmarks/speed.py), box-prompted and automatic with a trained adapter.
     cpu_bf16 = True
     channels_last = True
+    openvino_measured = True
     encode_bytes_per_image = 400 << 20  # estimate: stage 0 holds a few 256x256x256 fp32 activations
 
     @property

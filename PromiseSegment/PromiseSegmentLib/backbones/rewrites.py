@@ -108,13 +108,23 @@ def _mkldnn_fusion_matches() -> bool:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def mkldnn_bf16_native() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16/AMX); without, its fused ops refuse bf16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _fusable(x: torch.Tensor, layer: nn.Module) -> bool:
-    """oneDNN's fused kernels: CPU inference only (they have no autograd)."""
+    """oneDNN's fused kernels: CPU inference only (they have no autograd), bf16 only where oneDNN has it."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+    dt = _compute_dtype(x)
     return (
         x.device.type == "cpu"
         and not needs_grad
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (dt == torch.float32 or (dt == torch.bfloat16 and mkldnn_bf16_native()))
         and mkldnn_fusion_available()
     )
 

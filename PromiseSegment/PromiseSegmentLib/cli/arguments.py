@@ -14,7 +14,7 @@ from PromiseSegmentLib.cli.arg_types import device_arg, percentiles_arg, thread_
 from PromiseSegmentLib.cli.progress import bar
 from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.errors import InputError
-from PromiseSegmentLib.names import DEFAULT_BACKBONE, PRECISIONS, USER_BACKBONES
+from PromiseSegmentLib.names import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES, USER_BACKBONES
 
 PROG = "promise-segment"
 PROGRESS_ENV = "PROMISE_SEGMENT_PROGRESS_SECONDS"  # seconds between progress lines when not on a terminal
@@ -42,12 +42,19 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
         help="auto (default): the fastest mode measured to agree with fp32 - bf16 on GPUs and on CPUs "
         "with native bf16 (AVX512-BF16/AMX), else fp32; the engine says once which runs",
     )
-    p.add_argument("--threads", type=thread_count, help="CPU threads for PyTorch (default: all usable CPUs)")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="the image encoder's runtime: auto (default; $PROMISE_SEGMENT_RUNTIME overrides): OpenVINO on a "
+        'CPU where it is installed (pip install "promise-segment[openvino]") and measured for the backbone, '
+        "else PyTorch; torch; or openvino (CPUs). The first OpenVINO use converts the encoder once into the cache",
+    )
+    p.add_argument("--threads", type=thread_count, help="CPU threads (default: all usable CPUs)")
 
 
 def engine_options(args) -> dict:
     """The engine settings of the backbone options (``engine_for``/``load_model`` keywords)."""
-    return {"precision": args.precision, "threads": args.threads}
+    return {"precision": args.precision, "threads": args.threads, "runtime": args.runtime}
 
 
 def announce(engine) -> None:

@@ -32,6 +32,7 @@ from PromiseSegmentLib.inference.acceleration import (
 from PromiseSegmentLib.inference.devices import is_out_of_memory, pick_device
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache, lookup
 from PromiseSegmentLib.inference.heap import keep_freed_memory
+from PromiseSegmentLib.inference.openvino_runtime import OpenVinoEncoder, resolve_runtime
 from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ class InferenceEngine:
     ``precision`` (``acceleration.PRECISIONS``): ``fp32`` (the default: the reference numerics), ``bf16``/
     ``fp16`` autocast, or ``auto`` (the fastest that is supported and measured to agree; what users should
     get). ``batch_size`` None: 1 on a CPU, sized from free memory on CUDA. ``threads``: PyTorch's compute
-    threads (None: PyTorch's choice, capped at the CPUs this process may use). ``describe()`` says what runs.
+    threads (None: PyTorch's choice, capped at the CPUs this process may use). ``runtime``
+    (``openvino_runtime.resolve_runtime``): the encoder in PyTorch (the default here) or OpenVINO (CPUs;
+    ``auto`` where installed and measured). ``describe()`` says what runs.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class InferenceEngine:
         cache: Optional[EmbeddingCache] = None,
         precision: str = "fp32",
         threads: Optional[int] = None,
+        runtime: str = "torch",
     ):
         self.cache = cache  # optional: repeated slices skip the encoder
         self.backbone = backbone
@@ -123,6 +127,9 @@ class InferenceEngine:
         self.capture_taps = capture_taps
         self.mask_threshold = float(backbone.sam.mask_threshold)
         self._cpu_encoder: Optional[Tuple[torch.nn.Module, Precision]] = None  # after GPU out-of-memory
+        self.runtime, self.runtime_note = resolve_runtime(runtime, self.device, backbone)
+        self.runtime_requested = runtime
+        self._openvino: Optional[OpenVinoEncoder] = None  # built at first use (``prepare_runtime``)
         log.info("%s", self.describe())
 
     # ----------------------------------------------------------------------------- what runs
@@ -137,6 +144,7 @@ class InferenceEngine:
         parts = [f"{self.spec.name} on {where}: {self.precision.name} ({self.precision.note})"]
         if self.backbone.rewrites:
             parts.append(", ".join(self.backbone.rewrites))
+        parts.append(f"encoder in {'OpenVINO' if self.runtime == 'openvino' else 'PyTorch'} ({self.runtime_note})")
         parts.append(f"batch {self.batch_size}")
         parts.append(self.heap)
         if self._cpu_encoder is not None:
@@ -179,17 +187,45 @@ class InferenceEngine:
         x, input_size = self.spec.prepare(self.sam, image, self.device)
         return x, input_size, (int(image.shape[0]), int(image.shape[1]))
 
+    def prepare_runtime(self) -> Optional[float]:
+        """Make the OpenVINO encoder now (converted at first use, then read from the cache); returns the
+        seconds a conversion took, or None. Under ``auto`` a model that does not convert falls back to
+        PyTorch with a warning; asked for explicitly, that is an error."""
+        if self.runtime != "openvino" or self._openvino is not None:
+            return None
+        key = (self.precision.name, self.threads)  # one per backbone: engines come and go (Slicer)
+        try:
+            made = key not in self.backbone.openvino_encoders
+            if made:
+                self.backbone.openvino_encoders[key] = OpenVinoEncoder(self.backbone, *key)
+            self._openvino = self.backbone.openvino_encoders[key]
+        except Exception as exc:  # OpenVINO's conversion errors have no common type
+            if self.runtime_requested == "openvino":
+                raise RuntimeError(f"the {self.spec.name} encoder could not be converted to OpenVINO: {exc}") from exc
+            log.warning("OpenVINO could not convert the %s encoder (%s); using PyTorch", self.spec.name, exc)
+            self.runtime, self.runtime_note = "torch", "OpenVINO conversion failed"
+            return None
+        return self._openvino.conversion_seconds if made else None
+
     @torch.no_grad()
     def _encode_batch(self, batch: torch.Tensor):
         """(features, taps) on the engine's device in fp32, whatever precision the encoder ran in."""
         sam, device, precision = self.sam, self.device, self.precision
         if self._cpu_encoder is not None:
             (sam, precision), device = self._cpu_encoder, torch.device("cpu")
+        self.prepare_runtime()
+        if self._openvino is not None:
+            feats, taps = self._openvino(batch)
+            return self._in_engine_layout(feats, taps if self.capture_taps else [])
         x = batch.to(device)
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):
             feats, taps = self.spec.encode(sam, x, self.capture_taps)
+        return self._in_engine_layout(feats, taps)
+
+    def _in_engine_layout(self, feats: torch.Tensor, taps: List[torch.Tensor]):
+        """fp32 on the engine's device."""
         # NHWC (channels_last), as the encoders make them: the APM's pooling and the decoder read it without copies
         back = lambda t: t.to(self.device, torch.float32).contiguous(  # noqa: E731
             memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format
@@ -205,7 +241,9 @@ class InferenceEngine:
         keys: List[Optional[str]] = [None] * len(images)
         todo = []
         for n, image in enumerate(images):
-            keys[n], out[n] = lookup(self.cache, image, (self.spec.name, self.capture_taps, self.precision.name))
+            keys[n], out[n] = lookup(
+                self.cache, image, (self.spec.name, self.capture_taps, self.precision.name, self.runtime)
+            )
             if out[n] is None:
                 todo.append(n)
         i = 0

@@ -12,6 +12,7 @@ One forward (``forward.promise_forward``) serves training and inference, and one
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,7 +27,7 @@ from PromiseSegmentLib.inference.volume_loop import segment_slice, segment_volum
 from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
 from PromiseSegmentLib.model.forward import ForwardOutput, promise_forward, refine_boxes
 from PromiseSegmentLib.modes import APM_MODES, resolve_mode
-from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME
+from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME, RUNTIME_ENV
 
 PRESENCE_THRESHOLD = 0.0  # presence logit: below it, an automatic run leaves the image empty
 
@@ -221,9 +222,11 @@ def engine_for(
     cache=None,
     precision: str = "auto",
     threads: Optional[int] = None,
+    runtime: Optional[str] = None,
 ) -> InferenceEngine:
     """The engine users get: ``precision="auto"`` is the fastest mode measured to agree with fp32
-    (``acceleration``); it captures the encoder taps when the adapter has an APM."""
+    (``acceleration``); ``runtime`` None: ``$PROMISE_SEGMENT_RUNTIME``, else ``auto`` (OpenVINO's encoder on
+    CPUs where installed and measured). It captures the encoder taps when the adapter has an APM."""
     return InferenceEngine(
         backbone,
         device=device,
@@ -232,6 +235,7 @@ def engine_for(
         cache=cache,
         precision=precision,
         threads=threads,
+        runtime=runtime or os.environ.get(RUNTIME_ENV) or "auto",
     )
 
 
@@ -243,6 +247,7 @@ def load_model(
     batch_size: Optional[int] = None,
     precision: str = "auto",
     threads: Optional[int] = None,
+    runtime: Optional[str] = None,
 ) -> ProMISeModel:
     """Backbone (registry name or checkpoint path; ``None``: the adapter's backbone, else the default) plus
     an optional adapter file. The adapter's metadata is read first, so a mismatch is reported before any
@@ -250,4 +255,5 @@ def load_model(
     expected = read_metadata(adapter_path).backbone.name if adapter_path else None
     loaded = load_backbone(backbone or expected, expected)
     adapter = load_adapter(adapter_path, loaded, allow_mismatch) if adapter_path else None
-    return ProMISeModel(engine_for(loaded, adapter, device, batch_size, precision=precision, threads=threads), adapter)
+    engine = engine_for(loaded, adapter, device, batch_size, precision=precision, threads=threads, runtime=runtime)
+    return ProMISeModel(engine, adapter)

@@ -43,6 +43,11 @@ class Batch:
     boxes: torch.Tensor  # (B, 4) ground-truth boxes (zeros where empty)
     present: torch.Tensor  # (B,) bool
 
+    def rows(self, keep: torch.Tensor) -> "Batch":
+        """The images where ``keep`` (a (B,) bool mask) is true."""
+        features = None if self.features is None else self.features[keep]
+        return Batch(features, [t[keep] for t in self.taps], self.target[keep], self.boxes[keep], self.present[keep])
+
 
 def collate(items: List[Encoded], device) -> Batch:
     taps = [torch.cat([it.taps[k] for it in items]).to(device).float() for k in range(len(items[0].taps))]

@@ -161,7 +161,7 @@ class Trainer:
             loss = loss + seg_loss(out.low_res[:, 0].float(), batch.target[boxed]) * int(boxed.sum())
         rest = ~boxed
         if bool(rest.any()):
-            sub = _rows(batch, rest)
+            sub = batch.rows(rest)
             user = user_prompts(
                 [it for it, r in zip(items, rest.tolist()) if r], sub, cfg.user_prompt, self.rng, spec, jitter=0.05
             )
@@ -322,16 +322,6 @@ class Trainer:
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
         return a
-
-
-def _rows(batch: Batch, keep: torch.Tensor) -> Batch:
-    return Batch(
-        None if batch.features is None else batch.features[keep],
-        [t[keep] for t in batch.taps],
-        batch.target[keep],
-        batch.boxes[keep],
-        batch.present[keep],
-    )
 
 
 def train_adapter(

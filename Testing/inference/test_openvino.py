@@ -1,0 +1,69 @@
+"""The OpenVINO encoder runtime: which runtime runs and why, the converted encoder against PyTorch's, and
+its cache entry (written once, read back, rebuilt when damaged)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.inference import openvino_runtime
+from PromiseSegmentLib.inference.engine import InferenceEngine
+from PromiseSegmentLib.inference.openvino_runtime import resolve_runtime
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+def test_which_runtime_runs_and_why(lite_medsam, tiny_backbone, monkeypatch):
+    assert resolve_runtime("torch", CPU, lite_medsam) == ("torch", "asked for")
+    assert resolve_runtime("auto", CPU, lite_medsam)[0] == "openvino"  # installed (the test extra) and measured
+    assert resolve_runtime("auto", GPU, lite_medsam)[0] == "torch"  # GPUs stay on PyTorch CUDA
+    with pytest.raises(InputError, match="runs on CPUs"):
+        resolve_runtime("openvino", GPU, lite_medsam)
+    runtime, why = resolve_runtime("auto", CPU, tiny_backbone)
+    assert runtime == "torch" and "not measured" in why  # auto only where it was measured
+    assert resolve_runtime("openvino", CPU, tiny_backbone)[0] == "openvino"  # asked for: tried
+    monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
+    runtime, why = resolve_runtime("auto", CPU, lite_medsam)
+    assert runtime == "torch" and "promise-segment[openvino]" in why
+    with pytest.raises(InputError, match=r"needs OpenVINO: pip install"):
+        resolve_runtime("openvino", CPU, lite_medsam)
+
+
+def _images(n, size=(200, 170), seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_the_openvino_encoder_gives_pytorchs_embedding_and_taps(lite_medsam):
+    reference = InferenceEngine(lite_medsam, "cpu", precision="fp32", capture_taps=True)
+    converted = InferenceEngine(lite_medsam, "cpu", precision="fp32", capture_taps=True, runtime="openvino")
+    assert "encoder in OpenVINO" in converted.describe() and "encoder in PyTorch" in reference.describe()
+    images = _images(2)
+    for a, b in zip(reference.encode(images), converted.encode(images)):
+        assert a.input_size == b.input_size and a.original_size == b.original_size
+        assert torch.allclose(a.features, b.features, atol=1e-3)
+        assert len(a.taps) == len(b.taps) == 3
+        assert all(torch.allclose(x, y, atol=1e-3) for x, y in zip(a.taps, b.taps))
+        assert b.features.is_contiguous(memory_format=torch.channels_last)  # the decoder's layout
+
+
+def test_the_cache_entry_is_written_once_read_back_and_rebuilt_when_damaged(make_backbone, tiny_sam, caplog):
+    first = make_backbone(tiny_sam)
+    engine = InferenceEngine(first, "cpu", runtime="openvino")
+    assert engine.prepare_runtime() > 0  # converted now
+    folder = first.openvino_encoders[("fp32", engine.threads)].folder
+    assert sorted(p.name for p in folder.iterdir()) == ["encoder.bin", "encoder.xml", "manifest.json"]
+    expected = engine.encode(_images(1))[0].features
+    again = InferenceEngine(make_backbone(tiny_sam), "cpu", runtime="openvino")
+    assert again.prepare_runtime() is None  # read from the cache, not converted
+    weights = folder / "encoder.bin"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    rebuilt = InferenceEngine(make_backbone(tiny_sam), "cpu", runtime="openvino")
+    with caplog.at_level(logging.WARNING):
+        assert rebuilt.prepare_runtime() > 0
+    assert "damaged" in caplog.text
+    assert torch.allclose(rebuilt.encode(_images(1))[0].features, expected, atol=1e-5)
