@@ -2,6 +2,10 @@
 its cache entry (written once, read back, rebuilt when damaged)."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from PromiseSegmentLib.inference.engine import InferenceEngine
 from PromiseSegmentLib.inference.openvino_runtime import resolve_runtime
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
+LIB = Path(__file__).resolve().parents[2] / "PromiseSegment"
 
 
 def test_which_runtime_runs_and_why(lite_medsam, tiny_backbone, monkeypatch):
@@ -67,3 +72,32 @@ def test_the_cache_entry_is_written_once_read_back_and_rebuilt_when_damaged(make
         assert rebuilt.prepare_runtime() > 0
     assert "damaged" in caplog.text
     assert torch.allclose(rebuilt.encode(_images(1))[0].features, expected, atol=1e-5)
+
+
+SIGNAL_AFTER_FREE = """
+import gc, os, signal, threading, time
+import numpy as np
+from PromiseSegmentLib.backbones.registry import load_backbone
+from PromiseSegmentLib.inference.engine import InferenceEngine
+backbone = load_backbone("tiny_random")
+InferenceEngine(backbone, "cpu", runtime="openvino").encode([np.zeros((40, 30, 3), np.uint8)])
+held = [backbone.openvino_encoders.popitem()]
+thread = threading.Thread(target=lambda: (held.clear(), gc.collect()))  # the model freed on another thread
+thread.start()
+thread.join()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl+C on the thread that ran the model
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted cleanly")
+"""
+
+
+def test_ctrl_c_after_the_openvino_model_is_freed_elsewhere_interrupts_cleanly(tmp_path):
+    """OpenVINO's CPU plugin leaves its freed signal stack registered on the thread that ran a model; a
+    later Ctrl+C there was a SIGSEGV (exit 139) instead of a KeyboardInterrupt (``signal_stack``)."""
+    env = dict(os.environ, PROMISE_SEGMENT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(LIB))
+    run = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AFTER_FREE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and "interrupted cleanly" in run.stdout, run.stderr[-2000:]

@@ -29,6 +29,7 @@ import torch
 from PromiseSegmentLib.atomic_write import bytes_output, write_all
 from PromiseSegmentLib.backbones.base import LoadedBackbone
 from PromiseSegmentLib.errors import InputError
+from PromiseSegmentLib.inference import signal_stack
 from PromiseSegmentLib.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -167,11 +168,13 @@ class OpenVinoEncoder:
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": self.threads,
             }
-            self._compiled[batch] = self.core.compile_model(model, "CPU", config)
+            with signal_stack.kept():
+                self._compiled[batch] = self.core.compile_model(model, "CPU", config)
         return self._compiled[batch]
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         compiled = self._compiled_for(int(x.shape[0]))
-        results = compiled(np.ascontiguousarray(x.detach().float().cpu().numpy()))  # type: ignore[operator]
+        with signal_stack.kept():  # the plugin's own signal stack must not outlive the call (signal_stack)
+            results = compiled(np.ascontiguousarray(x.detach().float().cpu().numpy()))  # type: ignore[operator]
         outputs = [torch.from_numpy(np.array(results[i])) for i in range(len(compiled.outputs))]  # type: ignore[attr-defined]
         return outputs[0], outputs[1:]
