@@ -25,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from PromiseSegmentLib.names import AXES, DEVICES, USER_BACKBONES
+from PromiseSegmentLib.names import AXES, DEVICES, RUNTIMES, USER_BACKBONES
 
 BACKBONES = list(USER_BACKBONES)  # from the torch-free names module: the registry needs torch
 
@@ -90,6 +90,7 @@ def sharedLogic():
 CORE_METHODS = frozenset(
     {
         "segmentVolume",
+        "segmentCohort",
         "segmentSlice",
         "predictVolume",
         "segmentScope",
@@ -126,7 +127,7 @@ class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
             dependencies.ensure()
             from PromiseSegmentSlicerLib.logic import SceneLogic
 
-            self._core = SceneLogic()
+            self._core = SceneLogic(runtime=savedRuntime())
         return self._core
 
     @property
@@ -146,6 +147,15 @@ class PromiseSegmentLogic(ScriptedLoadableModuleLogic):
 def backboneSpec(parameterNode):
     """A checkpoint file overrides the registry choice."""
     return parameterNode.backboneFile or parameterNode.backbone
+
+
+RUNTIME_SETTING = "PromiseSegment/Runtime"  # a machine's preference (application settings), not the scene's
+
+
+def savedRuntime() -> str:
+    """The CPU runtime chosen in the module (auto, torch or openvino), kept across Slicer sessions."""
+    value = str(qt.QSettings().value(RUNTIME_SETTING, "auto"))
+    return value if value in RUNTIMES else "auto"
 
 
 def deviceSpec(parameterNode):
@@ -287,6 +297,25 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.adapterInfo.wordWrap = True
         model.addRow(self.adapterInfo)
         self.deviceCombo = self._field(model, _("Device:"), qt.QComboBox(), "device")
+        self.runtimeCombo = self._field(
+            model,
+            _("CPU runtime:"),
+            qt.QComboBox(),
+            tooltip=_(
+                "the image encoder's runtime on CPUs: auto = OpenVINO where it is installed (faster), else "
+                "PyTorch; GPUs always run PyTorch. The first OpenVINO use converts the encoder once (about 30 s)."
+            ),
+        )
+        for name in RUNTIMES:
+            self.runtimeCombo.addItem(name)
+        self.runtimeCombo.currentText = savedRuntime()
+        self.runtimeCombo.connect("currentTextChanged(QString)", self.onRuntimeChosen)
+
+    def onRuntimeChosen(self, name):
+        qt.QSettings().setValue(RUNTIME_SETTING, name)
+        core = self.logic.coreIfInstalled if self.logic else None
+        if core is not None:
+            core.runtime = name  # the next model load (the effect's too: one shared logic) uses it
 
     def setupRunSection(self, run):
         self.volumeSelector = self._field(run, _("Volume:"), mrmlSelector(["vtkMRMLScalarVolumeNode"]), "inputVolume")

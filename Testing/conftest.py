@@ -11,7 +11,10 @@ sys.path.insert(0, str(ROOT / "Testing" / "utils"))  # the tests' shared helpers
 from PromiseSegmentLib.inference.openmp import set_default_waiting  # noqa: E402
 
 set_default_waiting()  # as the command line does, before torch is imported
+import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
+from cohort_files import SIZE, ct_volume, write_volume  # noqa: E402
+from dicom_files import write_series  # noqa: E402
 
 DATA = Path(os.environ.get("PROMISE_SEGMENT_DATA", ROOT.parent / "shared" / "data"))
 
@@ -105,3 +108,46 @@ def realistic_image(rng, h, w):
     img = img + 120 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)
     img = img[..., None] + rng.normal(0, 8, (h, w, 3)) + np.array([10, 0, -10])
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ cohorts
+@pytest.fixture(scope="session")
+def ct_adapter(tmp_path_factory, lite_medsam, spleen_cases):
+    """A LiteMedSAM box APM + IPS adapter, briefly trained on 10 bundled CT slices (the volumes use 6 others)."""
+    from PromiseSegmentLib.model.promise import engine_for
+    from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.trainer import train_adapter
+
+    out = tmp_path_factory.mktemp("adapter") / "spleen.safetensors"
+    cfg = TrainConfig(
+        epochs=4, batch_size=4, lr=3e-3, augment=False, cache_features=True, apm_warmup_epochs=2, apm_prompts=("box",)
+    )
+    engine = engine_for(lite_medsam, None, "cpu", runtime="torch")
+    train_adapter(engine, spleen_cases[8:16], spleen_cases[16:18], cfg, out)
+    return out
+
+
+@pytest.fixture
+def cohort(tmp_path, spleen_cases):
+    """scans/: good1.nrrd, good2.nii.gz, good3.nrrd (its output already exists, made by someone else),
+    corrupt.nii.gz, fourd.nii.gz and study/ (a DICOM folder with two series, 'Arterial' and 'Venous')."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    write_volume(scans / "good1.nrrd", ct_volume(spleen_cases, 0, 3))
+    write_volume(scans / "good2.nii.gz", ct_volume(spleen_cases, 3, 2))
+    write_volume(scans / "good3.nrrd", ct_volume(spleen_cases, 5, 2))
+    (scans / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really a NIfTI file" * 40)
+    frame = sitk.GetImageFromArray(np.zeros((2, 8, 8), np.uint8))
+    sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(scans / "fourd.nii.gz"))  # 2 time points
+    for n, (uid, description) in enumerate((("1.2.3.4.1", "Arterial"), ("1.2.3.4.2", "Venous"))):
+        volume = ct_volume(spleen_cases, 2 * n, 2).astype(np.int16)
+
+        def edit(k, s, volume=volume, description=description):
+            s["array"], s["tags"] = volume[k], {"0008|103e": description}
+
+        write_series(scans / "study", [0.0, 2.5], shape=(SIZE, SIZE), uid=uid, edit=edit, prefix=f"s{n}_")
+    out.mkdir()
+    from PromiseSegmentLib.data.volume_io import Segment, write_segmentation
+
+    write_segmentation(out / "good3.seg.nrrd", np.ones((2, SIZE, SIZE)), np.eye(4), [Segment("by hand")])
+    return scans, out

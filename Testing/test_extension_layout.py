@@ -231,10 +231,11 @@ def test_the_core_uses_absolute_imports_only():
             assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path.relative_to(MODULE)}:{node.lineno}"
 
 
-# Which sub-package may import which: the command line on top, then training/evaluation, inference, the
-# model, backbones, data; the shared modules (errors, names, modes, paths) at the bottom import nothing.
+# Which sub-package may import which: the command line on top, then cohorts, training/evaluation, inference,
+# the model, backbones, data; the shared modules (errors, names, modes, paths) at the bottom import nothing.
 LAYERS = {
-    "cli": {"training", "evaluation", "inference", "model", "backbones", "data", "base"},
+    "cli": {"cohort", "training", "evaluation", "inference", "model", "backbones", "data", "base"},
+    "cohort": {"inference", "model", "backbones", "data", "base"},
     "training": {"inference", "model", "backbones", "data", "base", "evaluation"},
     "evaluation": {"inference", "model", "backbones", "data", "base"},
     "inference": {"model", "backbones", "data", "base"},

@@ -18,6 +18,7 @@ MODULES = {
     "safetensors": "safetensors",
     "scipy": "scipy",
     "tqdm": "tqdm",
+    "openvino": "OpenVINO (the faster CPU image encoder)",
 }
 NEVER_REPLACE = ["SimpleITK", "torch", "torchvision"]
 TORCH_REQUIREMENT = ">=2.1"

@@ -501,6 +501,54 @@ class SceneLogic:
             model, array, ijk_to_ras, ax, startIndex, startMask, vr, limits, negativeMask, progress, cancel
         )
 
+    # ------------------------------------------------------------------ cohorts
+    @exclusive
+    def segmentCohort(
+        self,
+        paths: Sequence[Union[str, os.PathLike]],
+        outputFolder: Union[str, os.PathLike],
+        adapter: str,
+        *,
+        backbone: Optional[str] = None,
+        device: Optional[str] = None,
+        axis: Union[int, str] = "K",
+        intensity: Optional[IntensityRule] = None,
+        overwrite: bool = False,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ):
+        """Segment volume files, folders of them, DICOM studies or glob patterns into ``outputFolder``, the
+        command line's cohort run (``<name>.seg.nrrd`` per case, ``results.csv``; finished cases are skipped
+        when run again, a failing case never stops the others) with this logic's model: the backbone is
+        loaded once and stays for later calls. ``progress(cases done, cases)``; ``cancel()`` is checked
+        between and inside cases (``Cancelled``; the finished cases are kept). Files only: the scene is not
+        touched. Returns a ``cohort.run.CohortResult`` (its ``table.rows`` say what happened to each case)."""
+        from PromiseSegmentLib.cohort.cases import find_cases
+        from PromiseSegmentLib.cohort.run import CohortEvents, segment_cohort
+        from PromiseSegmentLib.cohort.segmenter import CaseSegmenter, CohortSettings
+
+        out = Path(outputFolder)
+        cases = find_cases([str(p) for p in paths], out)
+        settings = CohortSettings(
+            adapter=str(adapter),
+            backbone=backbone,
+            device=device,
+            precision=self.precision,
+            runtime=self.runtime,
+            axis=axis,
+            intensity=intensity,
+            overwrite=overwrite,
+        )
+        segmenter = CaseSegmenter(settings)
+        segmenter.models[str(adapter)] = self.loadModel(backbone, str(adapter), device)
+
+        class Progress(CohortEvents):
+            def finished(self, row, done: int, total: int) -> None:
+                if progress is not None:
+                    progress(done, total)
+
+        return segment_cohort(cases, out, settings, events=Progress(), cancel=cancel, segmenter=segmenter)
+
     # ------------------------------------------------------------------ training
     def trainingCases(
         self,

@@ -445,3 +445,25 @@ def test_a_labelmap_takes_over_the_mask_memory_and_outlives_the_array(app):
     )
     one_slice = labelmap_from_mask(expected, oblique_matrix(), (0, 5, 0, 4, 1, 1))
     assert one_slice.GetPointData().GetScalars().GetNumberOfTuples() == 30  # a sub-block is its own copy
+
+
+@pytest.mark.slow
+def test_segment_cohort_from_the_console_with_one_model_and_cancel(cohort, ct_adapter, tmp_path):
+    """``segmentCohort``: the command line's cohort run on the logic's model (loaded once, kept), progress
+    per case, and a cancel that keeps the finished cases; the scene is not touched."""
+    from PromiseSegmentSlicerLib.logic import SceneLogic
+
+    scans, out = cohort
+    logic, seen = SceneLogic(), []
+    result = logic.segmentCohort([scans], out, str(ct_adapter), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (7, 7) and result.table.counts() == {"done": 4, "skipped": 0, "failed": 3}
+    backbone = logic._backbone
+    again = tmp_path / "again"
+    with pytest.raises(Cancelled):
+        logic.segmentCohort([scans], again, str(ct_adapter), cancel=lambda: (again / "results.csv").exists())
+    assert logic._backbone is backbone  # no second load
+    import csv
+
+    with open(again / "results.csv", newline="") as f:
+        kept = list(csv.DictReader(f))
+    assert 1 <= len(kept) < 7 and all((again / f"{r['case']}.seg.nrrd").exists() for r in kept if r["status"] == "done")

@@ -78,6 +78,22 @@ def load_backbone(
     return loaded
 
 
+def expected_identity(request: Optional[str], trained_on) -> str:
+    """The identity (weights SHA-256) ``load_backbone(request, trained_on.name)`` will give, without loading
+    the weights where a registered checksum or the file tells it. ``trained_on``: an adapter's
+    ``BackboneRecord``; ``request`` None means that backbone."""
+    from PromiseSegmentLib.backbones.checkpoints import file_sha256
+
+    if request is None or request == trained_on.name:
+        return trained_on.identity
+    if request in BACKBONES:
+        backbone = BACKBONES[request]
+        if backbone.checkpoint is None:  # a test fixture built from a seed: no file
+            return backbone.load(optimise=False).identity
+        return backbone.checkpoint.sha256 or file_sha256(backbone.locate())
+    return file_sha256(Path(request).expanduser())
+
+
 def _compatible(backbone: Backbone, expected: str) -> bool:
     other = BACKBONES.get(expected)
     return backbone.name == expected or (

@@ -172,3 +172,10 @@ def name_arg(text: str) -> str:
     if not text.strip():
         raise _bad("must not be empty")
     return text.strip()
+
+
+def cluster_arg(text: str) -> str:
+    t = text.strip()
+    if t in ("ray", "auto") or (t.startswith("ray://") and len(t) > len("ray://")):
+        return t
+    raise _bad(f"expected ray, auto or ray://HOST:PORT, got {text!r}")

@@ -1,4 +1,5 @@
-"""The ``segment`` command: one volume (or picture) with prompts or an adapter -> a segmentation file."""
+"""The ``segment`` command: one volume (or picture) with prompts or an adapter -> a segmentation file; many
+inputs (``--out-dir``, ``--manifest``) are a cohort (``cli.cohort``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PromiseSegmentLib.cli.arguments import (
     intensity_from_args,
     progress_bar,
 )
+from PromiseSegmentLib.cli.cohort import add_cohort_args, cmd_cohort
 from PromiseSegmentLib.cli.validation import check_segment_volume, preflight
 from PromiseSegmentLib.data.preprocessing import IntensityRule, take_slice, to_uint8_rgb
 from PromiseSegmentLib.data.prompts import box_clip_notes, ijk_prompts
@@ -42,6 +44,8 @@ def slices_with_foreground(mask: np.ndarray, axis: int) -> int:
 
 
 def cmd_segment(args) -> int:
+    if args.cohort:
+        return cmd_cohort(args)
     vol = read_volume(args.input)
     axis = check_segment_volume(args, vol.array.shape, vol.ijk_to_ras)
     preflight(args.device, args.mode, args.adapter_meta, args.backbone, bool(args.point), bool(args.box))
@@ -81,14 +85,18 @@ def cmd_segment(args) -> int:
 
 
 def add_segment_command(sub) -> None:
-    p = sub.add_parser("segment", help="segment a volume/image file into a .seg.nrrd")
-    p.add_argument("input", help="NRRD, NIfTI, a DICOM folder, PNG or JPEG")
+    p = sub.add_parser("segment", help="segment a volume/image file (or a cohort of them) into .seg.nrrd files")
+    p.add_argument(
+        "input",
+        nargs="*",
+        help="NRRD, NIfTI, a DICOM folder, PNG or JPEG; several, folders or glob patterns with --out-dir (a cohort)",
+    )
     p.add_argument(
         "-o",
         "--output",
-        required=True,
-        help="output segmentation: .seg.nrrd (or .nrrd, .nii, .nii.gz label map; .png for one slice)",
+        help="output segmentation of one input: .seg.nrrd (or .nrrd, .nii, .nii.gz label map; .png for one slice)",
     )
+    add_cohort_args(p)
     add_backbone_args(p)
     p.add_argument("--adapter", help="ProMISe adapter file (.safetensors) for automatic prompts / IPS")
     p.add_argument(

@@ -59,6 +59,12 @@ def validate(args) -> None:
 
 
 def _segment(args) -> None:
+    args.cohort = bool(args.out_dir or args.manifest or len(args.input) != 1)
+    if args.cohort:
+        return check_cohort_args(args)
+    if not args.output:
+        raise InputError("-o/--output is required for one input (or give --out-dir for a cohort)")
+    args.input = args.input[0]
     inp = check_input(args.input, "input", kind="any")
     out = check_output(args.output, args.overwrite, "output (-o)", SEGMENT_SUFFIXES)
     _check_nifti_case(out)
@@ -68,6 +74,33 @@ def _segment(args) -> None:
     )
     args.outputs = [p for p in (out, overlay) if p is not None]
     args.output, args.overlay = str(out), str(overlay) if overlay else None
+
+
+def check_cohort_args(args) -> None:
+    """Torch-free checks of a cohort (``validation``): what a cohort cannot take, the output folder, the
+    manifest, and the cases with their output names (two cases on one name are refused now)."""
+    from PromiseSegmentLib.cohort.cases import find_cases, read_manifest
+
+    if not args.out_dir:
+        raise InputError("several inputs (or --manifest) need --out-dir for the outputs and results.csv")
+    given = [name for name, value in (("-o", args.output), ("--overlay", args.overlay)) if value]
+    given += [name for name, value in (("--point", args.point), ("--box", args.box)) if value]
+    if given:
+        raise InputError(f"{', '.join(given)} apply to one input; a cohort is segmented automatically by an adapter")
+    if args.manifest and args.input:
+        raise InputError("give the inputs either on the command line or in --manifest, not both")
+    if not args.manifest and not args.input:
+        raise InputError("no input: give volume files, folders, glob patterns or --manifest")
+    out = check_output_folder(args.out_dir, "--out-dir")
+    if args.manifest:
+        args.cases = read_manifest(check_input(args.manifest, "--manifest"), out)
+    else:
+        args.cases = find_cases(args.input, out)
+    if not args.adapter and any(case.adapter is None for case in args.cases):
+        raise InputError(
+            "a cohort is segmented by an adapter with an APM: give --adapter (or an adapter on every manifest row)"
+        )
+    args.out_dir, args.outputs = str(out), [out]
 
 
 def _train(args) -> None:

@@ -7,8 +7,8 @@ anatomy. Here every slice's header is checked first; the rule is never a silentl
 
 Refused (``InputError`` naming the folder, and the files at fault):
 
-- no series, or several (by SeriesInstanceUID: which one is meant cannot be guessed), or multi-frame files
-  among others;
+- no series, or several (by SeriesInstanceUID: which one is meant cannot be guessed unless the caller names
+  it, as a cohort does for each series of a study folder: ``list_series``), or multi-frame files among others;
 - slices of different sizes, pixel spacings or numbers of components, or with different orientations
   (ImageOrientationPatient; e.g. a localizer in the series);
 - an ImageOrientationPatient that is not two perpendicular unit vectors (GDCM silently uses the identity);
@@ -69,10 +69,37 @@ def _sitk():
     return sitk
 
 
-def read_series(folder: Path, labels: bool = False):
-    """The one DICOM series in ``folder`` as a SimpleITK image whose voxels are at the real positions
-    (``labels``: fill a resampled grid from the nearest slice, never a blend)."""
-    slices = [_header(f) for f in _series_files(folder)]
+@dataclass(frozen=True)
+class SeriesInfo:
+    uid: str  # SeriesInstanceUID
+    description: str  # SeriesDescription ("" when absent)
+    files: int
+
+
+def list_series(folder: Path) -> List[SeriesInfo]:
+    """The DICOM series directly in ``folder`` (none: an empty list), in SeriesInstanceUID order."""
+    reader = _sitk().ImageSeriesReader()
+    found = []
+    for uid in sorted(reader.GetGDCMSeriesIDs(str(folder))):
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        found.append(SeriesInfo(uid, _description(files[0]) if files else "", len(files)))
+    return found
+
+
+def _description(name: str) -> str:
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+
+
+def read_series(folder: Path, labels: bool = False, series_uid: Optional[str] = None):
+    """The one DICOM series in ``folder`` (or the one named ``series_uid``) as a SimpleITK image whose voxels
+    are at the real positions (``labels``: fill a resampled grid from the nearest slice, never a blend)."""
+    slices = [_header(f) for f in _series_files(folder, series_uid)]
     _check_orientation_values(folder, slices)
     if len(slices) == 1:
         return _sitk().ReadImage(str(slices[0].file))  # one slice or a multi-frame file: GDCM's geometry
@@ -106,12 +133,17 @@ def read_series(folder: Path, labels: bool = False):
     return _image(_resample(array, depths, grid, labels), slices[0], normal, step)
 
 
-def _series_files(folder: Path) -> List[str]:
-    """The files of the folder's one series; several series are refused, listed so the user can pick."""
+def _series_files(folder: Path, series_uid: Optional[str] = None) -> List[str]:
+    """The files of the folder's one series (or of ``series_uid``); several series are refused, listed so the
+    user can pick."""
     reader = _sitk().ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(f"{folder} is a folder with no DICOM series")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InputError(f"{folder} holds no DICOM series {series_uid}")
+        return list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
     files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
     if len(series) > 1:
         listed = ", ".join(f"{uid} ({len(names)} files)" for uid, names in files.items())

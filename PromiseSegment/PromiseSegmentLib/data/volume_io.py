@@ -16,7 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,14 +63,14 @@ def _ijk_to_ras(image) -> np.ndarray:
     return LPS_TO_RAS @ m
 
 
-def read_volume(path, what: str = "input", labels: bool = False) -> Volume:
-    """Read a 3D volume or 2D image; a folder is read as one DICOM series (``labels``: a resampled series
-    takes the nearest slice's labels). NaN/infinite voxels are allowed (reported once; intensity rules
-    ignore them)."""
+def read_volume(path, what: str = "input", labels: bool = False, series_uid: Optional[str] = None) -> Volume:
+    """Read a 3D volume or 2D image; a folder is read as one DICOM series (the one named ``series_uid`` where
+    it holds several; ``labels``: a resampled series takes the nearest slice's labels). NaN/infinite voxels
+    are allowed (reported once; intensity rules ignore them)."""
     from PromiseSegmentLib.file_checks import check_input
 
     path = check_input(path, what, kind="any")
-    image = _read_image(path, labels)
+    image = _read_image(path, labels, series_uid)
     if image.GetDimension() > 3:
         raise InputError(f"{path} is a {image.GetDimension()}D image; extract one 3D frame first")
     ijk_to_ras = _ijk_to_ras(image)
@@ -98,11 +98,11 @@ def read_volume(path, what: str = "input", labels: bool = False) -> Volume:
     return Volume(array, ijk_to_ras, name)
 
 
-def _read_image(path: Path, labels: bool = False):
+def _read_image(path: Path, labels: bool = False, series_uid: Optional[str] = None):
     from PromiseSegmentLib.data.dicom_series import read_series
 
     try:
-        return read_series(path, labels) if path.is_dir() else _sitk().ReadImage(str(path))
+        return read_series(path, labels, series_uid) if path.is_dir() else _sitk().ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from None
 
@@ -164,13 +164,19 @@ def _check_nifti_sform(path: Path, image, ijk_to_ras: np.ndarray) -> None:
 
 
 def write_segmentation(
-    path, labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: Sequence[Segment], overwrite: bool = False
+    path,
+    labelmap: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    segments: Sequence[Segment],
+    overwrite: bool = False,
+    header: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write a KJI labelmap as a Slicer segmentation file (``.seg.nrrd``) at the volume's geometry
     (``.nrrd``/``.nii[.gz]``: the label map only; ``.png``: a one-slice result as a 0/255 mask).
 
     Written to a temporary file, read back and renamed, so a failure (e.g. a full disk) never leaves a
-    half-written segmentation, and an existing file is only replaced with ``overwrite=True``.
+    half-written segmentation, and an existing file is only replaced with ``overwrite=True``. ``header``:
+    extra key/value fields for NRRD files (e.g. what made the file; ``read_header_field`` reads them back).
     """
     path = Path(path)
     labelmap = np.ascontiguousarray(labelmap, dtype=np.uint8)
@@ -183,6 +189,9 @@ def write_segmentation(
         return save_png(path, mask)
     sitk = _sitk()
     image = _segmentation_image(labelmap, ijk_to_ras, segments)
+    if path.name.lower().endswith(".nrrd"):
+        for key, value in (header or {}).items():
+            image.SetMetaData(key, value)
 
     def verify(tmp):
         if not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(tmp)), labelmap):
@@ -221,6 +230,18 @@ def _segmentation_image(labelmap: np.ndarray, ijk_to_ras: np.ndarray, segments: 
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
     return image
+
+
+def read_header_field(path, key: str) -> Optional[str]:
+    """One header field of an image file (NRRD: the fields ``write_segmentation`` was given); None when the
+    file has no such field or cannot be read."""
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else None
 
 
 def read_labelmap(path) -> Volume:
