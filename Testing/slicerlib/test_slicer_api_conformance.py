@@ -567,7 +567,7 @@ UNCHECKABLE = {
     "currentTextChanged(QString)": QT + "QComboBox::currentTextChanged(const QString &text) signal",
     "valueChanged(int)": QT + "QSpinBox::valueChanged(int i) signal",
     "valueChanged(double)": QT + "QDoubleSpinBox::valueChanged(double d) signal",
-    "value": QT + "QSpinBox::value / QDoubleSpinBox::value properties",
+    "value": QT + "QSpinBox::value / QDoubleSpinBox::value properties; QSettings::value(key, defaultValue)",
     "minimum": QT + "QSpinBox::minimum / QDoubleSpinBox::minimum properties",
     "maximum": QT + "QSpinBox::maximum / QDoubleSpinBox::maximum properties",
     "checked": QT + "QAbstractButton::checked property",
@@ -588,7 +588,10 @@ UNCHECKABLE = {
     "addWidget": QT + "QBoxLayout::addWidget(QWidget*) / QLayout::addWidget(QWidget*)",
     "addStretch": QT + "QBoxLayout::addStretch(int stretch)",
     "addRow": QT + "QFormLayout::addRow(const QString &labelText, QWidget *field) / addRow(QWidget*)",
-    "setValue": QT + "QProgressDialog::setValue(int progress)",
+    "setValue": QT
+    + "QProgressDialog::setValue(int progress); QSettings::setValue(const QString &key, const QVariant &)",
+    "QSettings": QT + "QSettings::QSettings(QObject *parent = nullptr): the application's settings (Slicer sets "
+    "the organisation and application names); value(const QString &key, const QVariant &defaultValue)",
     "setCancelButtonText": QT + "QProgressDialog::setCancelButtonText(const QString &text)",
     "wasCanceled": QT + "QProgressDialog::wasCanceled property",
     "setLabelText": QT + "QProgressDialog::setLabelText(const QString &text)",

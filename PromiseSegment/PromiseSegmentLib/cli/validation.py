@@ -62,7 +62,7 @@ def _segment(args) -> None:
     args.cohort = bool(args.out_dir or args.manifest or len(args.input) != 1)
     if args.cohort:
         return check_cohort_args(args)
-    if not args.output:
+    if args.output is None:
         raise InputError("-o/--output is required for one input (or give --out-dir for a cohort)")
     args.input = args.input[0]
     inp = check_input(args.input, "input", kind="any")

@@ -14,7 +14,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from PromiseSegmentLib.atomic_write import write_bytes_atomically
 
@@ -93,7 +93,3 @@ class ResultsTable:
 
     def failed(self) -> List[CaseRow]:
         return [r for r in self.rows.values() if r.status == "failed"]
-
-
-def previous_row(table: ResultsTable, case: str) -> Optional[CaseRow]:
-    return table.previous.get(case)
