@@ -69,7 +69,7 @@ class PromiseSegmentParameterNode:
     axis: Annotated[str, Choice(list(AXES))] = AXES[0]
     device: Annotated[str, Choice(list(DEVICES))] = DEVICES[0]
     trainSegmentName: str = ""
-    trainTimeBudget: Annotated[int, WithinRange(0, 1440)] = 0  # minutes; 0: the whole plan
+    trainTimeBudget: Annotated[int, WithinRange(0, 1440)] = 0  # minutes; 0: the recipe's (auto: 30)
     trainDense: bool = False
     trainOutput: str = ""
 
@@ -343,8 +343,8 @@ class PromiseSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSpinBox(),
             "trainTimeBudget",
             _(
-                "0: the whole measured plan; otherwise the plan is scaled to fit and training stops at the budget "
-                "with the best adapter so far"
+                "0: the recipe's (auto: its plan fitted to 30 minutes on this computer); otherwise the plan is "
+                "scaled to fit and training stops at the budget with the best adapter so far"
             ),
         )
         self.trainDense = self._field(

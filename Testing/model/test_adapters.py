@@ -386,6 +386,9 @@ def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained,
     trainer.epoch(1, None)  # joint: IPS learns, the APM's weights stay (BatchNorm statistics still follow the data)
     assert all(torch.equal(v, dict(trainer.adapter.apm.named_parameters())[k]) for k, v in apm.items())
     assert any(not torch.equal(v, dict(trainer.adapter.ips.named_parameters())[k]) for k, v in ips.items())
+    assert all(p.grad is None for p in trainer.adapter.apm.parameters())  # not even computed: no wasted backward
+    trainer.epoch(0, True)  # a warm-up epoch trains it again
+    assert any(not torch.equal(v, dict(trainer.adapter.apm.named_parameters())[k]) for k, v in apm.items())
 
 
 def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():

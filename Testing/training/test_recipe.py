@@ -80,3 +80,39 @@ def test_the_recipe_needs_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_run_speaks_before_it_spends_seconds_measuring_the_machine(tiny_backbone, spleen_cases, monkeypatch):
+    """The first line of a training run comes before the rate measurement (seconds of encodes and steps),
+    so a user sees at once that it started."""
+    from PromiseSegmentLib.model.promise import engine_for
+    from PromiseSegmentLib.training import run
+
+    said = []
+
+    class Measured(Exception):
+        pass
+
+    def measure_rates(*args):
+        assert said and "measuring" in said[0]
+        raise Measured()
+
+    monkeypatch.setattr(run, "measure_rates", measure_rates)
+    engine = engine_for(tiny_backbone, None, "cpu")
+    with pytest.raises(Measured):
+        run.run_training(engine, spleen_cases[:3], spleen_cases[3:4], run.RunOptions(), say=said.append)
+
+
+def test_the_auto_recipe_fits_half_an_hour_unless_the_user_sets_the_schedule_or_a_budget():
+    from PromiseSegmentLib.training.recipe import AUTO_BUDGET_MIN, RunOptions
+
+    assert RunOptions().budget_minutes() == AUTO_BUDGET_MIN == 30
+    assert RunOptions(time_budget_min=90).budget_minutes() == 90
+    assert RunOptions(overrides={"lr": 1e-4}).budget_minutes() == 30  # a rate is not a schedule
+    for schedule in ({"epochs": 80}, {"apm_warmup_epochs": 10}, {"augmented_copies": 4}):
+        assert RunOptions(overrides=schedule).budget_minutes() is None  # the user's own schedule runs whole
+    assert RunOptions(recipe="paper").budget_minutes() is None
+    slow = MachineRates(encode=1.0, warmup_step=0.1, joint_step=0.5, evaluate=0.2, where="2 CPU threads")
+    plan = TrainPlan("auto", recipe_config("auto", 630), 630, 70)
+    fitted = fit_to_budget(plan, slow, RunOptions().budget_minutes() * 60)
+    assert sum(fitted.phase_seconds(slow).values()) <= 30 * 60 * 1.01 < sum(plan.phase_seconds(slow).values())

@@ -259,7 +259,8 @@ def _add_recipe_options(p) -> None:
         "--time-budget",
         type=positive_float,
         metavar="MINUTES",
-        help="scale the plan to fit, and stop at the budget with the best adapter so far",
+        help="scale the plan to fit, and stop at the budget with the best adapter so far (default for the "
+        "auto recipe: 30, unless --epochs, --apm-warmup or --augmented-copies set the schedule)",
     )
     p.add_argument(
         "--feature-cache",

@@ -16,7 +16,7 @@ from PromiseSegmentLib.training.config import TrainConfig
 from PromiseSegmentLib.training.features import encode_case
 from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
 from PromiseSegmentLib.training.recipe import MachineRates
-from PromiseSegmentLib.training.setup import build_adapter
+from PromiseSegmentLib.training.setup import build_adapter, track_apm
 
 
 def _seconds(job, repeats: int = 2) -> float:
@@ -44,12 +44,14 @@ def measure_rates(engine: InferenceEngine, cfg: TrainConfig, case: Case) -> Mach
     backbone, spec = engine.backbone, engine.spec
 
     def warmup_step():
+        track_apm(adapter, cfg, warmup=True)
         if adapter.apm is not None:
             loss = apm_aux_loss(adapter.apm(batch.taps, prepared=True), batch, spec.image_size)
             if loss.requires_grad:  # a points-only APM has no auxiliary loss
                 loss.backward()
 
     def joint_step():
+        track_apm(adapter, cfg, warmup=False)
         out = promise_forward(backbone, adapter, batch.features, batch.taps, _prompts(batch, cfg), cfg.mode, True)
         seg_loss(out.low_res[:, 0].float(), batch.target).backward()
 

@@ -23,6 +23,8 @@ from PromiseSegmentLib.training.config import TrainConfig
 RECIPES = ("auto", "paper")
 SELECTION_FRACTION = 0.1  # of the training images, held out to select the epoch (never the user's val/)
 SMALL_SET = 100  # fewer training images: the demo's schedule (more epochs, a narrower APM, augmented copies)
+AUTO_BUDGET_MIN = 30.0  # auto without a budget or epoch options: its plan is scaled to fit this on this machine
+SCHEDULE_OPTIONS = ("epochs", "apm_warmup_epochs", "augmented_copies")  # the user's own schedule: not rescaled
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,15 @@ class RunOptions:
     dense: bool = False
     empty_share: float = 0.1
     axis: str = "K"
+
+    def budget_minutes(self) -> Optional[float]:
+        """The budget the plan is fitted to and training stops at: the user's, else ``AUTO_BUDGET_MIN`` for
+        the auto recipe unless the user set its schedule (epochs, warm-up or copies)."""
+        if self.time_budget_min:
+            return self.time_budget_min
+        if self.recipe == "auto" and not any(k in self.overrides for k in SCHEDULE_OPTIONS):
+            return AUTO_BUDGET_MIN
+        return None
 
     def config(self, n_train: int, box_apm: bool) -> TrainConfig:
         return recipe_config(self.recipe, n_train, box_apm, **dict(self.overrides))

@@ -30,8 +30,9 @@ def plan_for(
     cfg.check()
     rates = measure_rates(engine, cfg, train[0])
     plan = TrainPlan(options.recipe if config is None else "as given", cfg, len(train), len(select))
-    if options.time_budget_min and config is None:
-        plan = fit_to_budget(plan, rates, options.time_budget_min * 60)
+    budget = options.budget_minutes()
+    if budget and config is None:
+        plan = fit_to_budget(plan, rates, budget * 60)
     return plan, rates
 
 
@@ -49,9 +50,13 @@ def run_training(
 ) -> TrainResult:
     """Plan (said through ``say``), then train with the budget's deadline."""
     started = time.monotonic()
+    say("measuring this machine's training speed for the plan (a few seconds) ...")
     plan, rates = plan_for(engine, train, select, options, config)
     say("\n".join(plan.describe(rates, engine.backbone.name)))
-    budget = options.time_budget_min
+    budget = options.budget_minutes() if config is None else options.time_budget_min
     deadline = started + budget * 60 if budget else None
+    if budget:
+        why = "" if options.time_budget_min else " (the auto recipe's; --time-budget gives another)"
+        say(f"  time budget {budget:g} min{why}: training stops there with the best adapter so far")
     folder = Path(options.feature_cache) if options.feature_cache else None
     return train_adapter(engine, train, select, plan.config, output, resume, progress, cancel, folder, deadline)

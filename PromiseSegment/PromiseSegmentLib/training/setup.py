@@ -54,6 +54,13 @@ def build_adapter(cfg: TrainConfig, backbone: LoadedBackbone) -> Adapter:
     )
 
 
+def track_apm(adapter: Adapter, cfg: TrainConfig, warmup: bool) -> None:
+    """Let autograd track the APM only when a step changes it: in a joint phase that keeps the warmed-up APM
+    (``apm_joint_lr`` 0) its forward and backward would be a quarter of the step's cost for nothing."""
+    if adapter.apm is not None:
+        adapter.apm.requires_grad_(warmup or cfg.apm_joint_lr > 0)
+
+
 def check_training_cases(train: List[Case], val: List[Case]) -> None:
     """Refuse a training set nothing can be learnt from (before the backbone is loaded)."""
     if not train:

@@ -36,7 +36,7 @@ from PromiseSegmentLib.training.features import PARTS_FOR_WARMUP, OnlineFeatures
 from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
 from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, save_state
 from PromiseSegmentLib.training.selection import choose_refinement, frozen_box_dice, score_epoch
-from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases
+from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases, track_apm
 
 log = logging.getLogger(__name__)
 USER_BOX_JITTER = 0.1  # a user's box is loose: each side moved by up to 10 % of the box's size
@@ -167,7 +167,7 @@ class Trainer:
             )
             out = promise_forward(backbone, self.adapter, features[rest], sub.taps, user, cfg.mode, taps_prepared=True)
             part = seg_loss(out.low_res[:, 0].float(), sub.target)
-            if cfg.box_loss_weight and out.apm is not None:
+            if cfg.box_loss_weight and out.apm is not None and cfg.apm_joint_lr > 0:  # else the APM is not trained
                 part = part + cfg.box_loss_weight * apm_aux_loss(out.apm, sub, spec.image_size)
             loss = loss + part * int(rest.sum())
         return loss / len(items)
@@ -194,6 +194,7 @@ class Trainer:
             self.optim.param_groups[0]["lr"] = lr * (1.0 if warmup else self.cfg.apm_joint_lr)
         for m in self.adapter.modules().values():
             m.train()
+        track_apm(self.adapter, self.cfg, warmup)
         order = torch.randperm(len(self.train), generator=self.gen).tolist()
         size, losses = self.cfg.batch_size, []
         batches = range(0, len(order), size)
