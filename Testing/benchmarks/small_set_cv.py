@@ -71,9 +71,7 @@ def main() -> None:
     cases = load_image_folder(Path(args.data) / "ct-spleen-slices")
     split = folds(cases, args.folds)
     print(f"CPU: {cpu_name()}; LiteMedSAM frozen; {len(cases)} slices in {args.folds} patient-grouped folds")
-    print(
-        "| recipe | mean Dice (all held-out slices) | median | fold means | demo's split (fold 0) | training s per fold |"
-    )
+    print("| recipe | mean Dice (every held-out slice) | median | fold means | demo split (fold 0) | training s |")
     print("|---|---|---|---|---|---|")
     for name in args.configs:
         overrides, fraction = CONFIGS[name]
