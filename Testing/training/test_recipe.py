@@ -20,7 +20,7 @@ RATES = MachineRates(encode=0.5, warmup_step=0.05, joint_step=0.25, evaluate=0.1
 def test_the_auto_recipe_follows_the_data_size_and_the_backbone():
     few, many = recipe_config("auto", 15), recipe_config("auto", 700)
     assert few.cache_features and not few.augment and few.augmented_copies > 0  # cheap copies for a few slices
-    assert few.apm_warmup_epochs > many.apm_warmup_epochs and few.epochs > many.epochs
+    assert few.epochs - few.apm_warmup_epochs > many.epochs - many.apm_warmup_epochs and few.epochs > many.epochs
     assert many.apm_joint_lr == 0 and 0 < many.user_box_share < 1  # IPS also serves the user's box
     points = recipe_config("auto", 700, box_apm=False)
     assert points.apm_warmup_epochs == 0 and points.user_box_share == 0  # no box APM: no warm-up, no boxes
