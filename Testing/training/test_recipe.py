@@ -112,6 +112,8 @@ def test_the_auto_recipe_fits_half_an_hour_unless_the_user_sets_the_schedule_or_
     for schedule in ({"epochs": 80}, {"apm_warmup_epochs": 10}, {"augmented_copies": 4}):
         assert RunOptions(overrides=schedule).budget_minutes() is None  # the user's own schedule runs whole
     assert RunOptions(recipe="paper").budget_minutes() is None
+    assert RunOptions().budget_minutes(given=True) is None  # an interrupted run's own schedule runs whole ...
+    assert RunOptions(time_budget_min=5).budget_minutes(given=True) == 5  # ... unless the user gave a budget
     slow = MachineRates(encode=1.0, warmup_step=0.1, joint_step=0.5, evaluate=0.2, where="2 CPU threads")
     plan = TrainPlan("auto", recipe_config("auto", 630), 630, 70)
     fitted = fit_to_budget(plan, slow, RunOptions().budget_minutes() * 60)

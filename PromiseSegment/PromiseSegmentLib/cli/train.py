@@ -164,14 +164,24 @@ def _summary(output: str, result) -> str:
 
 
 def refinement_summary(adapter) -> str:
-    """ "; box refinement ..." as the trainer chose it on the selection images ("" without a box APM)."""
+    """ "; peak box ...; box refinement ..." as the trainer chose them on the selection images ("" without a
+    box APM)."""
     tried = adapter.training.get("box_refinement_val_dice")
     if adapter.apm is None or not tried:
         return ""
+    line = ""
+    peaks = {t["mass"]: t["val_dice"] for t in adapter.training.get("peak_box_val_dice", [])}
+    if peaks:
+        mass = adapter.apm.config.peak_box_mass
+        what = "off" if mass >= 1.0 else f"where it holds over {mass:g} of the objectness"
+        line = (
+            f"; peak box: {what} (selection Dice {peaks.get(mass, float('nan')):.3f}, "
+            f"mean box {peaks.get(1.0, float('nan')):.3f})"
+        )
     chosen = (adapter.apm.box_refinement, adapter.apm.refinement_margin)
     dice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
     what = f"{chosen[0]} step(s), margin {chosen[1]:g}" if chosen[0] else "none"
-    return (
+    return line + (
         f"; box refinement: {what} (selection Dice {dice.get(chosen, float('nan')):.3f}, "
         f"without {dice.get((0, 0.0), float('nan')):.3f})"
     )

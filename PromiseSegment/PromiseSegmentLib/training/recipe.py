@@ -190,12 +190,13 @@ class RunOptions:
     empty_share: float = 0.1
     axis: str = "K"
 
-    def budget_minutes(self) -> Optional[float]:
+    def budget_minutes(self, given: bool = False) -> Optional[float]:
         """The budget the plan is fitted to and training stops at: the user's, else ``AUTO_BUDGET_MIN`` for
-        the auto recipe unless the user set its schedule (epochs, warm-up or copies)."""
+        the auto recipe unless the user set its schedule (epochs, warm-up or copies) or ``given`` a whole
+        configuration (an interrupted run's)."""
         if self.time_budget_min:
             return self.time_budget_min
-        if self.recipe == "auto" and not any(k in self.overrides for k in SCHEDULE_OPTIONS):
+        if not given and self.recipe == "auto" and not any(k in self.overrides for k in SCHEDULE_OPTIONS):
             return AUTO_BUDGET_MIN
         return None
 

@@ -22,15 +22,15 @@ def plan_for(
     select: List[Case],
     options: RunOptions,
     config: Optional[TrainConfig] = None,
+    budget: Optional[float] = None,
 ) -> tuple:
-    """(plan, rates): the run's plan scaled to the time budget, and this machine's measured rates.
+    """(plan, rates): the run's plan scaled to ``budget`` minutes, and this machine's measured rates.
     ``config`` (an interrupted run's, or one given in full) replaces the recipe and is not rescaled."""
     box_apm = "box" in engine.spec.apm_prompts and options.overrides.get("use_apm", True)
     cfg = config or options.config(len(train), box_apm)
     cfg.check()
     rates = measure_rates(engine, cfg, train[0])
     plan = TrainPlan(options.recipe if config is None else "as given", cfg, len(train), len(select))
-    budget = options.budget_minutes()
     if budget and config is None:
         plan = fit_to_budget(plan, rates, budget * 60)
     return plan, rates
@@ -51,9 +51,9 @@ def run_training(
     """Plan (said through ``say``), then train with the budget's deadline."""
     started = time.monotonic()
     say("measuring this machine's training speed for the plan (a few seconds) ...")
-    plan, rates = plan_for(engine, train, select, options, config)
+    budget = options.budget_minutes(given=config is not None)
+    plan, rates = plan_for(engine, train, select, options, config, budget)
     say("\n".join(plan.describe(rates, engine.backbone.name)))
-    budget = options.budget_minutes() if config is None else options.time_budget_min
     deadline = started + budget * 60 if budget else None
     if budget:
         why = "" if options.time_budget_min else " (the auto recipe's; --time-budget gives another)"

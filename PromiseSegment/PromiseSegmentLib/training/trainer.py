@@ -35,7 +35,7 @@ from PromiseSegmentLib.training.config import TrainConfig, lr_factor
 from PromiseSegmentLib.training.features import PARTS_FOR_WARMUP, OnlineFeatures, StoredFeatures
 from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
 from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, save_state
-from PromiseSegmentLib.training.selection import choose_refinement, frozen_box_dice, score_epoch
+from PromiseSegmentLib.training.selection import choose_peak_box, choose_refinement, frozen_box_dice, score_epoch
 from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases, track_apm
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class Trainer:
         self.best, self.first_epoch, self.frozen_box = -1.0, 0, float("nan")
         self.best_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self.refinement_scores: List[Dict[str, float]] = []
+        self.peak_box_scores: List[Dict[str, float]] = []
         cached, apm = cfg.cache_features and not cfg.augment, self.adapter.apm
         copies = cfg.augmented_copies if cached else 0
         self.features = StoredFeatures(
@@ -289,6 +290,7 @@ class Trainer:
             m.load_state_dict(self.best_state[name])
         apm = self.adapter.apm
         if self.val and self.cfg.mode == "apm+ips" and apm is not None and apm.box_head is not None:
+            self.peak_box_scores = choose_peak_box(self)
             self.refinement_scores = choose_refinement(self)
         adapter = self.final_adapter().eval()
         if self.output and self.state_path:
@@ -322,6 +324,8 @@ class Trainer:
             a.training["ips_for_user_box"] = bool(best.val_box_dice >= self.frozen_box)
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
+        if self.peak_box_scores:
+            a.training["peak_box_val_dice"] = self.peak_box_scores
         return a
 
 
