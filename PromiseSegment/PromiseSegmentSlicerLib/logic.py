@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -596,6 +597,7 @@ class SceneLogic:
         from PromiseSegmentLib.training.recipe import RunOptions, split_for_selection
         from PromiseSegmentLib.training.run import run_training
 
+        started = time.monotonic()  # the time budget counts from here, reading the scene included
         options = options or RunOptions()
         if config is not None:
             config.check()
@@ -609,7 +611,7 @@ class SceneLogic:
         cases = self.trainingCases(pairs, intensity, options.axis, options.empty_share, seed, options.dense)
         train, select = split_for_selection(cases, options.selection_fraction, seed)
         engine = engine_for(self.loadBackbone(backbone, None, device), None, device, precision=self.precision)
-        return run_training(engine, train, select, options, output, resume, progress, cancel, log.info, config)
+        return run_training(engine, train, select, options, output, resume, progress, cancel, log.info, config, started)
 
 
 def keptOutside(mask: np.ndarray, segmentationNode, segmentId: str, volumeNode, ax: int, sliceRange) -> np.ndarray:

@@ -236,9 +236,7 @@ def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained
     assert chosen == best == (result.adapter.apm.box_refinement, result.adapter.apm.refinement_margin)
     loaded = load_adapter(out, tiny_backbone).apm
     assert (loaded.box_refinement, loaded.refinement_margin) == chosen
-    peaks = {t["mass"]: t["val_dice"] for t in meta["training"]["peak_box_val_dice"]}
-    assert peaks[1.0] == pytest.approx(result.best_val_dice)  # the mean box, unrefined: what selection measured
-    assert by_choice[(0, 0.0)] == pytest.approx(peaks[meta["apm"]["peak_box_mass"]])  # refined from the chosen box
+    assert by_choice[(0, 0.0)] == pytest.approx(result.best_val_dice)  # no refinement: what selection measured
     from PromiseSegmentLib.cli.train import refinement_summary
 
     line = refinement_summary(result.adapter)
@@ -393,6 +391,22 @@ def test_apm_joint_lr_zero_keeps_the_warmed_up_apm_and_still_trains_ips(trained,
     assert any(not torch.equal(v, dict(trainer.adapter.apm.named_parameters())[k]) for k, v in apm.items())
 
 
+def test_a_deadline_ends_the_warm_up_early_enough_for_a_joint_epoch(trained, tiny_backbone):
+    import time
+
+    from PromiseSegmentLib.training.trainer import Trainer
+
+    _, _, cases, cfg = trained
+    long = TrainConfig(**{**cfg.__dict__, "epochs": 6, "apm_warmup_epochs": 5})
+    engine = engine_for(tiny_backbone, None, "cpu")
+    # an hour left, but one joint epoch is estimated at two: the warm-up stops after its first epoch
+    trainer = Trainer(engine, cases[2:], cases[:2], long, None, deadline=time.monotonic() + 3600, joint_seconds=7200)
+    result = trainer.run(False, None, None)
+    assert [r.phase for r in result.history] == ["apm warm-up", "joint"]
+    roomy = Trainer(engine, cases[2:], cases[:2], long, None, deadline=time.monotonic() + 3600, joint_seconds=1)
+    assert [r.phase for r in roomy.run(False, None, None).history] == ["apm warm-up"] * 5 + ["joint"]
+
+
 def test_low_res_box_is_the_foreground_s_pixel_edges_inside_the_image():
     from PromiseSegmentLib.model.forward import low_res_box
 
@@ -432,71 +446,6 @@ def test_box_refinement_decodes_again_with_the_first_mask_s_box(tiny_backbone, r
             adapter.apm.set_refinement(steps, margin)
     with pytest.raises(ValueError, match="box head"):
         APM((8,), 256, prompts=("points",), fusion_dim=16, box_refinement=1)
-
-
-def _two_candidate_map(dominant: float):
-    """Objectness over a 32x32 map with two candidate objects: cells near (8, 8) predict box A, those near
-    (24, 24) box B; ``dominant`` of the softmax mass is at A's peak."""
-    h = w = 32
-    boxes = torch.zeros(1, 4, h, w)
-    boxes[0, :, :16] = torch.tensor([0.1, 0.1, 0.3, 0.3])[:, None, None]
-    boxes[0, :, 16:] = torch.tensor([0.6, 0.6, 0.9, 0.9])[:, None, None]
-    weights = torch.zeros(1, h * w)
-    weights[0, 8 * w + 8], weights[0, 24 * w + 24] = dominant, 1 - dominant
-    return boxes.flatten(2), weights, h, w
-
-
-def test_peak_box_replaces_the_mean_box_only_where_one_peak_dominates():
-    apm = APM((8,), 256, prompts=("box",), fusion_dim=16, tap_pool=2)
-    head = apm.box_head
-    boxes, weights, h, w = _two_candidate_map(0.7)
-    mean = (boxes * weights[:, None]).sum(-1)
-    np.testing.assert_allclose(mean[0].numpy(), [0.25, 0.25, 0.48, 0.48], atol=1e-6)  # between the two objects
-    apm.set_peak_box(0.6)
-    np.testing.assert_allclose(head._peak_box(boxes, weights, h, w, mean)[0].numpy(), [0.1, 0.1, 0.3, 0.3], atol=1e-6)
-    apm.set_peak_box(0.8)  # the peak holds 0.7: not dominant enough, the mean stays
-    np.testing.assert_array_equal(head._peak_box(boxes, weights, h, w, mean).numpy(), mean.numpy())
-    # the full head: off by default, and the box moves when switched on
-    taps = [torch.zeros(1, 8, 64, 64)]
-    taps[0][0, :, 10:20, 10:20], taps[0][0, :, 40:60, 40:60] = 1.0, 0.5
-    apm.set_peak_box(1.0)
-    with torch.no_grad():
-        off = apm.eval()(taps).box
-        apm.set_peak_box(0.0)
-        on = apm(taps).box
-    assert apm.config.peak_box_mass == 0.0 and not torch.allclose(off, on)
-    for bad in (-0.1, 1.5, True, "0.5", None):
-        with pytest.raises(ValueError, match="peak-box mass"):
-            apm.set_peak_box(bad)
-    with pytest.raises(ValueError, match="box head"):
-        APM((8,), 256, prompts=("points",), fusion_dim=16, peak_box_mass=0.5)
-
-
-def test_choosing_the_peak_box_scores_each_mass_as_a_direct_decode_would(trained, tiny_backbone):
-    from PromiseSegmentLib.training.selection import PEAK_MASSES, choose_peak_box, score_epoch
-    from PromiseSegmentLib.training.trainer import Trainer
-
-    _, _, cases, cfg = trained
-    trainer = Trainer(engine_for(tiny_backbone, None, "cpu"), cases[2:], cases[:2], cfg, None)
-    trainer.epoch(0, None)
-    tried = {t["mass"]: t["val_dice"] for t in choose_peak_box(trainer)}  # two decodes per image for all masses
-    chosen = trainer.adapter.apm.config.peak_box_mass
-    assert list(tried) == list(PEAK_MASSES) and chosen in tried
-    assert tried[0.0] != tried[1.0], "the fixture should give a peak box unlike the mean one"
-    for mass in PEAK_MASSES:
-        trainer.adapter.apm.set_peak_box(mass)
-        assert score_epoch(trainer).dice == pytest.approx(tried[mass])
-
-
-def test_the_peak_box_travels_in_the_adapter_file(tmp_path, tiny_backbone):
-    from PromiseSegmentLib.model.adapter import save_adapter
-
-    adapter = build_adapter(TrainConfig(apm_prompts=("box",), **LIGHT), tiny_backbone)
-    assert adapter.apm.box_head.peak_mass == 1.0  # off unless training chose it
-    adapter.apm.set_peak_box(0.6)
-    save_adapter(adapter, tmp_path / "a.safetensors")
-    loaded = load_adapter(tmp_path / "a.safetensors", tiny_backbone).apm
-    assert loaded.config.peak_box_mass == 0.6 and loaded.box_head.peak_mass == 0.6
 
 
 def test_cosine_schedule_anneals_each_phase_and_reaches_the_optimiser(tiny_backbone):

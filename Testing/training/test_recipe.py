@@ -118,3 +118,47 @@ def test_the_auto_recipe_fits_half_an_hour_unless_the_user_sets_the_schedule_or_
     plan = TrainPlan("auto", recipe_config("auto", 630), 630, 70)
     fitted = fit_to_budget(plan, slow, RunOptions().budget_minutes() * 60)
     assert sum(fitted.phase_seconds(slow).values()) <= 30 * 60 * 1.01 < sum(plan.phase_seconds(slow).values())
+
+
+def test_the_plan_counts_the_box_choice_after_the_epochs_and_the_budget_leaves_room_for_it():
+    from PromiseSegmentLib.training.recipe import CHOICE_DECODES
+
+    plan = TrainPlan("auto", recipe_config("auto", 630), 630, 70)
+    assert plan.phase_seconds(RATES)["choose"] == pytest.approx(70 * 0.1 * CHOICE_DECODES)
+    assert any("chosen on the 70 selection images" in line for line in plan.describe(RATES, "lite_medsam"))
+    points = TrainPlan("auto", recipe_config("auto", 630, box_apm=False), 630, 70, box_apm=False)
+    assert points.phase_seconds(RATES)["choose"] == 0  # nothing to choose without a box APM
+    assert not any("chosen on" in line for line in points.describe(RATES, "sam_vit_b"))
+    budget = sum(plan.phase_seconds(RATES).values()) * 0.7
+    fitted = fit_to_budget(plan, RATES, budget)
+    assert sum(fitted.phase_seconds(RATES).values()) <= budget * 1.01  # the choice included
+    assert fitted.joint_epoch_seconds(RATES) == pytest.approx(plan.joint_epoch_seconds(RATES))
+
+
+def test_the_budget_counts_from_when_the_user_started_the_run(tiny_backbone, spleen_cases, monkeypatch):
+    """Loading the data before ``run_training`` is part of the user's budget: a run that starts with its
+    budget nearly spent gets the smallest plan, and a deadline before the box choice."""
+    import time
+
+    from PromiseSegmentLib.model.promise import engine_for
+    from PromiseSegmentLib.training import run
+
+    seen = {}
+
+    def train_adapter(engine, train, select, cfg, output, resume, progress, cancel, folder, deadline, joint):
+        seen.update(cfg=cfg, deadline=deadline, joint=joint)
+        raise StopIteration
+
+    monkeypatch.setattr(run, "train_adapter", train_adapter)
+    engine = engine_for(tiny_backbone, None, "cpu")
+    options = run.RunOptions(time_budget_min=10)
+    long_ago = time.monotonic() - 10 * 60 + 1
+    with pytest.raises(StopIteration):
+        run.run_training(engine, spleen_cases[:3], spleen_cases[3:4], options, say=lambda t: None, started=long_ago)
+    cfg = seen["cfg"]
+    assert cfg.apm_warmup_epochs <= 1 and cfg.epochs == cfg.apm_warmup_epochs + 1  # the least there is
+    assert cfg.augmented_copies == 0
+    assert seen["deadline"] <= long_ago + 10 * 60 and seen["joint"] > 0
+    with pytest.raises(StopIteration):
+        run.run_training(engine, spleen_cases[:3], spleen_cases[3:4], options, say=lambda t: None)
+    assert seen["cfg"].epochs > 2  # counted from now, ten minutes hold more

@@ -8,6 +8,7 @@ work; progress follows per encoded image and per batch, with the phase named.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -75,6 +76,7 @@ def cmd_train(args) -> int:
     from PromiseSegmentLib.training.recipe import RunOptions
     from PromiseSegmentLib.training.resume import read_resume_state
 
+    started = time.monotonic()  # the time budget counts from here: loading the data is part of the run
     rule = intensity_rule(args)
     preflight(args.device)
     output = Path(args.output)
@@ -102,6 +104,7 @@ def cmd_train(args) -> int:
             None,
             lambda text: print(text, flush=True),
             resumed,
+            started,
         )
     finally:
         bars.close()
@@ -164,24 +167,14 @@ def _summary(output: str, result) -> str:
 
 
 def refinement_summary(adapter) -> str:
-    """ "; peak box ...; box refinement ..." as the trainer chose them on the selection images ("" without a
-    box APM)."""
+    """ "; box refinement ..." as the trainer chose it on the selection images ("" without a box APM)."""
     tried = adapter.training.get("box_refinement_val_dice")
     if adapter.apm is None or not tried:
         return ""
-    line = ""
-    peaks = {t["mass"]: t["val_dice"] for t in adapter.training.get("peak_box_val_dice", [])}
-    if peaks:
-        mass = adapter.apm.config.peak_box_mass
-        what = "off" if mass >= 1.0 else f"where it holds over {mass:g} of the objectness"
-        line = (
-            f"; peak box: {what} (selection Dice {peaks.get(mass, float('nan')):.3f}, "
-            f"mean box {peaks.get(1.0, float('nan')):.3f})"
-        )
     chosen = (adapter.apm.box_refinement, adapter.apm.refinement_margin)
     dice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
     what = f"{chosen[0]} step(s), margin {chosen[1]:g}" if chosen[0] else "none"
-    return line + (
+    return (
         f"; box refinement: {what} (selection Dice {dice.get(chosen, float('nan')):.3f}, "
         f"without {dice.get((0, 0.0), float('nan')):.3f})"
     )

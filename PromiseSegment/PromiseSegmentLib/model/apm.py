@@ -28,7 +28,6 @@ from PromiseSegmentLib.names import RESNET34_BLOCKS
 
 PROMPT_KINDS = ("points", "box")
 MAX_REFINEMENT = 3
-PEAK_RADIUS_SHARE = 0.1  # the objectness peak's own box: cells within this share of the map's side of the peak
 # Bounds on an APM's sizes (an adapter file's metadata is untrusted): the largest APM they allow, on ViT-H's
 # taps, has about 180 M parameters (0.7 GB), so a hostile width cannot ask for gigabytes.
 MAX_TAPS, MAX_TAP_CHANNELS, MAX_IMAGE_SIZE, MAX_SLOTS = 8, 4096, 4096, 256
@@ -133,9 +132,8 @@ class PointHead(nn.Module):
 class BoxHead(nn.Module):
     """Per-cell objectness + distances to the box edges; the box is their objectness-weighted mean."""
 
-    def __init__(self, dim: int, peak_mass: float = 1.0):
+    def __init__(self, dim: int):
         super().__init__()
-        self.peak_mass = peak_mass  # see ``APM.set_peak_box``
         # Dilated context: a cell inside a large object must see its edges.
         self.body = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1),
@@ -162,25 +160,8 @@ class BoxHead(nn.Module):
         cx, cy = xs.view(1, 1, w).expand(b, h, w), ys.view(1, h, 1).expand(b, h, w)
         boxes = torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], dim=1)
         weights = torch.softmax(score.flatten(1), dim=1)  # (B, h*w)
-        box = (boxes.flatten(2) * weights[:, None]).sum(-1)
-        if self.peak_mass < 1.0:
-            box = self._peak_box(boxes.flatten(2), weights, h, w, box)
-        return box.clamp(0, 1), score, self.presence(pooled)[:, 0]  # box (B, 4) in [0, 1]
-
-    def _peak_box(self, boxes, weights, h: int, w: int, box):
-        """Where the objectness has one dominant peak (more than ``peak_mass`` of it near its maximum), the
-        box of the cells near that peak: the mean over the whole map would be pulled towards a second,
-        weaker candidate object, and land between the two."""
-        radius = max(1, round(PEAK_RADIUS_SHARE * max(h, w)))
-        peak = weights.argmax(dim=1)
-        py, px = torch.div(peak, w, rounding_mode="floor"), peak % w
-        ys = torch.arange(h, device=weights.device).view(1, h, 1)
-        xs = torch.arange(w, device=weights.device).view(1, 1, w)
-        near = ((ys - py.view(-1, 1, 1)).abs() <= radius) & ((xs - px.view(-1, 1, 1)).abs() <= radius)
-        local = weights * near.flatten(1)
-        mass = local.sum(dim=1, keepdim=True)
-        peak_box = (boxes * local[:, None]).sum(-1) / mass.clamp_min(1e-12)
-        return torch.where(mass > self.peak_mass, peak_box, box)
+        box = (boxes.flatten(2) * weights[:, None]).sum(-1).clamp(0, 1)  # (B, 4) in [0, 1]
+        return box, score, self.presence(pooled)[:, 0]
 
 
 class APM(nn.Module):
@@ -200,7 +181,6 @@ class APM(nn.Module):
         tap_pool: int = 1,
         box_refinement: int = 0,
         refinement_margin: float = 0.0,
-        peak_box_mass: float = 1.0,
     ):
         super().__init__()
         check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool)
@@ -228,7 +208,6 @@ class APM(nn.Module):
         self.point_head = PointHead(fusion_dim, len(slot_labels), head_blocks) if "points" in prompts else None
         self.box_head = BoxHead(fusion_dim) if "box" in prompts else None
         self.set_refinement(box_refinement, refinement_margin)
-        self.set_peak_box(peak_box_mass)
         self.to(memory_format=torch.channels_last)  # NHWC convs: faster on CPUs (oneDNN)
 
     def set_refinement(self, steps: int, margin: float) -> None:
@@ -248,18 +227,6 @@ class APM(nn.Module):
             raise ValueError("box refinement needs an APM with a box head")
         self.box_refinement, self.refinement_margin = steps, margin
         self.config = replace(self.config, box_refinement=steps, refinement_margin=margin)
-
-    def set_peak_box(self, mass: float) -> None:
-        """Automatic mode's box is the dominant objectness peak's own box when that peak holds more than
-        ``mass`` of the objectness (1: never, the mean over the map). Chosen on held-out images after
-        training (``training.selection.choose_peak_box``) and kept in the adapter's metadata."""
-        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 <= mass <= 1.0:
-            raise ValueError(f"the APM's peak-box mass must be a number in [0, 1], got {reprlib.repr(mass)}")
-        if mass < 1.0 and self.box_head is None:
-            raise ValueError("a peak box needs an APM with a box head")
-        if self.box_head is not None:
-            self.box_head.peak_mass = float(mass)
-        self.config = replace(self.config, peak_box_mass=float(mass))
 
     @staticmethod
     def from_config(config: ApmConfig) -> "APM":

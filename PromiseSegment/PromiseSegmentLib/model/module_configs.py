@@ -21,7 +21,6 @@ class ApmConfig:
     tap_pool: int
     box_refinement: int = 0  # re-decodes with the previous mask's box (chosen after training)
     refinement_margin: float = 0.0
-    peak_box_mass: float = 1.0  # the dominant objectness peak's own box above this share (chosen after training)
 
     @property
     def box_only(self) -> bool:

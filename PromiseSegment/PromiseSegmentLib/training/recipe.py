@@ -25,6 +25,9 @@ SELECTION_FRACTION = 0.1  # of the training images, held out to select the epoch
 SMALL_SET = 100  # fewer training images: the demo's schedule (more epochs, a narrower APM, augmented copies)
 AUTO_BUDGET_MIN = 30.0  # auto without a budget or epoch options: its plan is scaled to fit this on this machine
 SCHEDULE_OPTIONS = ("epochs", "apm_warmup_epochs", "augmented_copies")  # the user's own schedule: not rescaled
+# Decodes per selection image outside the epochs: the frozen backbone's box bar and the box refinements (7)
+# that ``training.selection.choose_refinement`` chooses from.
+CHOICE_DECODES = 8
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class TrainPlan:
     config: TrainConfig
     n_train: int
     n_select: int
+    box_apm: bool = True  # the box refinement is chosen after the epochs
 
     def encodes(self) -> int:
         """Images through the encoder: each version once with the cache, every step without it."""
@@ -102,7 +106,14 @@ class TrainPlan:
             phases, step_encode = {"encode": self.n_select * rates.encode}, rates.encode
         phases["apm warm-up"] = warmup * self.n_train * (rates.warmup_step + step_encode)
         phases["joint"] = joint * self.n_train * (rates.joint_step + step_encode) + select
+        choose = self.box_apm and cfg.use_apm and cfg.mode == "apm+ips"
+        phases["choose"] = self.n_select * rates.evaluate * CHOICE_DECODES if choose else 0.0
         return phases
+
+    def joint_epoch_seconds(self, rates: MachineRates) -> float:
+        """One joint epoch with its selection: what a shortened warm-up must leave room for."""
+        joint = max(1, self.config.epochs - self.config.apm_warmup_epochs)
+        return self.phase_seconds(rates)["joint"] / joint
 
     def describe(self, rates: MachineRates, backbone: str) -> List[str]:
         cfg, p = self.config, self.phase_seconds(rates)
@@ -120,6 +131,11 @@ class TrainPlan:
         if cfg.apm_warmup_epochs:
             lines.append(f"  2. APM warm-up: {_epochs(cfg.apm_warmup_epochs)}  ~ {_minutes(p['apm warm-up'])}")
         lines.append(f"  {len(lines)}. joint ({ips}{apm}{boxes}): {_epochs(joint)}  ~ {_minutes(p['joint'])}")
+        if p["choose"]:
+            lines.append(
+                f"  {len(lines)}. box refinement chosen on the {self.n_select} selection images  "
+                f"~ {_minutes(p['choose'])}"
+            )
         lines.append(
             f"  about {_minutes(sum(p.values()))} on {rates.where} (measured here: encode {rates.encode:.2f} s, "
             f"warm-up step {1000 * rates.warmup_step:.0f} ms, joint step {1000 * rates.joint_step:.0f} ms per image)"
@@ -138,7 +154,7 @@ def fit_to_budget(plan: TrainPlan, rates: MachineRates, seconds: float) -> Train
     if total <= seconds:
         return plan
     phases = plan.phase_seconds(rates)
-    fixed = phases["encode"] if cfg.cache_features and not cfg.augment else 0.0
+    fixed = phases["choose"] + (phases["encode"] if cfg.cache_features and not cfg.augment else 0.0)
     share = max(0.0, seconds - fixed) / max(1e-9, total - fixed)
     warmup0, joint0 = cfg.apm_warmup_epochs, cfg.epochs - cfg.apm_warmup_epochs
     joint = max(1, int(joint0 * share))

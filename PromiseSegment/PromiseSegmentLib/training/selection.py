@@ -1,7 +1,7 @@
 """Selecting what a run keeps, on the held-out selection images: each epoch's Dice (automatic, and with the
 ground-truth box through the adapter's IPS against the frozen backbone with the same box), and after
-training how the APM's box is taken from its objectness (the peak box) and refined. All in the decoder's
-256x256 frame: fast, for comparison, not the reported full-resolution metrics."""
+training the APM's box refinement. All in the decoder's 256x256 frame: fast, for comparison, not the
+reported full-resolution metrics."""
 
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 # Box refinements tried after training (steps, margin as a share of the box side); see ``choose_refinement``.
 REFINEMENTS = ((0, 0.0), (1, 0.0), (1, 0.05), (1, 0.1), (1, 0.2), (2, 0.1))
 REFINEMENT_GAIN = 0.002
-# Peak-box masses tried after training (``APM.set_peak_box``; 1 = off). Free at inference, but it must still
-# beat the mean box by ``PEAK_GAIN`` on the selection images, so that a few images' noise does not switch it on.
-PEAK_MASSES = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0)
-PEAK_GAIN = 0.002
 
 
 @dataclass
@@ -106,39 +102,3 @@ def choose_refinement(trainer) -> List[Dict[str, float]]:
     apm.set_refinement(*best)
     log.info("box refinement %s (selection Dice %s)", best, means)
     return [{"steps": steps, "margin": margin, "val_dice": d} for (steps, margin), d in means.items()]
-
-
-@torch.no_grad()
-def choose_peak_box(trainer) -> List[Dict[str, float]]:
-    """Set the APM's peak-box mass (``APM.set_peak_box``) to the candidate with the best automatic selection
-    Dice (before any refinement, which ``choose_refinement`` then picks for it). Returns every candidate with
-    its Dice. Each image has only two possible boxes (the mean and its peak's), so two decodes serve every
-    candidate."""
-    apm = trainer.adapter.apm
-    assert apm is not None and apm.box_head is not None, "the peak box is chosen only for a box APM"
-    for m in trainer.adapter.modules().values():
-        m.eval()
-    scores: Dict[float, List[float]] = {c: [] for c in PEAK_MASSES}
-    backbone = trainer.engine.backbone
-
-    def automatic(batch, mass: float):
-        apm.set_peak_box(mass)
-        out = promise_forward(
-            backbone, trainer.adapter, batch.features, batch.taps, PromptBatch(), "apm+ips", taps_prepared=True
-        )
-        return out.prompts.boxes, torch.tensor(batch_dice(out.low_res[:, 0].float(), batch.target))
-
-    try:
-        for _, batch in _batches(trainer):
-            (_, mean_dice), (peak_box, peak_dice) = automatic(batch, 1.0), automatic(batch, 0.0)
-            for mass in PEAK_MASSES:
-                apm.set_peak_box(mass)
-                box = apm(batch.taps, prepared=True).box
-                scores[mass] += torch.where((box == peak_box).all(1), peak_dice, mean_dice).tolist()
-    finally:
-        apm.set_peak_box(1.0)
-    means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(PEAK_MASSES, key=lambda c: means[c] - (PEAK_GAIN if c < 1.0 else 0.0))
-    apm.set_peak_box(best)
-    log.info("peak box above mass %s (selection Dice %s)", best, means)
-    return [{"mass": mass, "val_dice": d} for mass, d in means.items()]

@@ -35,7 +35,7 @@ from PromiseSegmentLib.training.config import TrainConfig, lr_factor
 from PromiseSegmentLib.training.features import PARTS_FOR_WARMUP, OnlineFeatures, StoredFeatures
 from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
 from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, save_state
-from PromiseSegmentLib.training.selection import choose_peak_box, choose_refinement, frozen_box_dice, score_epoch
+from PromiseSegmentLib.training.selection import choose_refinement, frozen_box_dice, score_epoch
 from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases, track_apm
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,12 @@ class Trainer:
         output: Optional[Path],
         feature_cache: Optional[Path] = None,
         deadline: Optional[float] = None,
+        joint_seconds: float = 0.0,
     ):
         cfg.check()
         check_training_cases(train, val)
         self.engine, self.train, self.val, self.cfg, self.deadline = engine, train, val, cfg, deadline
+        self.joint_seconds = joint_seconds  # an estimate of one joint epoch, which a shortened warm-up leaves time for
         self.output = Path(output) if output else None
         self.state_path = Path(str(output) + ".state.pt") if output else None
         self.data = data_fingerprint(train, val) if output else None
@@ -105,7 +107,6 @@ class Trainer:
         self.best, self.first_epoch, self.frozen_box = -1.0, 0, float("nan")
         self.best_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self.refinement_scores: List[Dict[str, float]] = []
-        self.peak_box_scores: List[Dict[str, float]] = []
         cached, apm = cfg.cache_features and not cfg.augment, self.adapter.apm
         copies = cfg.augmented_copies if cached else 0
         self.features = StoredFeatures(
@@ -265,7 +266,8 @@ class Trainer:
             self._keep(record, epoch)
             if progress:
                 progress(TrainStatus(phase, (epoch - first + 1), length, epoch, epochs, record))
-            if self.deadline is not None and time.monotonic() + record.seconds > self.deadline:
+            after_next = time.monotonic() + record.seconds + (self.joint_seconds if warmup else 0.0)
+            if self.deadline is not None and after_next > self.deadline:
                 if warmup:  # end the warm-up now and run one joint epoch
                     warmup_end, epochs = epoch + 1, epoch + 2
                     log.info("time budget: the APM warm-up ends after epoch %d; one joint epoch follows", epoch + 1)
@@ -290,7 +292,6 @@ class Trainer:
             m.load_state_dict(self.best_state[name])
         apm = self.adapter.apm
         if self.val and self.cfg.mode == "apm+ips" and apm is not None and apm.box_head is not None:
-            self.peak_box_scores = choose_peak_box(self)
             self.refinement_scores = choose_refinement(self)
         adapter = self.final_adapter().eval()
         if self.output and self.state_path:
@@ -324,8 +325,6 @@ class Trainer:
             a.training["ips_for_user_box"] = bool(best.val_box_dice >= self.frozen_box)
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
-        if self.peak_box_scores:
-            a.training["peak_box_val_dice"] = self.peak_box_scores
         return a
 
 
@@ -340,8 +339,11 @@ def train_adapter(
     cancel: Optional[CancelFn] = None,
     feature_cache: Optional[Path] = None,
     deadline: Optional[float] = None,
+    joint_seconds: float = 0.0,
 ) -> TrainResult:
     """Train on ``train``, select the epoch with the best Dice on ``val`` (held-out selection images); writes
     ``output`` (best adapter) and ``output.state.pt`` (resumable state, every epoch, atomically) when
-    ``output`` is given. ``deadline`` (``time.monotonic()`` seconds) bounds the run."""
-    return Trainer(engine, train, val, cfg, output, feature_cache, deadline).run(resume, progress, cancel)
+    ``output`` is given. ``deadline`` (``time.monotonic()`` seconds) bounds the epochs; the warm-up ends
+    early enough to leave ``joint_seconds`` (one joint epoch) before it."""
+    trainer = Trainer(engine, train, val, cfg, output, feature_cache, deadline, joint_seconds)
+    return trainer.run(resume, progress, cancel)
