@@ -19,7 +19,8 @@ RATES = MachineRates(encode=0.5, warmup_step=0.05, joint_step=0.25, evaluate=0.1
 
 def test_the_auto_recipe_follows_the_data_size_and_the_backbone():
     few, many = recipe_config("auto", 15), recipe_config("auto", 700)
-    assert few.cache_features and not few.augment and few.augmented_copies > 0  # cheap copies for a few slices
+    assert few.cache_features and not few.augment and few.augmented_copies == 0  # measured best on a few slices
+    assert few.user_box_share == 0 and few.apm_joint_lr == 1  # the APM learns on from its own boxes
     assert few.epochs - few.apm_warmup_epochs > many.epochs - many.apm_warmup_epochs and few.epochs > many.epochs
     assert many.apm_joint_lr == 0 and 0 < many.user_box_share < 1  # IPS also serves the user's box
     points = recipe_config("auto", 700, box_apm=False)
@@ -67,9 +68,10 @@ def test_a_time_budget_drops_copies_first_then_epochs_and_keeps_one_of_each():
 def test_the_selection_split_is_seeded_and_never_empty():
     cases = list(range(50))
     train, select = split_for_selection(cases, None, 3)
-    assert len(select) == 5 and sorted(train + select) == cases
+    assert len(select) == 10 and sorted(train + select) == cases  # a fifth: fewer than 100 images
     assert split_for_selection(cases, None, 3) == (train, select)
     assert selection_count(1, None) == 1 and selection_count(2, 0.1) == 1
+    assert selection_count(15, None) == 3 and selection_count(700, None) == 70  # a fifth of a few, a tenth of many
 
 
 def test_the_recipe_needs_no_torch():
