@@ -147,24 +147,30 @@ import resource
 import numpy as np
 from PromiseSegmentLib.backbones.registry import load_backbone
 from PromiseSegmentLib.inference.engine import InferenceEngine
-engine = InferenceEngine(load_backbone("lite_medsam"), "cpu", capture_taps=True, precision="auto")
+engine = InferenceEngine(load_backbone("lite_medsam"), "cpu")
 print(engine.heap)
-image = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+
+def slice_like():  # 96 MB of 8 MB activations, freed together: what one slice does to the heap
+    blocks = [np.ones(1 << 20) for _ in range(12)]
+    del blocks
+
 for _ in range(2):
-    engine.encode([image])
+    slice_like()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
-    engine.encode([image])
+    slice_like()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 """
 
 
 @pytest.mark.skipif(heap._glibc() is None, reason="malloc thresholds are glibc's (Linux)")
 def test_encodes_reuse_freed_memory_without_page_faults(tiny_backbone):
-    """With the engine's malloc thresholds (heap.py) the memory one encode frees stays with the process and
-    the next encode reuses it; with glibc's defaults each encode faults much of it in again (measured
-    9,800-21,000 page faults per bf16 encode against 0-550; 25,000-133,000 against 2,700-8,600 in fp32).
-    A user's own malloc settings are left alone, and the engine says what it runs with."""
+    """With the engine's malloc thresholds (heap.py) the memory one slice frees stays with the process and
+    the next slice reuses it; with glibc's defaults much of it is given back and faulted in again. Probed with
+    a slice's allocation pattern rather than a real encode: how many pages an encode faults with glibc's
+    defaults depends on the CPU's kernels (8,700 per fp32 encode on one CI machine, 25,000-133,000 here),
+    the thresholds' effect does not. A user's own malloc settings are left alone, and the engine says what
+    it runs with."""
 
     def probe(**env):
         out = (
@@ -183,8 +189,8 @@ def test_encodes_reuse_freed_memory_without_page_faults(tiny_backbone):
     said, kept = probe()
     said_default, default = probe(PROMISE_SEGMENT_KEEP_FREED_MEMORY="0")
     assert "keeps up to 128 MB" in said and "defaults" in said_default
-    assert default >= 5_000  # at least 20 MB faulted in again per encode
-    assert kept <= default / (5 if acc.cpu_bf16()[0] else 2)
+    assert default >= 1_000  # at least 4 MB given back and faulted in again per slice
+    assert kept <= default / 10
     assert heap._apply({"MALLOC_TRIM_THRESHOLD_": "1"}) == "malloc as set by MALLOC_TRIM_THRESHOLD_"
     assert heap._apply({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}).startswith("malloc as set by")
     engine = InferenceEngine(tiny_backbone, "cpu")

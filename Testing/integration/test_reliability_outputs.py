@@ -418,7 +418,9 @@ def _stale_temps(ws, files, capsys, monkeypatch):  # a crashed run's temporary r
 
 def _folder_vanishes(ws, files, capsys, monkeypatch):  # one line, nothing reported as written
     sub = ws["tmp"] / "sub"
-    with meanwhile(sub, "v.seg.nrrd", lambda: shutil.rmtree(sub)) as done:
+    # the hold's marker lies outside ``sub``: removing it with ``sub`` would end the hold mid-rmtree, and the
+    # run's own clean-up of the folder it made would race the rmtree
+    with meanwhile(ws["tmp"], "v.seg.nrrd", lambda: shutil.rmtree(sub)) as done:
         rc, out, err = cli(capsys, *_seg(files, sub / "v.seg.nrrd"))
     assert done
     one_error(rc, err, "could not write", str(sub / "v.seg.nrrd"))
