@@ -54,6 +54,21 @@ def test_the_openvino_encoder_gives_pytorchs_embedding_and_taps(lite_medsam):
         assert b.features.is_contiguous(memory_format=torch.channels_last)  # the decoder's layout
 
 
+def test_a_batch_gives_what_its_images_give_one_by_one(lite_medsam):
+    """LiteMedSAM's converted trace holds batch-1 shapes (``reshape`` to 2 fails); a batch (``--batch-size``
+    on a CPU) must still give each image's own embedding and taps, in order."""
+    engine = InferenceEngine(lite_medsam, "cpu", precision="fp32", capture_taps=True, runtime="openvino")
+    engine.prepare_runtime()
+    size = engine.spec.image_size
+    batch = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    features, taps = engine._openvino(batch)
+    for i in range(2):
+        one, one_taps = engine._openvino(batch[i : i + 1])
+        assert torch.equal(features[i : i + 1], one)
+        assert all(torch.equal(t[i : i + 1], u) for t, u in zip(taps, one_taps))
+    assert not torch.allclose(features[0], features[1])
+
+
 def test_the_cache_entry_is_written_once_read_back_and_rebuilt_when_damaged(make_backbone, tiny_sam, caplog):
     first = make_backbone(tiny_sam)
     engine = InferenceEngine(first, "cpu", runtime="openvino")

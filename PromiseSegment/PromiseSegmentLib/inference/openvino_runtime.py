@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class OpenVinoEncoder:
         self.core = ov.Core()
         self.conversion_seconds: Optional[float] = None  # set when this process converted the model
         self.model = self._cached_model() or self._convert()
-        self._compiled: Dict[int, object] = {}
+        self._compiled: Optional[object] = None
 
     # -------------------------------------------------------------------------- the cache entry
     def _cached_model(self):
@@ -158,23 +158,26 @@ class OpenVinoEncoder:
         return model
 
     # -------------------------------------------------------------------------- running
-    def _compiled_for(self, batch: int):
-        if batch not in self._compiled:
-            size = self.backbone.spec.image_size
-            model = self.model.clone()
-            model.reshape([batch, 3, size, size])
+    def _compiled_model(self):
+        """Compiled once, for batch 1: the converted trace keeps batch-1 shapes inside (``reshape`` to a
+        larger batch fails), and on CPUs a batch gains nothing over its images one after another in latency
+        mode (Testing/benchmarks/openvino_modes.py)."""
+        if self._compiled is None:
             config = {
                 "INFERENCE_PRECISION_HINT": self.hint,
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": self.threads,
             }
             with signal_stack.kept():
-                self._compiled[batch] = self.core.compile_model(model, "CPU", config)
-        return self._compiled[batch]
+                self._compiled = self.core.compile_model(self.model, "CPU", config)
+        return self._compiled
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        compiled = self._compiled_for(int(x.shape[0]))
-        with signal_stack.kept():  # the plugin's own signal stack must not outlive the call (signal_stack)
-            results = compiled(np.ascontiguousarray(x.detach().float().cpu().numpy()))  # type: ignore[operator]
-        outputs = [torch.from_numpy(np.array(results[i])) for i in range(len(compiled.outputs))]  # type: ignore[attr-defined]
+        compiled = self._compiled_model()
+        per_image = []
+        for one in x.detach().float().cpu().split(1):
+            with signal_stack.kept():  # the plugin's own signal stack must not outlive the call (signal_stack)
+                results = compiled(np.ascontiguousarray(one.numpy()))  # type: ignore[operator]
+            per_image.append([np.array(results[i]) for i in range(len(compiled.outputs))])  # type: ignore[attr-defined]
+        outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*per_image)]
         return outputs[0], outputs[1:]
