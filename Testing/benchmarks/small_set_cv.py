@@ -29,8 +29,10 @@ from PromiseSegmentLib.training.run import run_training  # noqa: E402
 CONFIGS = {  # TrainConfig overrides on top of the auto recipe (and the selection share)
     "auto": ({}, None),
     "demo": ({"augmented_copies": 0, "user_box_share": 0.0}, 0.2),  # the demo's settings, 3 of 15 to select
-    "no-copies": ({"augmented_copies": 0}, None),
-    "select-3": ({}, 0.2),
+    # each undoes one of the three ways the small-set auto recipe departs from the large-set one
+    "copies-2": ({"augmented_copies": 2}, None),
+    "gt-boxes": ({"user_box_share": 0.5}, None),
+    "select-tenth": ({}, 0.1),
 }
 
 
