@@ -40,7 +40,7 @@ class LoadedBackbone:
     path: Optional[Path] = None
     rewrites: List[str] = field(default_factory=list)  # load-time speed-ups (``Backbone.optimise``), in words
     half_decoders: dict = field(default_factory=dict, repr=False)  # (dtype, device) -> ``decoder.HalfDecoder``
-    openvino_models: dict = field(default_factory=dict, repr=False)  # (kind, precision, threads) -> OpenVINO model
+    openvino_encoders: dict = field(default_factory=dict, repr=False)  # (precision, threads) -> OpenVinoEncoder
 
     @property
     def name(self) -> str:

@@ -32,8 +32,8 @@ from PromiseSegmentLib.inference.acceleration import (
 from PromiseSegmentLib.inference.devices import is_out_of_memory, pick_device
 from PromiseSegmentLib.inference.embedding_cache import EmbeddingCache, lookup
 from PromiseSegmentLib.inference.heap import keep_freed_memory
-from PromiseSegmentLib.inference.openvino_runtime import OpenVinoDecoder, OpenVinoEncoder, resolve_runtime
-from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks, pick_tokens
+from PromiseSegmentLib.inference.openvino_runtime import OpenVinoEncoder, resolve_runtime
+from PromiseSegmentLib.model.decoder import HalfDecoder, decode_masks
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ class InferenceEngine:
         self.runtime, self.runtime_note = resolve_runtime(runtime, self.device, backbone)
         self.runtime_requested = runtime
         self._openvino: Optional[OpenVinoEncoder] = None  # built at first use (``prepare_runtime``)
-        self._openvino_decoder: Optional[OpenVinoDecoder] = None
         log.info("%s", self.describe())
 
     # ----------------------------------------------------------------------------- what runs
@@ -145,8 +144,7 @@ class InferenceEngine:
         parts = [f"{self.spec.name} on {where}: {self.precision.name} ({self.precision.note})"]
         if self.backbone.rewrites:
             parts.append(", ".join(self.backbone.rewrites))
-        in_openvino = "encoder and mask decoder in OpenVINO" if self.runtime == "openvino" else "encoder in PyTorch"
-        parts.append(f"{in_openvino} ({self.runtime_note})")
+        parts.append(f"encoder in {'OpenVINO' if self.runtime == 'openvino' else 'PyTorch'} ({self.runtime_note})")
         parts.append(f"batch {self.batch_size}")
         parts.append(self.heap)
         if self._cpu_encoder is not None:
@@ -171,10 +169,6 @@ class InferenceEngine:
         """``decode_masks`` in the engine's precision, fp32 logits out: the decoder itself in fp32, or its
         bf16/fp16 copy (``HalfDecoder``, made once per backbone and device). Prompt embeddings come in
         fp32, so box corners are encoded exactly."""
-        self.prepare_runtime()
-        if self._openvino_decoder is not None and features.shape[0] == sparse.shape[0] == 1:
-            masks, iou = self._openvino_decoder(features, sparse, dense, mask_token_shift)
-            return pick_tokens(masks.to(self.device), iou.to(self.device), multimask_output, token)
         dtype = self.precision.dtype
         if dtype is None:
             return decode_masks(self.sam, features, sparse, dense, multimask_output, mask_token_shift, token)
@@ -194,28 +188,24 @@ class InferenceEngine:
         return x, input_size, (int(image.shape[0]), int(image.shape[1]))
 
     def prepare_runtime(self) -> Optional[float]:
-        """Make the OpenVINO encoder and decoder now (converted at first use, then read from the cache);
-        returns the seconds the conversions took, or None. Under ``auto`` a model that does not convert falls
-        back to PyTorch with a warning; asked for explicitly, that is an error."""
+        """Make the OpenVINO encoder now (converted at first use, then read from the cache); returns the
+        seconds a conversion took, or None. Under ``auto`` a model that does not convert falls back to
+        PyTorch with a warning; asked for explicitly, that is an error."""
         if self.runtime != "openvino" or self._openvino is not None:
             return None
-        made = 0.0
-        models = []
+        key = (self.precision.name, self.threads)  # one per backbone: engines come and go (Slicer)
         try:
-            for kind in (OpenVinoEncoder, OpenVinoDecoder):
-                key = (kind.kind, self.precision.name, self.threads)  # one per backbone: engines come and go (Slicer)
-                if key not in self.backbone.openvino_models:
-                    self.backbone.openvino_models[key] = kind(self.backbone, self.precision.name, self.threads)
-                    made += self.backbone.openvino_models[key].conversion_seconds or 0.0
-                models.append(self.backbone.openvino_models[key])
+            made = key not in self.backbone.openvino_encoders
+            if made:
+                self.backbone.openvino_encoders[key] = OpenVinoEncoder(self.backbone, *key)
+            self._openvino = self.backbone.openvino_encoders[key]
         except Exception as exc:  # OpenVINO's conversion errors have no common type
             if self.runtime_requested == "openvino":
-                raise RuntimeError(f"the {self.spec.name} model could not be converted to OpenVINO: {exc}") from exc
-            log.warning("OpenVINO could not convert the %s model (%s); using PyTorch", self.spec.name, exc)
+                raise RuntimeError(f"the {self.spec.name} encoder could not be converted to OpenVINO: {exc}") from exc
+            log.warning("OpenVINO could not convert the %s encoder (%s); using PyTorch", self.spec.name, exc)
             self.runtime, self.runtime_note = "torch", "OpenVINO conversion failed"
             return None
-        self._openvino, self._openvino_decoder = models
-        return made or None
+        return self._openvino.conversion_seconds if made else None
 
     @torch.no_grad()
     def _encode_batch(self, batch: torch.Tensor):

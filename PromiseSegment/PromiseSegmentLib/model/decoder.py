@@ -33,22 +33,6 @@ def decode_masks(
     decode token, set by the backbone); otherwise ``multimask_output`` chooses as SAM does. ``decoder`` and
     ``image_pe`` replace ``sam``'s own (``HalfDecoder``'s reduced-precision copies).
     """
-    masks, iou_pred = decode_all_tokens(
-        sam, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings, mask_token_shift, decoder, image_pe
-    )
-    return pick_tokens(masks, iou_pred, multimask_output, token)
-
-
-def decode_all_tokens(
-    sam: Sam,
-    image_embeddings: torch.Tensor,
-    sparse_prompt_embeddings: torch.Tensor,
-    dense_prompt_embeddings: torch.Tensor,
-    mask_token_shift: Optional[torch.Tensor] = None,
-    decoder=None,
-    image_pe: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``decode_masks`` before the choice of token: every mask token's logits (B, 4, 256, 256) and IoU (B, 4)."""
     dec = sam.mask_decoder if decoder is None else decoder
     b = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((_output_tokens(dec, b, mask_token_shift), sparse_prompt_embeddings), dim=1)
@@ -68,14 +52,8 @@ def decode_all_tokens(
     )
     _, c, h, w = upscaled.shape
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, dec.iou_prediction_head(iou_token_out)
+    iou_pred = dec.iou_prediction_head(iou_token_out)
 
-
-def pick_tokens(
-    masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool, token: Optional[int] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SAM's choice among the decoder's outputs for every mask token: ``token`` alone, or the three
-    multimask outputs, or the single-mask one."""
     if token is not None:
         sel = slice(token, token + 1)
     else:
