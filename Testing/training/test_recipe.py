@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from PromiseSegmentLib.training.config import first_scored_warmup_epoch
 from PromiseSegmentLib.training.recipe import (
     MachineRates,
     TrainPlan,
@@ -46,7 +47,9 @@ def test_the_plan_counts_every_encode_and_says_what_each_phase_costs():
     assert plan.encodes() == 630 * 5 + 70
     seconds = plan.phase_seconds(RATES)
     assert seconds["encode"] == pytest.approx(plan.encodes() * 0.5)
-    assert seconds["apm warm-up"] == pytest.approx(cfg.apm_warmup_epochs * 630 * 0.05)
+    scored = cfg.apm_warmup_epochs - first_scored_warmup_epoch(cfg)  # the best warm-up epoch is chosen on them
+    assert 0 < scored < cfg.apm_warmup_epochs
+    assert seconds["apm warm-up"] == pytest.approx(cfg.apm_warmup_epochs * 630 * 0.05 + scored * 70 * 0.1)
     lines = plan.describe(RATES, "lite_medsam")
     assert "630 x 5 versions + 70 = 3,220 images" in lines[1]
     assert lines[-1].startswith("  about ") and "2 CPU threads" in lines[-1]

@@ -59,7 +59,7 @@ class PhaseProgress:
         if status.record is not None:
             r = status.record
             shown = {"epoch": f"{r.epoch + 1}/{status.epochs}", "loss": f"{r.loss:.3f}"}
-            if r.val_dice == r.val_dice:  # not NaN: a joint epoch
+            if r.val_dice == r.val_dice:  # not NaN: a scored epoch
                 shown["selection_dice"] = f"{r.val_dice:.3f}"
             self.bar.postfix(**shown)
         else:

@@ -31,6 +31,7 @@ OPTION_NAMES = {
     "user_box_share": "--user-box-share",
 }
 LR_SCHEDULES = ("constant", "cosine")
+WARMUP_SCORED_SHARE = 0.5
 MAX_AUGMENTED_COPIES = 16  # each copy is one more encoded image kept in memory (fp16)
 
 
@@ -115,6 +116,12 @@ class TrainConfig:
 
 
 TRAIN_DEFAULTS: Dict[str, Any] = asdict(TrainConfig())  # what the command line shows as its defaults
+
+
+def first_scored_warmup_epoch(cfg: TrainConfig) -> int:
+    """The first warm-up epoch scored on the selection images: the last ``WARMUP_SCORED_SHARE`` of the warm-up
+    (the trainer keeps the best one's APM; the first epochs are far from it)."""
+    return int(cfg.apm_warmup_epochs * (1 - WARMUP_SCORED_SHARE))
 
 
 def lr_factor(cfg: TrainConfig, epoch: int, warmup: bool) -> float:

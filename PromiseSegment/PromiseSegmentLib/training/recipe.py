@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from PromiseSegmentLib.training.config import TrainConfig
+from PromiseSegmentLib.training.config import TrainConfig, first_scored_warmup_epoch
 
 RECIPES = ("auto", "paper")
 SELECTION_FRACTION = 0.1  # of the training images, held out to select the epoch (never the user's val/)
@@ -102,12 +102,13 @@ class TrainPlan:
         cfg = self.config
         warmup, joint = cfg.apm_warmup_epochs, cfg.epochs - cfg.apm_warmup_epochs
         select = self.n_select * rates.evaluate * (cfg.epochs - cfg.apm_warmup_epochs)
+        warmup_scores = self.n_select * rates.evaluate * (warmup - first_scored_warmup_epoch(cfg))
         if cfg.cache_features and not cfg.augment:
             phases = {"encode": self.encodes() * rates.encode}
             step_encode = 0.0
         else:
             phases, step_encode = {"encode": self.n_select * rates.encode}, rates.encode
-        phases["apm warm-up"] = warmup * self.n_train * (rates.warmup_step + step_encode)
+        phases["apm warm-up"] = warmup * self.n_train * (rates.warmup_step + step_encode) + warmup_scores
         phases["joint"] = joint * self.n_train * (rates.joint_step + step_encode) + select
         choose = self.box_apm and cfg.use_apm and cfg.mode == "apm+ips"
         phases["choose"] = self.n_select * rates.evaluate * CHOICE_DECODES if choose else 0.0

@@ -161,6 +161,8 @@ def save_state(trainer, epoch: int) -> None:
         "best": trainer.best,
         "epoch": epoch,
         "best_modules": trainer.best_state,
+        "best_warmup": trainer.best_warmup,
+        "best_warmup_apm": trainer.best_warmup_apm,
         "config": resume_config(trainer.cfg),
         "planned_epochs": trainer.cfg.epochs,
         "cases": [len(trainer.train), len(trainer.val)],

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from PromiseSegmentLib.inference.engine import PromptBatch
+from PromiseSegmentLib.model.adapter import Adapter
 from PromiseSegmentLib.model.forward import promise_forward, refine_boxes
 from PromiseSegmentLib.training.batches import collate, user_prompts
 from PromiseSegmentLib.training.losses import batch_dice, box_iou
@@ -39,10 +40,12 @@ def _batches(trainer):
 
 
 @torch.no_grad()
-def score_epoch(trainer) -> SelectionScores:
+def score_epoch(trainer, adapter: Optional[Adapter] = None) -> SelectionScores:
     """Mean Dice on the selection images in the configuration's mode; with an APM also the adapter with
-    the ground-truth box (box mode) and the APM box's IoU."""
-    for m in trainer.adapter.modules().values():
+    the ground-truth box (box mode) and the APM box's IoU. ``adapter`` (default: the trainer's) lets a
+    warm-up epoch be scored without IPS: its APM's prompts through the frozen decoder."""
+    adapter = trainer.adapter if adapter is None else adapter
+    for m in adapter.modules().values():
         m.eval()
     backbone, cfg = trainer.engine.backbone, trainer.cfg
     rng = np.random.default_rng(0)  # the same simulated prompts every epoch
@@ -51,12 +54,12 @@ def score_epoch(trainer) -> SelectionScores:
     ious: List[float] = []
     for items, batch in _batches(trainer):
         user = user_prompts(items, batch, cfg.user_prompt, rng, trainer.engine.spec)
-        out = promise_forward(backbone, trainer.adapter, batch.features, batch.taps, user, cfg.mode, taps_prepared=True)
+        out = promise_forward(backbone, adapter, batch.features, batch.taps, user, cfg.mode, taps_prepared=True)
         scores += batch_dice(out.low_res[:, 0].float(), batch.target)
         if out.apm is not None and out.apm.box is not None and bool(batch.present.any()):
             ious += box_iou(out.apm.box[batch.present], batch.boxes[batch.present]).iou.tolist()
-        if cfg.mode == "apm+ips" and trainer.adapter.ips is not None:
-            box_scores += _box_dice(trainer, items, batch, trainer.adapter)
+        if cfg.mode == "apm+ips" and adapter.ips is not None:
+            box_scores += _box_dice(trainer, items, batch, adapter)
     return SelectionScores(float(np.mean(scores)), _mean(box_scores), _mean(ious))
 
 

@@ -9,6 +9,10 @@ the auxiliary loss first, so IPS cannot absorb what the APM should learn; ``user
 of each joint batch with jittered ground-truth boxes, so IPS also serves a user's box. The backbone is
 frozen and checked bit-identical after training.
 
+Selection: the later warm-up epochs are scored by their APM's prompts through the frozen decoder, and the best
+one's APM goes on to the joint phase (at a constant learning rate the score swings by up to 0.05 from one
+epoch to the next, so the last epoch is a lottery); joint epochs are scored with IPS and the best is kept.
+
 Phases - encode (feature cache), APM warm-up, joint - report progress per image and batch (``TrainStatus``);
 a deadline ends the warm-up early and stops after the last joint epoch that fits, keeping the best so far.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, cast
 
@@ -31,7 +35,7 @@ from PromiseSegmentLib.inference.engine import InferenceEngine, PromptBatch
 from PromiseSegmentLib.model.adapter import Adapter, save_adapter
 from PromiseSegmentLib.model.forward import promise_forward
 from PromiseSegmentLib.training.batches import Batch, Encoded, collate, flip_batch, user_prompts
-from PromiseSegmentLib.training.config import TrainConfig, lr_factor
+from PromiseSegmentLib.training.config import TrainConfig, first_scored_warmup_epoch, lr_factor
 from PromiseSegmentLib.training.features import PARTS_FOR_WARMUP, OnlineFeatures, StoredFeatures
 from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
 from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, save_state
@@ -47,7 +51,8 @@ class EpochRecord:
     epoch: int
     phase: str  # "apm warm-up" or "joint"
     loss: float
-    val_dice: float  # selection Dice in the configuration's mode (automatic with an APM)
+    val_dice: float  # selection Dice in the configuration's mode (automatic with an APM; a warm-up epoch's
+    # without IPS; NaN: not scored)
     val_box_dice: float  # with the ground-truth box through the adapter's IPS (NaN: not measured)
     val_box_iou: float  # the APM's box against the mask's
     seconds: float
@@ -106,6 +111,8 @@ class Trainer:
         self.history: List[EpochRecord] = []
         self.best, self.first_epoch, self.frozen_box = -1.0, 0, float("nan")
         self.best_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+        self.best_warmup = -1.0  # the best warm-up epoch's selection Dice, and its APM
+        self.best_warmup_apm: Optional[Dict[str, torch.Tensor]] = None
         self.refinement_scores: List[Dict[str, float]] = []
         cached, apm = cfg.cache_features and not cfg.augment, self.adapter.apm
         copies = cfg.augmented_copies if cached else 0
@@ -127,6 +134,7 @@ class Trainer:
         st = restore_state(self, self.state_path)
         self.history = [EpochRecord(**r) for r in st["history"]]
         self.best, self.first_epoch, self.best_state = st["best"], st["epoch"] + 1, st["best_modules"]
+        self.best_warmup, self.best_warmup_apm = st.get("best_warmup", -1.0), st.get("best_warmup_apm")
         log.info("resumed from %s at epoch %d", self.state_path, self.first_epoch)
 
     # ------------------------------------------------------------------------------------ one step
@@ -207,7 +215,8 @@ class Trainer:
             losses.append(self.step(items, warmup))
             if report:
                 report(k + 1, len(batches))
-        scores = score_epoch(self) if self.val and not warmup else None  # only joint epochs are selectable
+        scored = self.val and (not warmup or epoch >= first_scored_warmup_epoch(self.cfg))
+        scores = score_epoch(self, self._without_ips() if warmup else None) if scored else None
         nan = float("nan")
         return EpochRecord(
             epoch,
@@ -262,22 +271,47 @@ class Trainer:
                 if progress:
                     progress(TrainStatus(phase, (epoch - first) * total + done, length * total, epoch, epochs))
 
+            if epoch == warmup_end:
+                self._restore_best_warmup()
             record = self.epoch(epoch, warmup, report, cancel)
+            after_next = time.monotonic() + record.seconds + (self.joint_seconds if warmup else 0.0)
+            over = self.deadline is not None and after_next > self.deadline
+            if over and warmup:  # end the warm-up now and run one joint epoch
+                warmup_end, epochs = epoch + 1, epoch + 2
+                log.info("time budget: the APM warm-up ends after epoch %d; one joint epoch follows", epoch + 1)
+                if self.val and not np.isfinite(record.val_dice):  # a cut warm-up's last epoch is a candidate too
+                    record.val_dice = score_epoch(self, self._without_ips()).dice
             self._keep(record, epoch)
             if progress:
                 progress(TrainStatus(phase, (epoch - first + 1), length, epoch, epochs, record))
-            after_next = time.monotonic() + record.seconds + (self.joint_seconds if warmup else 0.0)
-            if self.deadline is not None and after_next > self.deadline:
-                if warmup:  # end the warm-up now and run one joint epoch
-                    warmup_end, epochs = epoch + 1, epoch + 2
-                    log.info("time budget: the APM warm-up ends after epoch %d; one joint epoch follows", epoch + 1)
-                elif self.best_state is not None:
-                    log.info("time budget reached after epoch %d; the best adapter so far is kept", epoch + 1)
-                    break
+            if over and not warmup and self.best_state is not None:
+                log.info("time budget reached after epoch %d; the best adapter so far is kept", epoch + 1)
+                break
             epoch += 1
+
+    def _without_ips(self) -> Adapter:
+        """The adapter as a warm-up epoch is scored: its APM's prompts through the frozen decoder."""
+        return replace(self.adapter, ips=None)
+
+    def _restore_best_warmup(self) -> None:
+        """The best scored warm-up epoch's APM goes on to the joint phase."""
+        if self.best_warmup_apm is None or self.adapter.apm is None:
+            return
+        self.adapter.apm.load_state_dict(self.best_warmup_apm)
+        kept = self._best_warmup_epoch()
+        log.info("the APM of warm-up epoch %d (selection Dice %.3f) goes on to the joint phase", kept, self.best_warmup)
+
+    def _best_warmup_epoch(self) -> Optional[int]:
+        """The kept warm-up epoch, counted from 1 (None: none was scored)."""
+        kept = [r.epoch for r in self.history if r.phase == "apm warm-up" and r.val_dice == self.best_warmup]
+        return kept[0] + 1 if kept and self.best_warmup_apm is not None else None
 
     def _keep(self, record: EpochRecord, epoch: int) -> None:
         self.history.append(record)
+        if record.phase == "apm warm-up" and record.val_dice > self.best_warmup:
+            apm = cast(torch.nn.Module, self.adapter.apm)
+            self.best_warmup = record.val_dice
+            self.best_warmup_apm = {k: v.detach().cpu().clone() for k, v in apm.state_dict().items()}
         if record.phase == "joint" and (not self.val or record.val_dice > self.best):
             self.best, self.best_state = record.val_dice, self.snapshot()
             if self.output:
@@ -323,6 +357,10 @@ class Trainer:
             a.training["val_frozen_box_dice"] = self.frozen_box
             # the user's box with IPS only where IPS measured at least as good as the frozen decoder
             a.training["ips_for_user_box"] = bool(best.val_box_dice >= self.frozen_box)
+        kept = self._best_warmup_epoch()
+        if kept is not None:
+            a.training["apm_warmup_epoch_kept"] = kept
+            a.training["apm_warmup_val_dice"] = self.best_warmup
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
         return a
