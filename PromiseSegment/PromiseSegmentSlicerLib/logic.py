@@ -591,7 +591,7 @@ class SceneLogic:
 
         ``options`` (``training.recipe.RunOptions``; default: the ``auto`` recipe for the data) sets the
         recipe, the user's own settings on top of it, a time budget and the selection share; ``config`` (a
-        full ``TrainConfig``) replaces the recipe. ``progress`` gets ``training.trainer.TrainStatus``
+        full ``TrainConfig``) replaces the recipe. ``progress`` gets ``training.records.TrainStatus``
         updates (phase, done, total). Returns the ``TrainResult`` and writes ``output`` (a new file: an
         existing one is refused before any work unless ``resume`` continues its interrupted run)."""
         from PromiseSegmentLib.training.recipe import RunOptions, split_for_selection

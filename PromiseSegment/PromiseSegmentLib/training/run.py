@@ -13,7 +13,8 @@ from PromiseSegmentLib.inference.engine import InferenceEngine
 from PromiseSegmentLib.training.config import TrainConfig
 from PromiseSegmentLib.training.rates import measure_rates
 from PromiseSegmentLib.training.recipe import RunOptions, TrainPlan, fit_to_budget
-from PromiseSegmentLib.training.trainer import TrainProgress, TrainResult, train_adapter
+from PromiseSegmentLib.training.records import TrainProgress, TrainResult
+from PromiseSegmentLib.training.trainer import train_adapter
 
 
 def plan_for(

@@ -1,13 +1,6 @@
 """Training an APM/IPS adapter on a frozen backbone.
 
-Loss: BCE + soft Dice on the backbone's decode token at 256x256 (the paper's mask loss). A box APM
-may add an auxiliary loss (``box_loss_weight``): L1 + generalised IoU between its box and the mask's
-bounding box, BCE of its objectness map against the mask, and BCE of its presence logit. This departs
-from the paper's mask-only training on purpose: through the prompt encoder's Fourier features the
-mask loss alone barely moves a box (docs/benchmarks.md). ``apm_warmup_epochs`` trains the APM alone on
-the auxiliary loss first, so IPS cannot absorb what the APM should learn; ``user_box_share`` prompts part
-of each joint batch with jittered ground-truth boxes, so IPS also serves a user's box. The backbone is
-frozen and checked bit-identical after training.
+The loss of a step is in ``step``; the backbone is frozen and checked bit-identical after training.
 
 Selection: the later warm-up epochs are scored by their APM's prompts through the frozen decoder, and the best
 one's APM goes on to the joint phase (at a constant learning rate the score swings by up to 0.05 from one
@@ -21,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, cast
 
@@ -31,55 +24,18 @@ import torch
 from PromiseSegmentLib.callbacks import CancelFn
 from PromiseSegmentLib.data.datasets import Case
 from PromiseSegmentLib.errors import Cancelled
-from PromiseSegmentLib.inference.engine import InferenceEngine, PromptBatch
+from PromiseSegmentLib.inference.engine import InferenceEngine
 from PromiseSegmentLib.model.adapter import Adapter, save_adapter
-from PromiseSegmentLib.model.forward import promise_forward
-from PromiseSegmentLib.training.batches import Batch, Encoded, collate, flip_batch, user_prompts
+from PromiseSegmentLib.training.batches import Encoded, collate
 from PromiseSegmentLib.training.config import TrainConfig, first_scored_warmup_epoch, lr_factor
 from PromiseSegmentLib.training.features import PARTS_FOR_WARMUP, OnlineFeatures, StoredFeatures
-from PromiseSegmentLib.training.losses import apm_aux_loss, seg_loss
+from PromiseSegmentLib.training.records import EpochRecord, TrainProgress, TrainResult, TrainStatus
 from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, save_state
 from PromiseSegmentLib.training.selection import choose_refinement, frozen_box_dice, score_epoch
 from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases, track_apm
+from PromiseSegmentLib.training.step import joint_loss, warmup_loss
 
 log = logging.getLogger(__name__)
-USER_BOX_JITTER = 0.1  # a user's box is loose: each side moved by up to 10 % of the box's size
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    phase: str  # "apm warm-up" or "joint"
-    loss: float
-    val_dice: float  # selection Dice in the configuration's mode (automatic with an APM; a warm-up epoch's
-    # without IPS; NaN: not scored)
-    val_box_dice: float  # with the ground-truth box through the adapter's IPS (NaN: not measured)
-    val_box_iou: float  # the APM's box against the mask's
-    seconds: float
-
-
-@dataclass(frozen=True)
-class TrainStatus:
-    """Where a run is: ``done`` of ``total`` units (images while encoding, batches in an epoch phase) of
-    ``phase``; ``record`` once an epoch has ended."""
-
-    phase: str
-    done: int
-    total: int
-    epoch: Optional[int] = None
-    epochs: int = 0
-    record: Optional[EpochRecord] = None
-
-
-TrainProgress = Callable[[TrainStatus], None]
-
-
-@dataclass
-class TrainResult:
-    adapter: Adapter
-    history: List[EpochRecord]
-    best_val_dice: float
-    seconds: float
 
 
 class Trainer:
@@ -139,48 +95,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ one step
     def step(self, items: List[Encoded], warmup: bool) -> float:
-        cfg, spec, dev = self.cfg, self.engine.spec, self.engine.device
+        cfg, dev = self.cfg, self.engine.device
         batch = collate(items, dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16):
             if warmup:
-                assert self.adapter.apm is not None, "a warm-up epoch needs an APM"
-                if cfg.flip_warmup:
-                    batch = flip_batch(batch, self.gen, spec.image_size)
-                loss = apm_aux_loss(self.adapter.apm(batch.taps, prepared=True), batch, spec.image_size)
+                loss = warmup_loss(self.adapter, cfg, batch, self.gen, self.engine.spec.image_size)
             else:
-                loss = self._joint_loss(items, batch)
+                loss = joint_loss(self.engine, self.adapter, cfg, items, batch, self.rng)
         self.optim.zero_grad()
         loss.backward()
         self.optim.step()
         return float(loss.item())
-
-    def _joint_loss(self, items: List[Encoded], batch: Batch) -> torch.Tensor:
-        """The mask loss (+ the APM's auxiliary loss); with ``user_box_share``, that share of the images is
-        prompted by a jittered ground-truth box through IPS instead of by the APM."""
-        cfg, spec, backbone = self.cfg, self.engine.spec, self.engine.backbone
-        features = batch.features
-        assert features is not None, "a joint step reads the image embeddings"
-        boxed = torch.zeros(len(items), dtype=torch.bool, device=batch.target.device)
-        if cfg.mode == "apm+ips" and cfg.user_box_share > 0:
-            draw = torch.as_tensor(self.rng.random(len(items)) < cfg.user_box_share, device=boxed.device)
-            boxed = draw & batch.present
-        loss = batch.target.new_zeros(())
-        if bool(boxed.any()):
-            box = cast(torch.Tensor, user_prompts(items, batch, "box", self.rng, spec, jitter=USER_BOX_JITTER).boxes)
-            out = promise_forward(backbone, self.adapter, features[boxed], None, PromptBatch(boxes=box[boxed]), "ips")
-            loss = loss + seg_loss(out.low_res[:, 0].float(), batch.target[boxed]) * int(boxed.sum())
-        rest = ~boxed
-        if bool(rest.any()):
-            sub = batch.rows(rest)
-            user = user_prompts(
-                [it for it, r in zip(items, rest.tolist()) if r], sub, cfg.user_prompt, self.rng, spec, jitter=0.05
-            )
-            out = promise_forward(backbone, self.adapter, features[rest], sub.taps, user, cfg.mode, taps_prepared=True)
-            part = seg_loss(out.low_res[:, 0].float(), sub.target)
-            if cfg.box_loss_weight and out.apm is not None and cfg.apm_joint_lr > 0:  # else the APM is not trained
-                part = part + cfg.box_loss_weight * apm_aux_loss(out.apm, sub, spec.image_size)
-            loss = loss + part * int(rest.sum())
-        return loss / len(items)
 
     # ------------------------------------------------------------------------------------ epochs
     def epoch(
