@@ -1,5 +1,6 @@
 """OpenVINO latency mode (one request, what the engine runs) against throughput mode (several streams and
-requests in flight) and batches, for a whole volume's encodes: milliseconds per slice in one run.
+requests in flight) and batches, for a whole volume's encodes: milliseconds per slice in one run. The encoder
+is measured as one model (``FP32_STAGE_0`` off: in f32 the same as the engine's two parts).
 
     .venv/bin/python Testing/benchmarks/openvino_modes.py --slices 24 --threads 2
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PromiseSegment"))
+from PromiseSegmentLib.backbones import lite_medsam  # noqa: E402
 from PromiseSegmentLib.backbones.registry import load_backbone  # noqa: E402
 from PromiseSegmentLib.inference.openvino_runtime import OpenVinoEncoder  # noqa: E402
 
@@ -30,9 +32,10 @@ def cpu_name() -> str:
 
 def compiled(encoder: OpenVinoEncoder, batch: int, hint: str, threads: int):
     size = encoder.backbone.spec.image_size
-    model = encoder.model.clone()
+    model = encoder.models[0].clone()
     model.reshape([batch, 3, size, size])
-    config = {"INFERENCE_PRECISION_HINT": encoder.hint, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+    precision = encoder.hints["encoder"]
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
     return encoder.core.compile_model(model, "CPU", config)
 
 
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     args = ap.parse_args()
     backbone = load_backbone("lite_medsam")
+    lite_medsam.FP32_STAGE_0 = False  # one model, whose modes and batches can be compared
     encoder = OpenVinoEncoder(backbone, args.precision, args.threads)
     size = backbone.spec.image_size
     slices = np.random.default_rng(0).normal(size=(args.slices, 3, size, size)).astype(np.float32)

@@ -166,6 +166,20 @@ class Backbone:
         each (B, C, 64, 64) with C from ``tap_channels``."""
         raise NotImplementedError
 
+    @property
+    def fp32_head(self) -> bool:
+        """The encoder's first layers (``encode_head``) stay in fp32 under any reduced precision: rounding
+        there is amplified by every later layer."""
+        return False
+
+    def encode_head(self, sam: Sam, x: torch.Tensor) -> torch.Tensor:
+        """The first layers of ``encode`` (the rest: ``encode_tail``); nothing where ``fp32_head`` is False."""
+        return x
+
+    def encode_tail(self, sam: Sam, x: torch.Tensor, taps: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``encode`` after ``encode_head``."""
+        return self.encode(sam, x, taps)
+
     def vanilla_multimask(self, n_points: int, has_box: bool) -> bool:
         """Plain backbone, no adapter: ask for 3 masks and keep the best (SAM's rule for one click)?"""
         return n_points == 1 and not has_box

@@ -141,10 +141,22 @@ class LiteMedSAM(Backbone):
         return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
     def encode(self, sam: Sam, x: torch.Tensor, taps: bool):
-        # TinyViT.forward_features, layer by layer, keeping the APM's blocks (tokens -> BCHW).
-        enc = sam.image_encoder
         with torch.autocast(x.device.type, enabled=False) if FP32_STAGE_0 else contextlib.nullcontext():
-            x = enc.layers[0](enc.patch_embed(x))  # x: the engine's fp32 input
+            x = self.encode_head(sam, x)  # x: the engine's fp32 input
+        return self.encode_tail(sam, x, taps)
+
+    @property
+    def fp32_head(self) -> bool:
+        return FP32_STAGE_0
+
+    def encode_head(self, sam: Sam, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding and stage 0 (at the full 256x256 input), as tokens."""
+        enc = sam.image_encoder
+        return enc.layers[0](enc.patch_embed(x))
+
+    def encode_tail(self, sam: Sam, x: torch.Tensor, taps: bool):
+        # TinyViT.forward_features after stage 0, layer by layer, keeping the APM's blocks (tokens -> BCHW).
+        enc = sam.image_encoder
         kept: List[torch.Tensor] = []
         b = x.shape[0]
         for li in range(1, len(enc.layers)):

@@ -2,13 +2,18 @@
 modules at first use (the weights file is never changed), cached in the user cache and compiled for this
 CPU with the engine's precision (bf16 only where the CPU has it natively, as for PyTorch).
 
-The converted model returns the image embedding and the APM's encoder taps. The mask decoder, the prompt
-encoder and the APM stay in PyTorch: they run on one 64x64 embedding in milliseconds, and their inputs
-(box corners) must stay exact.
+The converted model returns the image embedding and the APM's encoder taps. Where the backbone keeps its
+encoder's first layers in fp32 (``fp32_head``: LiteMedSAM's stage 0), they are a model of their own
+compiled in f32 and the rest runs in the engine's precision, as in PyTorch: with one bf16 model a trained
+adapter's automatic masks agreed with fp32 at 0.987 mean Dice, against 0.993 for PyTorch's (docs/benchmarks.md;
+marking the nodes ``disable_fp16_compression`` does not keep them in f32 under a bf16 hint). The mask decoder,
+the prompt encoder and the APM stay in PyTorch: they run on one 64x64 embedding in milliseconds, and their
+inputs (box corners) must stay exact.
 
-Cache entry: ``<cache>/openvino/<key>/`` with ``encoder.xml``, ``encoder.bin`` and ``manifest.json`` (the
-SHA-256 of the .bin), written as one unit; the key covers the weights' SHA-256, the backbone, the OpenVINO
-version and the input shape. An entry that does not read back or does not match its manifest is rebuilt.
+Cache entry: ``<cache>/openvino/<key>/`` with ``<part>.xml`` and ``<part>.bin`` for each part (``head``,
+``encoder``) and ``manifest.json`` (the SHA-256 of each .bin), written as one unit; the key covers the
+weights' SHA-256, the backbone, the OpenVINO version, the input shape and the parts. An entry that does not
+read back or does not match its manifest is rebuilt.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ from PromiseSegmentLib.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-ENCODER_LAYOUT = 1  # bump when what the converted model returns changes: old cache entries are then unused
+ENCODER_LAYOUT = 2  # bump when what the converted model returns changes: old cache entries are then unused
 INSTALL_HINT = 'pip install "promise-segment[openvino]"'
 
 
@@ -66,22 +71,31 @@ def resolve_runtime(requested: str, device: torch.device, backbone: LoadedBackbo
     return "openvino", f"OpenVINO {version}"
 
 
-class _EncoderWithTaps(torch.nn.Module):
-    """The backbone's encoder as one module: embedding first, then every APM tap."""
+class _EncoderPart(torch.nn.Module):
+    """One part of the backbone's encoder as a module: ``head`` (its fp32 first layers), or ``encoder`` (the
+    rest, or all of it where there is no head), which returns the embedding first, then every APM tap."""
 
-    def __init__(self, backbone: LoadedBackbone):
+    def __init__(self, backbone: LoadedBackbone, part: str, after_head: bool):
         super().__init__()
-        self.spec, self.sam = backbone.spec, backbone.sam
+        self.spec, self.sam, self.part, self.after_head = backbone.spec, backbone.sam, part, after_head
 
     def forward(self, x: torch.Tensor):
-        features, taps = self.spec.encode(self.sam, x, True)
+        if self.part == "head":
+            return self.spec.encode_head(self.sam, x)
+        encode = self.spec.encode_tail if self.after_head else self.spec.encode
+        features, taps = encode(self.sam, x, True)
         return (features, *taps)
 
 
+def encoder_parts(backbone: LoadedBackbone) -> Tuple[str, ...]:
+    """The models the encoder is converted into, in the order they run."""
+    return ("head", "encoder") if backbone.spec.fp32_head else ("encoder",)
+
+
 def _cache_key(backbone: LoadedBackbone, version: str) -> str:
-    size = backbone.spec.image_size
+    size, parts = backbone.spec.image_size, "+".join(encoder_parts(backbone))
     text = f"{backbone.name}|{backbone.identity}|openvino {version}|input 1x3x{size}x{size}|layout {ENCODER_LAYOUT}"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{text}|{parts}".encode()).hexdigest()[:32]
 
 
 def _sha256(path: Path) -> str:
@@ -99,29 +113,36 @@ class OpenVinoEncoder:
         import openvino as ov
 
         self.backbone, self.threads = backbone, threads
-        self.hint = "bf16" if precision == "bf16" else "f32"
+        self.parts = encoder_parts(backbone)
+        hint = "bf16" if precision == "bf16" else "f32"
+        self.hints = {part: "f32" if part == "head" else hint for part in self.parts}  # the head stays f32
         self.version = openvino_version() or ""
         self.folder = cache_dir() / "openvino" / _cache_key(backbone, self.version)
         self.core = ov.Core()
         self.conversion_seconds: Optional[float] = None  # set when this process converted the model
-        self.model = self._cached_model() or self._convert()
-        self._compiled: Optional[object] = None
+        self.models = self._cached_models() or self._convert()
+        self._compiled: Optional[list] = None
 
     # -------------------------------------------------------------------------- the cache entry
-    def _cached_model(self):
-        xml, weights, manifest = (self.folder / n for n in ("encoder.xml", "encoder.bin", "manifest.json"))
-        if not (xml.is_file() and weights.is_file() and manifest.is_file()):
+    def _cached_models(self) -> Optional[list]:
+        manifest = self.folder / "manifest.json"
+        files = [(self.folder / f"{part}.xml", self.folder / f"{part}.bin") for part in self.parts]
+        if not (manifest.is_file() and all(x.is_file() and b.is_file() for x, b in files)):
             return None
         try:
-            if json.loads(manifest.read_text())["bin_sha256"] != _sha256(weights):
-                raise ValueError("its weights do not match its manifest")
-            return self.core.read_model(str(xml))
+            sums = json.loads(manifest.read_text())["bin_sha256"]
+            models = []
+            for part, (xml, weights) in zip(self.parts, files):
+                if sums[part] != _sha256(weights):
+                    raise ValueError(f"the weights of {part} do not match its manifest")
+                models.append(self.core.read_model(str(xml)))
+            return models
         except Exception as exc:  # OpenVINO's own error types, a broken manifest: rebuild either way
             log.warning("the OpenVINO cache entry %s is damaged (%s); converting again", self.folder, exc)
             shutil.rmtree(self.folder, ignore_errors=True)
             return None
 
-    def _convert(self):
+    def _convert(self) -> list:
         import openvino as ov
 
         started = time.perf_counter()
@@ -130,24 +151,24 @@ class OpenVinoEncoder:
             plain = self.backbone.spec.load(self.backbone.path, optimise=False)
         size = self.backbone.spec.image_size
         example = torch.zeros(1, 3, size, size)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed: the trace holds
-            model = ov.convert_model(_EncoderWithTaps(plain).eval(), example_input=example)
+        models, files = [], []
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.folder.parent, prefix=".convert-") as tmp:
-            ov.save_model(model, str(Path(tmp) / "encoder.xml"), compress_to_fp16=False)
-            xml, weights = (Path(tmp) / "encoder.xml").read_bytes(), (Path(tmp) / "encoder.bin").read_bytes()
-        manifest = {"bin_sha256": hashlib.sha256(weights).hexdigest(), "backbone": self.backbone.name}
+            for part in self.parts:
+                module = _EncoderPart(plain, part, after_head="head" in self.parts).eval()
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed: the trace holds
+                    models.append(ov.convert_model(module, example_input=example))
+                    example = module(example) if part == "head" else example  # the next part's input
+                ov.save_model(models[-1], str(Path(tmp) / f"{part}.xml"), compress_to_fp16=False)
+                files += [(part, ext, (Path(tmp) / f"{part}.{ext}").read_bytes()) for ext in ("xml", "bin")]
+        sums = {part: hashlib.sha256(data).hexdigest() for part, ext, data in files if ext == "bin"}
+        manifest: Dict[str, object] = {"bin_sha256": sums, "backbone": self.backbone.name, "parts": list(self.parts)}
         manifest.update(identity=self.backbone.identity, openvino=self.version, layout=ENCODER_LAYOUT)
         self.folder.mkdir(exist_ok=True)
-        write_all(
-            [
-                bytes_output(self.folder / "encoder.xml", xml),
-                bytes_output(self.folder / "encoder.bin", weights),
-                bytes_output(self.folder / "manifest.json", json.dumps(manifest).encode()),
-            ],
-            overwrite=True,
-        )
+        outputs = [bytes_output(self.folder / f"{part}.{ext}", data) for part, ext, data in files]
+        outputs.append(bytes_output(self.folder / "manifest.json", json.dumps(manifest).encode()))
+        write_all(outputs, overwrite=True)
         self.conversion_seconds = time.perf_counter() - started
         log.info(
             "converted the %s encoder to OpenVINO in %.0f s (cached in %s)",
@@ -155,29 +176,35 @@ class OpenVinoEncoder:
             self.conversion_seconds,
             self.folder,
         )
-        return model
+        return models
 
     # -------------------------------------------------------------------------- running
-    def _compiled_model(self):
+    def _compiled_models(self) -> list:
         """Compiled once, for batch 1: the converted trace keeps batch-1 shapes inside (``reshape`` to a
         larger batch fails), and on CPUs a batch gains nothing over its images one after another in latency
         mode (Testing/benchmarks/openvino_modes.py)."""
         if self._compiled is None:
-            config = {
-                "INFERENCE_PRECISION_HINT": self.hint,
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": self.threads,
-            }
-            with signal_stack.kept():
-                self._compiled = self.core.compile_model(self.model, "CPU", config)
+            compiled = []
+            for part, model in zip(self.parts, self.models):
+                config = {
+                    "INFERENCE_PRECISION_HINT": self.hints[part],
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_NUM_THREADS": self.threads,
+                }
+                with signal_stack.kept():
+                    compiled.append(self.core.compile_model(model, "CPU", config))
+            self._compiled = compiled
         return self._compiled
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        compiled = self._compiled_model()
+        *head, encoder = self._compiled_models()
         per_image = []
         for one in x.detach().float().cpu().split(1):
+            inputs = np.ascontiguousarray(one.numpy())
             with signal_stack.kept():  # the plugin's own signal stack must not outlive the call (signal_stack)
-                results = compiled(np.ascontiguousarray(one.numpy()))  # type: ignore[operator]
-            per_image.append([np.array(results[i]) for i in range(len(compiled.outputs))])  # type: ignore[attr-defined]
+                for model in head:
+                    inputs = model(inputs)[0]
+                results = encoder(inputs)
+            per_image.append([np.array(results[i]) for i in range(len(encoder.outputs))])
         outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*per_image)]
         return outputs[0], outputs[1:]
