@@ -328,18 +328,21 @@ def stage_0_in_bf16():
         lite_medsam.FP32_STAGE_0 = True
 
 
-def build(args, backbone):
+def build(args, backbone, only=None):
+    """The engine variants (``only``: those named, e.g. one variant's memory in its own process)."""
     kw = dict(device=args.device, threads=args.threads)
     adapter, note = make_adapter(args.adapter, backbone)
+    wanted = lambda name: only is None or name in only  # noqa: E731
     models = {
-        "b": ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="fp32", **kw), adapter),
-        "c": ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="auto", **kw), adapter),
+        name: ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision=precision, **kw), adapter)
+        for name, precision in (("b", "fp32"), ("c", "auto"))
+        if wanted(name)
     }
-    if getattr(args, "bf16_stage_0", False):
+    if getattr(args, "bf16_stage_0", False) and wanted("d"):
         models["d"] = Stage0InBf16(
             ProMISeModel(InferenceEngine(backbone, capture_taps=True, precision="auto", **kw), adapter)
         )
-    if openvino_version() and args.device == "cpu":
+    if openvino_version() and args.device == "cpu" and wanted("e"):
         engine = InferenceEngine(backbone, capture_taps=True, precision="auto", runtime="openvino", **kw)
         seconds = engine.prepare_runtime()
         print(f"(e) OpenVINO encoder: {'converted in %.0f s' % seconds if seconds else 'read from the cache'}")
@@ -373,7 +376,7 @@ def child_memory(args) -> None:
                 out[s] = ref.segment(slice_image(vol, ijk, 0, s, vr).image, box)
 
     else:
-        models, _ = build(args, load_backbone("lite_medsam"))
+        models, _ = build(args, load_backbone("lite_medsam"), only={args.child})
         job = lambda: run_engine(models, args.child, vol, 0, vol.shape[0] - 1)  # noqa: E731
     before = rss_peak_mb("VmRSS")
     rss_peak_reset()
@@ -488,9 +491,10 @@ def report_prompts(args, models, vol) -> None:
     print(f"\n### Prompt latency on an encoded slice, ms p50 / p95 ({args.prompts} boxes each, interleaved)")
     print("| variant | decoder only (engine.predict, box) | segment_slice, embedding cached (IPS + box) |")
     print("|---|---|---|")
-    for name in ("b", "c"):
-        d, s = lat[(name, "decoder")], lat[(name, "slice")]
-        print(f"| ({name}) {models[name].engine.precision.name} | {d[0]:.1f} / {d[1]:.1f} | {s[0]:.1f} / {s[1]:.1f} |")
+    for name in (n for n in ("b", "c", "e") if n in models):
+        d, s, engine = lat[(name, "decoder")], lat[(name, "slice")], models[name].engine
+        label = f"({name}) {engine.precision.name}, {engine.runtime} encoder"
+        print(f"| {label} | {d[0]:.1f} / {d[1]:.1f} | {s[0]:.1f} / {s[1]:.1f} |")
 
 
 def report_training(args, backbone) -> None:
