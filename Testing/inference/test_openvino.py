@@ -139,3 +139,24 @@ def test_lite_medsams_stage_0_is_a_model_of_its_own_compiled_in_f32_under_bf16(l
         expected = lite_medsam.spec.encode_head(lite_medsam.sam, x)
     assert torch.allclose(torch.from_numpy(np.array(head(x.numpy())[0])), expected, atol=1e-4)  # f32, not bf16
     assert openvino_runtime.OpenVinoEncoder(lite_medsam, "fp32", 2).hints == {"head": "f32", "encoder": "f32"}
+
+
+def test_training_on_cached_features_frees_the_compiled_encoder_and_encoding_still_works(make_backbone, tiny_sam):
+    """Every epoch reads the feature store, so the compiled encoder's activation buffers (a few hundred MB
+    for LiteMedSAM) are freed after the encode phase, where the joint phase's peak would add to them."""
+    from PromiseSegmentLib.data.datasets import Case
+    from PromiseSegmentLib.training.config import TrainConfig
+    from PromiseSegmentLib.training.trainer import train_adapter
+
+    engine = InferenceEngine(make_backbone(tiny_sam), "cpu", runtime="openvino")
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(4):
+        mask = np.zeros((64, 64), bool)
+        mask[10 + i : 40, 12 : 44 - i] = True
+        cases.append(Case(str(i), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), mask))
+    cfg = TrainConfig(epochs=1, batch_size=2, augment=False, cache_features=True, use_apm=False)
+    expected = engine.encode(_images(1))[0].features
+    train_adapter(engine, cases[:3], cases[3:], cfg)
+    assert engine._openvino is not None and engine._openvino._compiled is None  # freed
+    assert torch.allclose(engine.encode(_images(1))[0].features, expected, atol=1e-6)  # compiled again

@@ -196,6 +196,11 @@ class OpenVinoEncoder:
             self._compiled = compiled
         return self._compiled
 
+    def release(self) -> None:
+        """Free the compiled models and their activation buffers (a few hundred MB); the next call compiles
+        them again (seconds)."""
+        self._compiled = None
+
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         *head, encoder = self._compiled_models()
         per_image = []
@@ -208,3 +213,10 @@ class OpenVinoEncoder:
             per_image.append([np.array(results[i]) for i in range(len(encoder.outputs))])
         outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*per_image)]
         return outputs[0], outputs[1:]
+
+
+def release_compiled_encoders(backbone: LoadedBackbone) -> None:
+    """Free the compiled OpenVINO encoders of ``backbone`` while no encoding is coming (training on cached
+    features); each is compiled again at its next use."""
+    for encoder in backbone.openvino_encoders.values():
+        encoder.release()

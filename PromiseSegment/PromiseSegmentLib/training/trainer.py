@@ -25,6 +25,7 @@ from PromiseSegmentLib.callbacks import CancelFn
 from PromiseSegmentLib.data.datasets import Case
 from PromiseSegmentLib.errors import Cancelled
 from PromiseSegmentLib.inference.engine import InferenceEngine
+from PromiseSegmentLib.inference.openvino_runtime import release_compiled_encoders
 from PromiseSegmentLib.model.adapter import Adapter, save_adapter
 from PromiseSegmentLib.training.batches import Encoded, collate
 from PromiseSegmentLib.training.config import TrainConfig, first_scored_warmup_epoch, lr_factor
@@ -180,6 +181,8 @@ class Trainer:
             return
         report = (lambda done, total: progress(TrainStatus("encode", done, total))) if progress else None
         self.features.prepare(report, cancel)
+        if self.train_src is self.features:  # every epoch reads the store: the encoder's buffers can go
+            release_compiled_encoders(self.engine.backbone)
         if self.val and self.cfg.mode == "apm+ips" and self.adapter.ips is not None:
             self.frozen_box = frozen_box_dice(self)
 
