@@ -4,9 +4,9 @@ CPU with the engine's precision (bf16 only where the CPU has it natively, as for
 
 The converted model returns the image embedding and the APM's encoder taps. Where the backbone keeps its
 encoder's first layers in fp32 (``fp32_head``: LiteMedSAM's stage 0), they are a model of their own
-compiled in f32 and the rest runs in the engine's precision, as in PyTorch: with one bf16 model a trained
-adapter's automatic masks agreed with fp32 at 0.987 mean Dice, against 0.993 for PyTorch's (docs/benchmarks.md;
-marking the nodes ``disable_fp16_compression`` does not keep them in f32 under a bf16 hint). The mask decoder,
+compiled in f32 and the rest runs in the engine's precision, as in PyTorch: as one bf16 model a trained
+adapter's automatic masks moved below the agreement bar (docs/benchmarks.md), and marking the nodes
+``disable_fp16_compression`` does not keep them in f32 under a bf16 hint. The mask decoder,
 the prompt encoder and the APM stay in PyTorch: they run on one 64x64 embedding in milliseconds, and their
 inputs (box corners) must stay exact.
 
