@@ -223,27 +223,24 @@ def test_metadata_is_parsed_once_into_typed_records(trained, tmp_path):
             read_metadata(bad)
 
 
-def test_training_chooses_box_proposals_and_refinement_on_validation_and_stores_them(trained, tiny_backbone):
-    from PromiseSegmentLib.training.selection import PROPOSAL_REGIONS, REFINEMENT_GAIN, REFINEMENTS
+def test_training_chooses_the_box_refinement_on_validation_and_stores_it(trained, tiny_backbone):
+    from PromiseSegmentLib.training.selection import REFINEMENT_GAIN, REFINEMENTS
 
     result, out, _, _ = trained
     meta = read_metadata(out).to_json()
     tried = meta["training"]["box_refinement_val_dice"]
-    by_choice = {(t["regions"], t["steps"], t["margin"]): t["val_dice"] for t in tried}
-    combos = [(r, s, m) for r in (0, PROPOSAL_REGIONS) for s, m in REFINEMENTS]
-    assert list(by_choice) == combos and all(0.0 <= d <= 1.0 for d in by_choice.values())
-    best = max(combos, key=lambda c: by_choice[c] - REFINEMENT_GAIN * ((c[0] > 0) + (c[1] > 0)))
-    apm = meta["apm"]
-    chosen = (apm["box_proposals"], apm["box_refinement"], apm["refinement_margin"])
-    trained_apm = result.adapter.apm
-    assert chosen == best == (trained_apm.box_proposals, trained_apm.box_refinement, trained_apm.refinement_margin)
+    by_choice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
+    assert list(by_choice) == list(REFINEMENTS) and all(0.0 <= d <= 1.0 for d in by_choice.values())
+    best = max(REFINEMENTS, key=lambda c: by_choice[c] - (REFINEMENT_GAIN if c[0] else 0.0))
+    chosen = (meta["apm"]["box_refinement"], meta["apm"]["refinement_margin"])
+    assert chosen == best == (result.adapter.apm.box_refinement, result.adapter.apm.refinement_margin)
     loaded = load_adapter(out, tiny_backbone).apm
-    assert (loaded.box_proposals, loaded.box_refinement, loaded.refinement_margin) == chosen
-    assert by_choice[(0, 0, 0.0)] == pytest.approx(result.best_val_dice)  # neither: what selection measured
+    assert (loaded.box_refinement, loaded.refinement_margin) == chosen
+    assert by_choice[(0, 0.0)] == pytest.approx(result.best_val_dice)  # no refinement: what selection measured
     from PromiseSegmentLib.cli.train import refinement_summary
 
     line = refinement_summary(result.adapter)
-    assert f"without either {by_choice[(0, 0, 0.0)]:.3f}" in line and f"selection Dice {by_choice[best]:.3f}" in line
+    assert f"without {by_choice[(0, 0.0)]:.3f}" in line and f"selection Dice {by_choice[best]:.3f}" in line
 
 
 def test_adapter_round_trip_gives_identical_outputs(trained, tiny_backbone):

@@ -167,17 +167,16 @@ def _summary(output: str, result) -> str:
 
 
 def refinement_summary(adapter) -> str:
-    """ "; box proposals ..., refinement ..." as the trainer chose them on the selection images ("" without)."""
-    tried, apm = adapter.training.get("box_refinement_val_dice"), adapter.apm
-    if apm is None or not tried:
+    """ "; box refinement ..." as the trainer chose it on the selection images ("" without a box APM)."""
+    tried = adapter.training.get("box_refinement_val_dice")
+    if adapter.apm is None or not tried:
         return ""
-    chosen = (apm.box_proposals, apm.box_refinement, apm.refinement_margin)
-    dice = {(t.get("regions", 0), t["steps"], t["margin"]): t["val_dice"] for t in tried}
-    refinement = f"{chosen[1]} step(s), margin {chosen[2]:g}" if chosen[1] else "none"
-    with_, without = dice.get(chosen, float("nan")), dice.get((0, 0, 0.0), float("nan"))
+    chosen = (adapter.apm.box_refinement, adapter.apm.refinement_margin)
+    dice = {(t["steps"], t["margin"]): t["val_dice"] for t in tried}
+    what = f"{chosen[0]} step(s), margin {chosen[1]:g}" if chosen[0] else "none"
     return (
-        f"; box proposals: {f'{chosen[0]} regions' if chosen[0] else 'none'}, refinement: {refinement} "
-        f"(selection Dice {with_:.3f}, without either {without:.3f})"
+        f"; box refinement: {what} (selection Dice {dice.get(chosen, float('nan')):.3f}, "
+        f"without {dice.get((0, 0.0), float('nan')):.3f})"
     )
 
 

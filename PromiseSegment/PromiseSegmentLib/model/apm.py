@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from PromiseSegmentLib.model.box_proposals import MAX_REGIONS
 from PromiseSegmentLib.model.module_configs import ApmConfig
 from PromiseSegmentLib.names import RESNET34_BLOCKS
 
@@ -85,7 +84,6 @@ class ApmOutput:
     box: Optional[torch.Tensor] = None
     objectness: Optional[torch.Tensor] = None
     presence: Optional[torch.Tensor] = None
-    cell_boxes: Optional[torch.Tensor] = None  # (B, 4, h, w): each cell's box as fractions (box_proposals)
 
 
 class BasicBlock(nn.Module):
@@ -163,7 +161,7 @@ class BoxHead(nn.Module):
         boxes = torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], dim=1)
         weights = torch.softmax(score.flatten(1), dim=1)  # (B, h*w)
         box = (boxes.flatten(2) * weights[:, None]).sum(-1).clamp(0, 1)  # (B, 4) in [0, 1]
-        return box, score, self.presence(pooled)[:, 0], boxes
+        return box, score, self.presence(pooled)[:, 0]
 
 
 class APM(nn.Module):
@@ -183,7 +181,6 @@ class APM(nn.Module):
         tap_pool: int = 1,
         box_refinement: int = 0,
         refinement_margin: float = 0.0,
-        box_proposals: int = 0,
     ):
         super().__init__()
         check_config(tap_channels, image_size, prompts, slot_labels, fusion_dim, head_blocks, tap_pool)
@@ -211,7 +208,6 @@ class APM(nn.Module):
         self.point_head = PointHead(fusion_dim, len(slot_labels), head_blocks) if "points" in prompts else None
         self.box_head = BoxHead(fusion_dim) if "box" in prompts else None
         self.set_refinement(box_refinement, refinement_margin)
-        self.set_proposals(box_proposals)
         self.to(memory_format=torch.channels_last)  # NHWC convs: faster on CPUs (oneDNN)
 
     def set_refinement(self, steps: int, margin: float) -> None:
@@ -231,17 +227,6 @@ class APM(nn.Module):
             raise ValueError("box refinement needs an APM with a box head")
         self.box_refinement, self.refinement_margin = steps, margin
         self.config = replace(self.config, box_refinement=steps, refinement_margin=margin)
-
-    def set_proposals(self, regions: int) -> None:
-        """Automatic mode decodes the global box and the boxes of up to ``regions`` regions of high objectness
-        and keeps the best (``box_proposals``); 0: the global box alone. Chosen on held-out images after
-        training (``training.selection``) and kept in the adapter's metadata."""
-        if not _is_int(regions) or not 0 <= int(regions) <= MAX_REGIONS:
-            raise ValueError(f"box proposals must be a whole number of regions in 0..{MAX_REGIONS}, got {regions!r}")
-        if regions and self.box_head is None:
-            raise ValueError("box proposals need an APM with a box head")
-        self.box_proposals = int(regions)
-        self.config = replace(self.config, box_proposals=int(regions))
 
     @staticmethod
     def from_config(config: ApmConfig) -> "APM":
@@ -266,12 +251,7 @@ class APM(nn.Module):
             out.points = self.point_head(x) * self.image_size
             out.labels = self.labels[None].expand(x.shape[0], -1)
         if self.box_head is not None:
-            box, out.objectness, out.presence, out.cell_boxes = self.box_head(x)
-            out.box = self.to_input_frame(box)
+            box, out.objectness, out.presence = self.box_head(x)
+            corners = box.view(-1, 2, 2) * self.image_size
+            out.box = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
         return out
-
-    def to_input_frame(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(..., 4) boxes as fractions of the side -> (x0, y0, x1, y1) in the backbone's input frame."""
-        corners = boxes.reshape(-1, 2, 2) * self.image_size
-        framed = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
-        return framed.view(boxes.shape)

@@ -14,7 +14,6 @@ from PromiseSegmentLib.data.prompts import mask_box
 from PromiseSegmentLib.inference.engine import PromptBatch
 from PromiseSegmentLib.model.adapter import Adapter
 from PromiseSegmentLib.model.apm import ApmOutput
-from PromiseSegmentLib.model.box_proposals import MASS_WEIGHT, box_proposals
 from PromiseSegmentLib.model.decoder import decode_masks
 from PromiseSegmentLib.modes import APM_MODES
 
@@ -73,31 +72,6 @@ def promise_forward(
     else:
         low_res, iou = decode(features, sparse, dense, False, shift, backbone.spec.mask_token)
     return ForwardOutput(low_res, iou, PromptBatch(points, labels, boxes, user.masks), apm_out)
-
-
-def choose_proposal(
-    backbone: LoadedBackbone, adapter: Adapter, features: torch.Tensor, out: ForwardOutput, regions: int, decode=None
-) -> ForwardOutput:
-    """Automatic mode with box proposals (``model.box_proposals``): the global box and the boxes of up to
-    ``regions`` regions of high objectness are decoded (one batch per candidate, so memory does not grow with
-    their number), and each image keeps the one with the best predicted IoU + ``MASS_WEIGHT`` x its share of
-    the objectness; ties keep the global box. The APM's output (presence) is kept."""
-    apm = adapter.apm
-    assert apm is not None and out.apm is not None and out.apm.cell_boxes is not None and out.apm.objectness is not None
-    fractions, mass = box_proposals(out.apm.cell_boxes, out.apm.objectness, regions)
-    candidates = apm.to_input_frame(fractions)  # (B, K, 4)
-    used = out.prompts  # ``out`` decoded the global box: the first candidate
-    rows = torch.arange(features.shape[0], device=features.device)
-    best_score = out.iou[:, 0].float() + MASS_WEIGHT * mass[:, 0].to(out.iou.device)
-    low_res, iou, boxes = out.low_res.clone(), out.iou.clone(), used.boxes.clone()
-    for k in range(1, candidates.shape[1]):
-        user = PromptBatch(used.points, used.labels, candidates[:, k].to(boxes), used.masks)
-        decoded = promise_forward(backbone, adapter, features, None, user, "ips", decode=decode)
-        score = decoded.iou[:, 0].float() + MASS_WEIGHT * mass[:, k].to(best_score)
-        better = rows[score > best_score]
-        low_res[better], iou[better], boxes[better] = decoded.low_res[better], decoded.iou[better], user.boxes[better]
-        best_score = torch.maximum(best_score, score)
-    return ForwardOutput(low_res, iou, PromptBatch(used.points, used.labels, boxes, used.masks), out.apm)
 
 
 def low_res_box(

@@ -21,7 +21,6 @@ class ApmConfig:
     tap_pool: int
     box_refinement: int = 0  # re-decodes with the previous mask's box (chosen after training)
     refinement_margin: float = 0.0
-    box_proposals: int = 0  # regions of high objectness decoded besides the global box (chosen after training)
 
     @property
     def box_only(self) -> bool:

@@ -25,7 +25,7 @@ from PromiseSegmentLib.data.prompts import Prompts
 from PromiseSegmentLib.inference.engine import ImageEmbedding, InferenceEngine, Prediction, PromptBatch
 from PromiseSegmentLib.inference.volume_loop import segment_slice, segment_volume, vanilla_predict
 from PromiseSegmentLib.model.adapter import Adapter, load_adapter, read_metadata
-from PromiseSegmentLib.model.forward import ForwardOutput, choose_proposal, promise_forward, refine_boxes
+from PromiseSegmentLib.model.forward import ForwardOutput, promise_forward, refine_boxes
 from PromiseSegmentLib.modes import APM_MODES, resolve_mode
 from PromiseSegmentLib.names import DEFAULT_COLOR, DEFAULT_NAME, RUNTIME_ENV
 
@@ -115,13 +115,11 @@ class ProMISeModel:
 
     def _forward(self, features, taps, user: PromptBatch, mode: str, input_sizes) -> ForwardOutput:
         """Inference: ``promise_forward`` with the decoder in the engine's precision, then in automatic
-        mode the adapter's box proposals and box refinement."""
+        mode the adapter's box refinement."""
         out = promise_forward(self.backbone, self.adapter, features, taps, user, mode, decode=self.engine.decode)
         apm = self.adapter.apm if self.adapter is not None else None
         if mode == "apm+ips" and apm is not None and out.apm is not None and out.apm.box is not None:
             assert self.adapter is not None
-            if apm.box_proposals:
-                out = choose_proposal(self.backbone, self.adapter, features, out, apm.box_proposals, self.engine.decode)
             out = refine_boxes(
                 self.backbone,
                 self.adapter,

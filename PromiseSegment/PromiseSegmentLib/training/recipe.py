@@ -27,9 +27,9 @@ SMALL_SELECTION_FRACTION = 0.2  # under SMALL_SET images: 2 selection images pic
 SMALL_SET = 100  # fewer training images: the demo's schedule (more epochs, the APM trained in the joint phase)
 AUTO_BUDGET_MIN = 30.0  # auto without a budget or epoch options: its plan is scaled to fit this on this machine
 SCHEDULE_OPTIONS = ("epochs", "apm_warmup_epochs", "augmented_copies")  # the user's own schedule: not rescaled
-# Decodes per selection image outside the epochs: the frozen backbone's box bar (1), the APM's box (1), its
-# box proposals (4) and the refinements on each (2 x 6) that ``training.selection.choose_refinement`` tries.
-CHOICE_DECODES = 18
+# Decodes per selection image outside the epochs: the frozen backbone's box bar and the box refinements (7)
+# that ``training.selection.choose_refinement`` chooses from.
+CHOICE_DECODES = 8
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class TrainPlan:
         lines.append(f"  {len(lines)}. joint ({ips}{apm}{boxes}): {_epochs(joint)}  ~ {_minutes(p['joint'])}")
         if p["choose"]:
             lines.append(
-                f"  {len(lines)}. box proposals and refinement chosen on the {self.n_select} selection images  "
+                f"  {len(lines)}. box refinement chosen on the {self.n_select} selection images  "
                 f"~ {_minutes(p['choose'])}"
             )
         lines.append(

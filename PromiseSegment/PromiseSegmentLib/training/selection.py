@@ -1,6 +1,6 @@
 """Selecting what a run keeps, on the held-out selection images: each epoch's Dice (automatic, and with the
 ground-truth box through the adapter's IPS against the frozen backbone with the same box), and after
-training the APM's box proposals and refinement. All in the decoder's 256x256 frame: fast, for comparison, not the
+training the APM's box refinement. All in the decoder's 256x256 frame: fast, for comparison, not the
 reported full-resolution metrics."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from PromiseSegmentLib.inference.engine import PromptBatch
 from PromiseSegmentLib.model.adapter import Adapter
-from PromiseSegmentLib.model.forward import choose_proposal, promise_forward, refine_boxes
+from PromiseSegmentLib.model.forward import promise_forward, refine_boxes
 from PromiseSegmentLib.training.batches import collate, user_prompts
 from PromiseSegmentLib.training.losses import batch_dice, box_iou
 
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 # Box refinements tried after training (steps, margin as a share of the box side); see ``choose_refinement``.
 REFINEMENTS = ((0, 0.0), (1, 0.0), (1, 0.05), (1, 0.1), (1, 0.2), (2, 0.1))
 REFINEMENT_GAIN = 0.002
-PROPOSAL_REGIONS = 4  # regions of high objectness tried as box proposals (``model.box_proposals``)
 
 
 @dataclass
@@ -84,29 +83,25 @@ def _mean(values: List[float]) -> float:
 
 @torch.no_grad()
 def choose_refinement(trainer) -> List[Dict[str, float]]:
-    """Set the APM's box proposals (``forward.choose_proposal``) and box refinement (``forward.refine_boxes``)
-    to the combination with the best selection Dice; each must beat going without by ``REFINEMENT_GAIN`` to be
-    chosen (each costs decodes). Returns every combination with its Dice."""
+    """Set the APM's box refinement (``forward.refine_boxes``) to the candidate with the best selection Dice;
+    a refinement must beat none by ``REFINEMENT_GAIN`` to be chosen (it costs a decode per step). Returns
+    every candidate with its Dice."""
     apm = trainer.adapter.apm
     assert apm is not None, "box refinement is chosen only for an APM"
     for m in trainer.adapter.modules().values():
         m.eval()
-    combos = [(regions, steps, margin) for regions in (0, PROPOSAL_REGIONS) for steps, margin in REFINEMENTS]
-    scores: Dict[tuple, List[float]] = {c: [] for c in combos}
+    scores: Dict[tuple, List[float]] = {c: [] for c in REFINEMENTS}
     backbone, threshold = trainer.engine.backbone, trainer.engine.mask_threshold
     for items, batch in _batches(trainer):
-        first = promise_forward(
+        out = promise_forward(
             backbone, trainer.adapter, batch.features, batch.taps, PromptBatch(), "apm+ips", taps_prepared=True
         )
-        proposed = choose_proposal(backbone, trainer.adapter, batch.features, first, PROPOSAL_REGIONS)
         sizes = [it.input_size for it in items]
-        for regions, steps, margin in combos:
-            out = proposed if regions else first
+        for steps, margin in REFINEMENTS:
             refined = refine_boxes(backbone, trainer.adapter, batch.features, out, sizes, threshold, steps, margin)
-            scores[(regions, steps, margin)] += batch_dice(refined.low_res[:, 0].float(), batch.target)
+            scores[(steps, margin)] += batch_dice(refined.low_res[:, 0].float(), batch.target)
     means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(combos, key=lambda c: means[c] - REFINEMENT_GAIN * ((c[0] > 0) + (c[1] > 0)))
-    apm.set_proposals(best[0])
-    apm.set_refinement(*best[1:])
-    log.info("box proposals %d, refinement %s (selection Dice %s)", best[0], best[1:], means)
-    return [{"regions": r, "steps": steps, "margin": margin, "val_dice": d} for (r, steps, margin), d in means.items()]
+    best = max(REFINEMENTS, key=lambda c: means[c] - (REFINEMENT_GAIN if c[0] else 0.0))
+    apm.set_refinement(*best)
+    log.info("box refinement %s (selection Dice %s)", best, means)
+    return [{"steps": steps, "margin": margin, "val_dice": d} for (steps, margin), d in means.items()]
