@@ -127,6 +127,9 @@ def test_lite_medsams_stage_0_is_a_model_of_its_own_compiled_in_f32_under_bf16(l
     assert encoder.hints == {"head": "f32", "encoder": "bf16"}
     head, rest = encoder._compiled_models()
     assert head.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    # static shapes, planned once: one 256x256 image, then exactly what the head gives (get_shape raises if dynamic)
+    assert list(head.inputs[0].get_shape()) == [1, 3, 256, 256]
+    assert list(rest.inputs[0].get_shape()) == list(head.outputs[0].get_shape())
     assert sorted(p.name for p in encoder.folder.iterdir()) == [
         "encoder.bin",
         "encoder.xml",
