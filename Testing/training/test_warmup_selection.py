@@ -1,5 +1,6 @@
 """The warm-up's epoch choice: its later epochs are scored (the APM's prompts through the frozen decoder) and
-the best one's APM, not the last one's, goes on to the joint phase - through a deadline and a resumption."""
+the best one's APM, not the last one's, goes on to the joint phase - or the mean of the scored epochs' APMs
+where that scores higher - through a deadline and a resumption."""
 
 import time
 
@@ -43,8 +44,23 @@ def last_warmup_epoch_scores_worst(monkeypatch):
 
     def score(trainer, adapter=None):
         s = real(trainer, adapter)
-        if adapter is not None and len(trainer.history) == WARMUP - 1:  # scoring the last warm-up epoch
+        # scoring the last warm-up epoch (WARMUP - 1 epochs recorded), then the scored epochs' mean APM (WARMUP)
+        if adapter is not None and len(trainer.history) in (WARMUP - 1, WARMUP):
             s.dice -= 1.0
+        return s
+
+    monkeypatch.setattr(trainer_module, "score_epoch", score)
+
+
+@pytest.fixture
+def warm_up_mean_scores_best(monkeypatch):
+    """The real selection score, raised by 1 for the mean of the scored warm-up epochs' APMs."""
+    real = trainer_module.score_epoch
+
+    def score(trainer, adapter=None):
+        s = real(trainer, adapter)
+        if adapter is not None and len(trainer.history) == WARMUP:  # after the warm-up: the mean's score
+            s.dice += 1.0
         return s
 
     monkeypatch.setattr(trainer_module, "score_epoch", score)
@@ -79,6 +95,7 @@ def test_the_best_scored_warm_up_epoch_s_apm_goes_on_not_the_last(tiny_backbone,
     assert all(torch.equal(kept[k], v) for k, v in after[best].items())
     assert any(not torch.equal(kept[k], v) for k, v in after[WARMUP - 1].items())
     assert result.adapter.training["apm_warmup_epoch_kept"] == best + 1
+    assert result.adapter.training["apm_warmup_mean_val_dice"] < 0  # scored (lowered), not kept
 
 
 def test_a_resumed_run_keeps_the_same_warm_up_epoch(tiny_backbone, cases, tmp_path, last_warmup_epoch_scores_worst):
@@ -110,3 +127,28 @@ def test_a_warm_up_cut_by_the_deadline_scores_its_last_epoch(tiny_backbone, case
     result = trainer.run(False, None, None)
     assert [r.phase for r in result.history] == ["apm warm-up", "joint"]
     assert 0 <= result.history[0].val_dice <= 1 and result.adapter.training["apm_warmup_epoch_kept"] == 1
+
+
+def test_the_mean_of_the_scored_warm_up_epochs_goes_on_where_it_scores_higher(
+    tiny_backbone, cases, warm_up_mean_scores_best
+):
+    from PromiseSegmentLib.training.weight_average import WeightAverage
+
+    result, after = _run_recording(engine_for(tiny_backbone, None, "cpu"), cases, CFG)
+    scored = [r.epoch for r in result.history if r.phase == "apm warm-up" and r.val_dice == r.val_dice]
+    assert len(scored) >= 2
+    mean = {k: sum(after[e][k].double() for e in scored) / len(scored) for k in after[scored[0]]}
+    kept = _apm_parameters(result.adapter)
+    assert all(torch.allclose(kept[k], mean[k].float(), atol=1e-6) for k in kept)
+    assert all(any(not torch.equal(kept[k], after[e][k]) for k in kept) for e in scored)  # no single epoch's
+    training = result.adapter.training
+    assert training["apm_warmup_mean_of_epochs"] == len(scored) and "apm_warmup_epoch_kept" not in training
+    assert training["apm_warmup_val_dice"] > 1.0  # the (raised) score of the mean, above every epoch's
+    assert training["apm_warmup_mean_val_dice"] == training["apm_warmup_val_dice"]
+    average = WeightAverage()
+    average.add({"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([7])})
+    assert average.mean() is None  # one state is no average
+    average.add({"w": torch.tensor([2.0, 5.0]), "n": torch.tensor([8])})
+    assert torch.equal(average.mean()["w"], torch.tensor([1.5, 4.0])) and torch.equal(
+        average.mean()["n"], torch.tensor([8])
+    )

@@ -35,6 +35,7 @@ from PromiseSegmentLib.training.resume import data_fingerprint, restore_state, s
 from PromiseSegmentLib.training.selection import choose_refinement, frozen_box_dice, score_epoch
 from PromiseSegmentLib.training.setup import backbone_fingerprint, build_adapter, check_training_cases, track_apm
 from PromiseSegmentLib.training.step import joint_loss, warmup_loss
+from PromiseSegmentLib.training.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class Trainer:
         self.best_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
         self.best_warmup = -1.0  # the best warm-up epoch's selection Dice, and its APM
         self.best_warmup_apm: Optional[Dict[str, torch.Tensor]] = None
+        self.warmup_average, self.kept_warmup_average = WeightAverage(), False  # the scored epochs' mean APM
+        self.warmup_mean_dice = float("nan")  # its selection Dice, once scored
         self.refinement_scores: List[Dict[str, float]] = []
         cached, apm = cfg.cache_features and not cfg.augment, self.adapter.apm
         copies = cfg.augmented_copies if cached else 0
@@ -92,6 +95,9 @@ class Trainer:
         self.history = [EpochRecord(**r) for r in st["history"]]
         self.best, self.first_epoch, self.best_state = st["best"], st["epoch"] + 1, st["best_modules"]
         self.best_warmup, self.best_warmup_apm = st.get("best_warmup", -1.0), st.get("best_warmup_apm")
+        self.warmup_average = WeightAverage(st.get("warmup_average"))
+        self.kept_warmup_average = bool(st.get("kept_warmup_average", False))
+        self.warmup_mean_dice = float(st.get("warmup_mean_dice", float("nan")))
         log.info("resumed from %s at epoch %d", self.state_path, self.first_epoch)
 
     # ------------------------------------------------------------------------------------ one step
@@ -222,17 +228,27 @@ class Trainer:
         return replace(self.adapter, ips=None)
 
     def _restore_best_warmup(self) -> None:
-        """The best scored warm-up epoch's APM goes on to the joint phase."""
+        """The best scored warm-up epoch's APM, or the mean of the scored epochs' APMs where that scores
+        higher (``weight_average``), goes on to the joint phase."""
         if self.best_warmup_apm is None or self.adapter.apm is None:
             return
+        mean = self.warmup_average.mean()
+        if mean is not None and self.val:
+            self.adapter.apm.load_state_dict(mean)
+            score = self.warmup_mean_dice = score_epoch(self, self._without_ips()).dice
+            log.info("the mean APM of %d warm-up epochs: selection Dice %.3f", self.warmup_average.count, score)
+            if score > self.best_warmup:
+                self.best_warmup, self.best_warmup_apm, self.kept_warmup_average = score, mean, True
         self.adapter.apm.load_state_dict(self.best_warmup_apm)
-        kept = self._best_warmup_epoch()
-        log.info("the APM of warm-up epoch %d (selection Dice %.3f) goes on to the joint phase", kept, self.best_warmup)
+        kept = f"the mean of {self.warmup_average.count}" if self.kept_warmup_average else self._best_warmup_epoch()
+        log.info(
+            "the APM of warm-up epoch(s) %s (selection Dice %.3f) goes on to the joint phase", kept, self.best_warmup
+        )
 
     def _best_warmup_epoch(self) -> Optional[int]:
         """The kept warm-up epoch, counted from 1 (None: none was scored)."""
         kept = [r.epoch for r in self.history if r.phase == "apm warm-up" and r.val_dice == self.best_warmup]
-        return kept[0] + 1 if kept and self.best_warmup_apm is not None else None
+        return kept[0] + 1 if kept and self.best_warmup_apm is not None and not self.kept_warmup_average else None
 
     def _keep(self, record: EpochRecord, epoch: int) -> None:
         self.history.append(record)
@@ -240,6 +256,8 @@ class Trainer:
             apm = cast(torch.nn.Module, self.adapter.apm)
             self.best_warmup = record.val_dice
             self.best_warmup_apm = {k: v.detach().cpu().clone() for k, v in apm.state_dict().items()}
+        if record.phase == "apm warm-up" and np.isfinite(record.val_dice):
+            self.warmup_average.add(cast(torch.nn.Module, self.adapter.apm).state_dict())
         if record.phase == "joint" and (not self.val or record.val_dice > self.best):
             self.best, self.best_state = record.val_dice, self.snapshot()
             if self.output:
@@ -288,6 +306,11 @@ class Trainer:
         kept = self._best_warmup_epoch()
         if kept is not None:
             a.training["apm_warmup_epoch_kept"] = kept
+            a.training["apm_warmup_val_dice"] = self.best_warmup
+        if np.isfinite(self.warmup_mean_dice):  # the mean of the scored epochs' APMs, kept or not
+            a.training["apm_warmup_mean_val_dice"] = self.warmup_mean_dice
+        if self.kept_warmup_average:
+            a.training["apm_warmup_mean_of_epochs"] = self.warmup_average.count
             a.training["apm_warmup_val_dice"] = self.best_warmup
         if self.refinement_scores:
             a.training["box_refinement_val_dice"] = self.refinement_scores
