@@ -8,7 +8,7 @@ only where it scores higher than the best epoch (``Trainer._restore_best_warmup`
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -16,10 +16,10 @@ import torch
 class WeightAverage:
     """Running sum of state dicts; floating-point entries are averaged, the others kept from the last one."""
 
-    def __init__(self, state: Optional[Dict[str, object]] = None):
+    def __init__(self, state: Optional[Dict[str, Any]] = None):
         state = state or {}
-        self.total: Optional[Dict[str, torch.Tensor]] = state.get("total")  # type: ignore[assignment]
-        self.count = int(state.get("count", 0))  # type: ignore[arg-type]
+        self.total: Optional[Dict[str, torch.Tensor]] = state.get("total")
+        self.count = int(state.get("count", 0))
 
     def add(self, weights: Dict[str, torch.Tensor]) -> None:
         weights = {k: v.detach().cpu() for k, v in weights.items()}
@@ -36,5 +36,5 @@ class WeightAverage:
             return None
         return {k: (v / self.count).float() if v.is_floating_point() else v.clone() for k, v in self.total.items()}
 
-    def state(self) -> Dict[str, object]:
+    def state(self) -> Dict[str, Any]:
         return {"total": self.total, "count": self.count}
