@@ -255,3 +255,20 @@ def test_every_option_says_what_it_does(command):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     silent = [a.option_strings[0] for a in sub._actions if a.option_strings and a.dest != "help" and not a.help]
     assert not silent, f"{command}: options without help: {silent}"
+
+
+def test_train_help_names_the_auto_recipes_values():
+    """The help's "(auto: X)" is what the auto recipe uses on a large data set (it once said 128 for a 64)."""
+    import re
+
+    from PromiseSegmentLib.cli.main import build_parser
+    from PromiseSegmentLib.training.recipe import recipe_config
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    auto = recipe_config("auto", 700)
+    fields = {"--apm-width": "apm_fusion_dim", "--apm-tap-pool": "apm_tap_pool", "--user-box-share": "user_box_share"}
+    helps = {a.option_strings[0]: a.help for a in sub._actions if a.option_strings}
+    for option, field in fields.items():
+        named = re.search(r"\(auto: ([0-9.e-]+)\)", helps[option])
+        assert named and float(named.group(1)) == float(getattr(auto, field)), option
+    assert f"auto {auto.lr:g}" in helps["--lr"]

@@ -428,3 +428,39 @@ def test_bf16_engines_share_one_half_precision_decoder_copy(lite_medsam, spleen_
     )
     assert pa.low_res.dtype == np.float32 and np.abs(pa.low_res - fp32.low_res).max() > 1e-3
     assert dice(pa.masks[0], fp32.masks[0]) >= 0.99
+
+
+def test_decoder_upscaling_as_matrix_products_equals_the_transposed_convolutions(lite_medsam, as_built):
+    """The 4x upscaling of LiteMedSAM's decoder runs as two matrix products (``rw._upscaling_as_matmuls``):
+    same values and gradients as the as-built Sequential for NCHW and channels_last input."""
+    fast, ref = lite_medsam.sam.mask_decoder.output_upscaling, as_built.sam.mask_decoder.output_upscaling
+    assert type(fast).forward is rw._upscaling_as_matmuls and type(ref).forward is nn.Sequential.forward
+    assert fast.state_dict().keys() == ref.state_dict().keys()  # a saved adapter/backbone still loads
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 256, 16, 16, generator=g)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xf = x.clone(memory_format=layout).requires_grad_(True)
+        xr = x.clone().requires_grad_(True)
+        yf, yr = fast(xf), ref(xr)
+        assert yf.shape == yr.shape == (2, 32, 64, 64)
+        assert (yf - yr).abs().max() <= 1e-5
+        weight = torch.randn(yr.shape, generator=g)
+        (yf * weight).sum().backward()
+        (yr * weight).sum().backward()
+        assert (xf.grad - xr.grad).abs().max() <= 1e-4 * xr.grad.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, yr = fast(x), ref(x).float()
+    assert yb.dtype == torch.bfloat16 and (yb.float() - yr).abs().max() <= 0.1  # bf16 rounding only
+
+
+def test_decoder_upscaling_rewrite_only_takes_sams_layout():
+    from segment_anything.modeling.common import LayerNorm2d
+
+    def sam_layout(kernel=2, act=nn.GELU):
+        up1, up2 = nn.ConvTranspose2d(8, 4, kernel, stride=2), nn.ConvTranspose2d(4, 2, 2, stride=2)
+        return nn.Sequential(up1, LayerNorm2d(4), act(), up2, act())
+
+    assert rw._upscaling_fits(sam_layout())
+    assert not rw._upscaling_fits(sam_layout(kernel=3))  # overlapping kernels: not one product per pixel
+    assert not rw._upscaling_fits(sam_layout(act=nn.ReLU))
+    assert not rw._upscaling_fits(nn.Sequential(*list(sam_layout().children())[:4]))

@@ -37,7 +37,9 @@ from PromiseSegmentLib.cli.validation import preflight, train_config
 from PromiseSegmentLib.data.preprocessing import IntensityRule
 from PromiseSegmentLib.names import DEFAULT_NAME
 from PromiseSegmentLib.training.config import LR_SCHEDULES
-from PromiseSegmentLib.training.recipe import RECIPES, split_for_selection
+from PromiseSegmentLib.training.recipe import RECIPES, SMALL_SET, recipe_config, split_for_selection
+
+_AUTO = recipe_config("auto", SMALL_SET)  # the auto recipe on a large data set: the values the help texts name
 
 
 class PhaseProgress:
@@ -280,7 +282,7 @@ def _add_recipe_options(p) -> None:
 def _add_schedule_options(p) -> None:
     p.add_argument("--epochs", type=positive_int, help="epochs in all, warm-up included (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int, help="images per step (default: the recipe's, 4 or 8)")
-    p.add_argument("--lr", type=positive_float, help="learning rate (default: the recipe's; auto 1e-3)")
+    p.add_argument("--lr", type=positive_float, help=f"learning rate (default: the recipe's; auto {_AUTO.lr:g})")
     p.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
@@ -307,13 +309,10 @@ def _add_schedule_options(p) -> None:
         "--user-box-share",
         type=non_negative_float,
         help="joint phase: share of images prompted by a jittered ground-truth box, so IPS also serves "
-        "the user's box (auto: 0.5)",
+        f"the user's box (auto: {_AUTO.user_box_share:g})",
     )
-    p.add_argument(
-        "--user-prompt",
-        choices=("none", "box", "points"),
-        help="train IPS alone with prompts from the ground truth (what a user would give)",
-    )
+    user = "train IPS alone with prompts from the ground truth (what a user would give)"
+    p.add_argument("--user-prompt", choices=("none", "box", "points"), help=user)
 
 
 def _add_apm_options(p) -> None:
@@ -325,18 +324,16 @@ def _add_apm_options(p) -> None:
         help="what the APM predicts: box, points or box,points (default: the backbone's; box for "
         "lite_medsam, points for SAM ViT)",
     )
-    p.add_argument(
-        "--apm-warmup",
-        type=non_negative_int,
-        help="epochs training the APM alone on its box loss before the joint phase",
-    )
+    warmup = "epochs training the APM alone on its box loss before the joint phase"
+    p.add_argument("--apm-warmup", type=non_negative_int, help=warmup)
     p.add_argument(
         "--apm-joint-lr",
         type=non_negative_float,
         help="the APM's learning rate after the warm-up, as a share of --lr (0: kept as warmed up)",
     )
-    p.add_argument("--apm-width", type=positive_int, help="APM fusion width (auto: 128)")
-    p.add_argument("--apm-tap-pool", type=positive_int, help="average-pool the encoder taps by this (auto: 2)")
+    p.add_argument("--apm-width", type=positive_int, help=f"APM fusion width (auto: {_AUTO.apm_fusion_dim})")
+    pool = f"average-pool the encoder taps by this (auto: {_AUTO.apm_tap_pool})"
+    p.add_argument("--apm-tap-pool", type=positive_int, help=pool)
     p.add_argument(
         "--apm-blocks", type=head_blocks_arg, help="ResNet blocks per stage of the point head (3,4,6,3 = ResNet-34)"
     )
