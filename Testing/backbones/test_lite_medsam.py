@@ -40,9 +40,13 @@ def test_engine_equals_the_package_forward_on_real_ct(lite_medsam, reference, en
             ref_full = reference.postprocess_masks(ref_low, input_size, case.rgb.shape[:2])
         assert (emb.features - ref_emb).abs().max() <= 1e-4
         pred = engine.predict(emb, Prompts(box=box), multimask_output=False)
-        assert np.abs(pred.low_res - ref_low[0].numpy()).max() <= 1e-4
-        assert np.abs(pred.logits - ref_full[0].numpy()).max() <= 1e-4
-        np.testing.assert_array_equal(pred.masks, ref_full[0].numpy() > 0)
+        # fp32 rounding only: the decoder's folded attention sums in another order (logits reach about 40)
+        scale = np.abs(ref_full[0].numpy()).max()
+        assert np.abs(pred.low_res - ref_low[0].numpy()).max() <= 1e-5 * scale
+        assert np.abs(pred.logits - ref_full[0].numpy()).max() <= 1e-5 * scale
+        borderline = np.abs(ref_full[0].numpy()) <= 1e-5 * scale  # within rounding of the threshold
+        assert borderline.sum() <= 10
+        np.testing.assert_array_equal(pred.masks[~borderline], (ref_full[0].numpy() > 0)[~borderline])
         assert pred.masks[0].sum() > 0.5 * case.mask.sum()  # and it is a real segmentation of the spleen
 
 

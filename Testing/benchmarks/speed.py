@@ -10,7 +10,7 @@ Variants, each end to end from the volume (or image) to the mask on its own grid
   (c) engine fastest: the same with ``precision="auto"`` (what the machine supports; printed).
   (d) with ``--bf16-stage-0``: (c) with LiteMedSAM's patch embedding and stage 0 in bf16 too (the product keeps
       them in fp32, ``lite_medsam.FP32_STAGE_0``): what that choice costs and gains, side by side.
-Without ``--adapter`` an UNTRAINED adapter with the README's shapes (APM width 128, taps pooled 2) is used:
+Without ``--adapter`` an UNTRAINED adapter with the auto training recipe's shapes (``recipe_config``) is used:
 right for timing, meaningless masks (its presence bias is set so that every slice keeps a mask and the
 (c)-vs-(b) agreement compares real masks).
 Variants run interleaved, a chunk of slices at a time in rotating order, so that load from other processes
@@ -22,6 +22,7 @@ cached features; and peak memory of each variant alone in a fresh process (Linux
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -190,29 +191,34 @@ def bench_prompts(models, vol, repeats: int):
 def bench_training(engine, cases):
     """Seconds of the first epoch (encodes every image once, keeps fp16 features) and of the next (cached
     features only: APM + IPS + decoder, forward and backward; fp32 on a CPU)."""
-    from PromiseSegmentLib.training.config import TrainConfig
     from PromiseSegmentLib.training.trainer import Trainer
 
-    cfg = TrainConfig(
-        epochs=2, batch_size=8, lr=1e-3, augment=False, cache_features=True, apm_fusion_dim=128, apm_tap_pool=2
-    )
+    cfg = dataclasses.replace(auto_recipe(), epochs=2, apm_warmup_epochs=0, augmented_copies=0)
     trainer = Trainer(engine, cases, [], cfg, None)
     return trainer.epoch(0, None)["seconds"], trainer.epoch(1, None)["seconds"]
 
 
 # ------------------------------------------------------------------------------------------- report
+def auto_recipe():
+    """What ``train`` with no options uses on a large data set (Kvasir's 700 images)."""
+    from PromiseSegmentLib.training.recipe import recipe_config
+
+    return recipe_config("auto", 700)
+
+
 def make_adapter(path, backbone):
     if path:
         from PromiseSegmentLib.model.adapter import load_adapter
 
         return load_adapter(path, backbone).eval(), f"trained adapter {path}"
-    from PromiseSegmentLib.training.config import TrainConfig
     from PromiseSegmentLib.training.setup import build_adapter
 
-    adapter = build_adapter(TrainConfig(apm_fusion_dim=128, apm_tap_pool=2), backbone)
+    cfg = auto_recipe()
+    adapter = build_adapter(cfg, backbone)
     with torch.no_grad():
         adapter.apm.box_head.presence.bias.fill_(5.0)  # every slice keeps its mask (see the docstring)
-    return adapter.eval(), "UNTRAINED adapter (APM box head width 128, taps pooled 2, IPS): timing only"
+    shape = f"APM box head width {cfg.apm_fusion_dim}, taps pooled {cfg.apm_tap_pool}"
+    return adapter.eval(), f"UNTRAINED adapter ({shape}, IPS; the auto recipe's): timing only"
 
 
 def machine_line(engine) -> str:

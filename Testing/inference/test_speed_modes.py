@@ -2,6 +2,7 @@
 the model as built, bf16 masks against fp32 masks on real CT, the fp32 fallback, the batch-size and
 out-of-memory rules of the GPU path (run on the CPU), and decoder-only prompts on a cached embedding."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from sample_data import make_sample_volume
 from torch import nn
 
+from PromiseSegmentLib.backbones import decoder_rewrites as dr
 from PromiseSegmentLib.backbones import lite_medsam as lite
 from PromiseSegmentLib.backbones import rewrites as rw
 from PromiseSegmentLib.backbones.checkpoints import file_sha256
@@ -431,10 +433,10 @@ def test_bf16_engines_share_one_half_precision_decoder_copy(lite_medsam, spleen_
 
 
 def test_decoder_upscaling_as_matrix_products_equals_the_transposed_convolutions(lite_medsam, as_built):
-    """The 4x upscaling of LiteMedSAM's decoder runs as two matrix products (``rw._upscaling_as_matmuls``):
+    """The 4x upscaling of LiteMedSAM's decoder runs as two matrix products (``dr._upscaling_as_matmuls``):
     same values and gradients as the as-built Sequential for NCHW and channels_last input."""
     fast, ref = lite_medsam.sam.mask_decoder.output_upscaling, as_built.sam.mask_decoder.output_upscaling
-    assert type(fast).forward is rw._upscaling_as_matmuls and type(ref).forward is nn.Sequential.forward
+    assert type(fast).forward is dr._upscaling_as_matmuls and type(ref).forward is nn.Sequential.forward
     assert fast.state_dict().keys() == ref.state_dict().keys()  # a saved adapter/backbone still loads
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 256, 16, 16, generator=g)
@@ -460,7 +462,63 @@ def test_decoder_upscaling_rewrite_only_takes_sams_layout():
         up1, up2 = nn.ConvTranspose2d(8, 4, kernel, stride=2), nn.ConvTranspose2d(4, 2, 2, stride=2)
         return nn.Sequential(up1, LayerNorm2d(4), act(), up2, act())
 
-    assert rw._upscaling_fits(sam_layout())
-    assert not rw._upscaling_fits(sam_layout(kernel=3))  # overlapping kernels: not one product per pixel
-    assert not rw._upscaling_fits(sam_layout(act=nn.ReLU))
-    assert not rw._upscaling_fits(nn.Sequential(*list(sam_layout().children())[:4]))
+    assert dr._upscaling_fits(sam_layout())
+    assert not dr._upscaling_fits(sam_layout(kernel=3))  # overlapping kernels: not one product per pixel
+    assert not dr._upscaling_fits(sam_layout(act=nn.ReLU))
+    assert not dr._upscaling_fits(nn.Sequential(*list(sam_layout().children())[:4]))
+
+
+@pytest.mark.parametrize(
+    "queries, keys, path",
+    [
+        (7, 4096, "_few_queries"),
+        (4096, 7, "_few_keys"),
+        (7, 7, "_sdpa_attention_forward"),
+        (20, 4096, "_sdpa_attention_forward"),
+    ],
+)
+def test_decoder_attention_folded_where_one_side_is_small(lite_medsam, as_built, monkeypatch, queries, keys, path):
+    """The decoder's cross-attention between a few prompt tokens and the 4096 image tokens folds the image
+    side's projections into the tokens' side (``dr._few_queries`` / ``dr._few_keys``); 20 tokens x 8 heads
+    are wider than the 128-wide projection, so they stay on SDPA. Same values and gradients as
+    segment_anything's ``Attention.forward`` in fp32 (batch 2, as in training); bf16 as close as SDPA's."""
+    from segment_anything.modeling.transformer import Attention
+
+    fast = [m for m in lite_medsam.sam.mask_decoder.modules() if isinstance(m, Attention)]
+    assert fast and all(type(m).forward is dr._attention_forward for m in fast)
+    layer = as_built.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image  # internal width 128
+    taken = []
+    monkeypatch.setattr(dr, path, lambda *a, f=getattr(dr, path): taken.append(path) or f(*a))
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, queries, 256, generator=g), torch.randn(2, keys, 256, generator=g)
+    v = torch.randn(2, keys, 256, generator=g)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref, out = Attention.forward(layer, q, k, v), dr._attention_forward(layer, *inputs)
+    assert taken == [path]
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    weight = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    plain = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    for a, b in zip(grads, torch.autograd.grad((Attention.forward(layer, *plain) * weight).sum(), plain)):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        bf = [t.to(torch.bfloat16) for t in (q, k, v)]
+        err_fast = (dr._attention_forward(half, *bf).float() - ref).abs().max()
+        err_sdpa = (dr._sdpa_attention_forward(half, *bf).float() - ref).abs().max()
+    assert err_fast <= 2 * err_sdpa + 1e-3
+
+
+def test_mask_products_on_pixel_rows_equal_the_upscaled_image(lite_medsam, as_built):
+    """``dr.upscaled_masks`` takes the hypernetwork products on the upscaling's pixel rows and puts only the
+    T-channel result in place: equal to ``hyper_in @ output_upscaling(src)`` as segment_anything computes it."""
+    g = torch.Generator().manual_seed(7)
+    src = torch.randn(2, 256, 64, 64, generator=g).to(memory_format=torch.channels_last)
+    hyper_in = torch.randn(2, 4, 32, generator=g)
+    with torch.no_grad():
+        up = as_built.sam.mask_decoder.output_upscaling(src.contiguous())
+        ref = (hyper_in @ up.view(2, 32, -1)).view(2, 4, 256, 256)
+        fast = dr.upscaled_masks(lite_medsam.sam.mask_decoder.output_upscaling, src, hyper_in)
+        generic = dr.upscaled_masks(as_built.sam.mask_decoder.output_upscaling, src.contiguous(), hyper_in)
+    assert fast.shape == ref.shape and (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(generic, ref)

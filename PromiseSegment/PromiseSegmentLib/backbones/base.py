@@ -116,7 +116,7 @@ class Backbone:
     def optimise(self, sam: Sam) -> List[str]:
         """Rewrite the frozen, loaded model for speed without changing its fp32 outputs beyond float
         rounding (e.g. BatchNorm folded into convs); returns what was done, in words."""
-        from PromiseSegmentLib.backbones.rewrites import optimise_sam_decoder
+        from PromiseSegmentLib.backbones.decoder_rewrites import optimise_sam_decoder
 
         return optimise_sam_decoder(sam)
 

@@ -1,19 +1,15 @@
 """Load-time rewrites of frozen modules that keep their fp32 outputs (up to rounding): BatchNorm folded into
-the convolution before it, conv/linear + GELU fused where oneDNN has the kernel, attention through
-``scaled_dot_product_attention``, the decoder's constant positional encoding cached, and its upscaling's
-transposed convolutions as matrix products."""
+the convolution before it, conv/linear + GELU fused where oneDNN has the kernel, and ``swap_method`` to give
+one module a faster forward (SAM's decoder: ``decoder_rewrites``)."""
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Tuple, Union, cast
+from typing import Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from segment_anything.modeling import Sam
 
 _Pair = Tuple[int, int]  # a Conv2d's sizes (``_ConvNd`` types them as ``tuple[int, ...]``)
 
@@ -188,18 +184,6 @@ def fuse_gelu(owner: nn.Module, layer: str, act: str) -> bool:
     return True
 
 
-def _sdpa_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment_anything's decoder ``Attention.forward`` through ``scaled_dot_product_attention``."""
-    q, k, v = (
-        self._separate_heads(p(t), self.num_heads) for p, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v))
-    )
-    return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
-
-
-def _cached_dense_pe(self) -> torch.Tensor:
-    return self._dense_pe_cache
-
-
 _SWAPPED: dict = {}
 
 
@@ -209,78 +193,3 @@ def swap_method(module: nn.Module, name: str, function) -> None:
     if key not in _SWAPPED:
         _SWAPPED[key] = type(f"Fast{type(module).__name__}", (type(module),), {name: function})
     module.__class__ = _SWAPPED[key]
-
-
-def _is_patch_deconv(m: nn.Module) -> bool:
-    """A ConvTranspose2d whose 2x2 kernels do not overlap (stride 2, no padding): one matrix product per pixel."""
-    return (
-        type(m) is nn.ConvTranspose2d
-        and m.kernel_size == (2, 2)
-        and m.stride == (2, 2)
-        and m.padding == (0, 0)
-        and m.output_padding == (0, 0)
-        and m.dilation == (1, 1)
-        and m.groups == 1
-        and m.bias is not None
-    )
-
-
-def _upscaling_fits(seq: nn.Module) -> bool:
-    """SAM's ``output_upscaling``: deconv, LayerNorm2d, GELU, deconv, GELU (``MaskDecoder.__init__``)."""
-    mods = list(seq.children())
-    return (
-        type(seq) is nn.Sequential
-        and len(mods) == 5
-        and _is_patch_deconv(mods[0])
-        and type(mods[1]).__name__ == "LayerNorm2d"
-        and _is_patch_deconv(mods[3])
-        and all(type(m) is nn.GELU and m.approximate == "none" for m in (mods[2], mods[4]))
-    )
-
-
-def _patch_deconv_rows(rows: torch.Tensor, deconv: nn.ConvTranspose2d) -> torch.Tensor:
-    """(N, C_in) pixels -> (N * 4, C_out) pixels: each input pixel's 2x2 output patch, ordered (dy, dx)."""
-    w = deconv.weight  # (C_in, C_out, 2, 2)
-    weight = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (C_in, dy * dx * C_out)
-    assert deconv.bias is not None  # _is_patch_deconv
-    out = torch.addmm(deconv.bias.repeat(4), rows, weight)
-    return out.view(-1, w.shape[1])
-
-
-def _upscaling_as_matmuls(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """SAM's decoder upscaling (4x) on pixel rows: each 2x2 stride-2 deconv is one matrix product (the
-    kernels do not overlap) and LayerNorm2d a layer norm over each pixel's channels, so the pixels are put in
-    place once at the end. The result is NCHW in channels_last memory (the decoder views it as (B, C, HW)).
-    On a CPU the bf16 ConvTranspose2d with NCHW input took 5 ms of a 17 ms prompt (docs/benchmarks.md)."""
-    up1, norm, _, up2, _ = self.children()
-    b, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # free when x is NHWC in memory (the decoder's src)
-    y = _patch_deconv_rows(rows, cast(nn.ConvTranspose2d, up1))
-    weight, bias, eps = cast(torch.Tensor, norm.weight), cast(torch.Tensor, norm.bias), cast(float, norm.eps)
-    y = F.gelu(F.layer_norm(y, y.shape[-1:], weight, bias, eps))
-    y = F.gelu(_patch_deconv_rows(y, cast(nn.ConvTranspose2d, up2)))
-    # rows are ordered (b, i, j, dy1, dx1, dy2, dx2); output pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)
-    y = y.view(b, h, w, 2, 2, 2, 2, -1).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return y.reshape(b, 4 * h, 4 * w, -1).permute(0, 3, 1, 2)
-
-
-def optimise_sam_decoder(sam: Sam) -> list:
-    """Rewrites for SAM's prompt encoder and mask decoder (exact up to float rounding): the dense positional
-    encoding of the 64x64 grid computed once (a non-persistent buffer; it only depends on frozen weights)
-    instead of at every decode, the decoder's attention through ``scaled_dot_product_attention``, and its
-    upscaling as matrix products (``_upscaling_as_matmuls``)."""
-    from segment_anything.modeling.transformer import Attention
-
-    pe = sam.prompt_encoder
-    with torch.no_grad():
-        pe.register_buffer("_dense_pe_cache", pe.get_dense_pe().detach().clone(), persistent=False)
-    swap_method(pe, "get_dense_pe", _cached_dense_pe)
-    layers = [m for m in sam.mask_decoder.modules() if type(m) is Attention]
-    for m in layers:
-        swap_method(m, "forward", _sdpa_attention_forward)
-    done = ["dense positional encoding cached", f"{len(layers)} decoder attention layers on SDPA"]
-    upscaling = sam.mask_decoder.output_upscaling
-    if _upscaling_fits(upscaling):
-        swap_method(upscaling, "forward", _upscaling_as_matmuls)
-        done.append("decoder upscaling as matrix products")
-    return done

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from segment_anything.modeling import Sam
 
+from PromiseSegmentLib.backbones.decoder_rewrites import upscaled_masks
+
 
 def decode_masks(
     sam: Sam,
@@ -46,12 +48,10 @@ def decode_masks(
     mask_tokens_out = hs[:, 1 : (1 + dec.num_mask_tokens), :]
 
     src = src.transpose(1, 2).view(b, c, h, w)
-    upscaled = dec.output_upscaling(src)
     hyper_in = torch.stack(
         [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
     )
-    _, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    masks = upscaled_masks(dec.output_upscaling, src, hyper_in)
     iou_pred = dec.iou_prediction_head(iou_token_out)
 
     if token is not None:
