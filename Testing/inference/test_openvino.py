@@ -67,6 +67,9 @@ def test_a_batch_gives_what_its_images_give_one_by_one(lite_medsam):
         assert torch.equal(features[i : i + 1], one)
         assert all(torch.equal(t[i : i + 1], u) for t, u in zip(taps, one_taps))
     assert not torch.allclose(features[0], features[1])
+    # handed over in the layout the APM and the decoder read (no NCHW -> NHWC copy after each encode)
+    assert features.shape == (2, 256, 64, 64) and features.is_contiguous(memory_format=torch.channels_last)
+    assert all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in taps)
 
 
 def test_the_cache_entry_is_written_once_read_back_and_rebuilt_when_damaged(make_backbone, tiny_sam, caplog):

@@ -114,7 +114,21 @@ def _static_shapes(models: list, image_size: int) -> list:
     for model in models:
         model.reshape(shape)
         shape = list(model.outputs[0].get_shape())
-    return models
+    return [*models[:-1], _nhwc_outputs(models[-1])]
+
+
+def _nhwc_outputs(model):
+    """The encoder's (B, C, H, W) outputs handed over in NHWC memory, the layout the APM and the decoder read:
+    the plugin writes them so from its own blocked layout instead of PyTorch copying NCHW into NHWC after
+    every encode (15 MB per slice)."""
+    import openvino as ov
+
+    ppp = ov.preprocess.PrePostProcessor(model)
+    for i, output in enumerate(model.outputs):
+        if len(output.get_partial_shape()) == 4:
+            ppp.output(i).model().set_layout(ov.Layout("NCHW"))
+            ppp.output(i).tensor().set_layout(ov.Layout("NHWC"))
+    return ppp.build()
 
 
 class OpenVinoEncoder:
@@ -222,8 +236,13 @@ class OpenVinoEncoder:
                     inputs = model(inputs)[0]
                 results = encoder(inputs)
             per_image.append([np.array(results[i]) for i in range(len(encoder.outputs))])
-        outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*per_image)]
+        outputs = [_from_nhwc(torch.from_numpy(np.concatenate(parts))) for parts in zip(*per_image)]
         return outputs[0], outputs[1:]
+
+
+def _from_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """An NHWC array (``_nhwc_outputs``) as the (B, C, H, W) tensor it is, in channels_last memory (a view)."""
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t
 
 
 def release_compiled_encoders(backbone: LoadedBackbone) -> None:
