@@ -167,3 +167,13 @@ def test_the_budget_counts_from_when_the_user_started_the_run(tiny_backbone, spl
     with pytest.raises(StopIteration):
         run.run_training(engine, spleen_cases[:3], spleen_cases[3:4], options, say=lambda t: None)
     assert seen["cfg"].epochs > 2  # counted from now, ten minutes hold more
+
+
+def test_the_machines_rates_are_a_median_not_one_run(monkeypatch):
+    """One timed run swung by 2x on a 2-core machine and the plan's estimate with it: the rate is the median
+    of the runs after the first (allocation, kernel selection)."""
+    from PromiseSegmentLib.training import rates
+
+    clock = iter([0.0, 9.0, 9.0, 11.8, 11.8, 11.9, 11.9, 12.0])  # runs of 9, 2.8, 0.1 and 0.1 s
+    monkeypatch.setattr(rates.time, "perf_counter", lambda: next(clock))
+    assert rates._seconds(lambda: None) == pytest.approx(0.1)

@@ -4,6 +4,7 @@ a run's plan states an estimate for this machine rather than for the one the def
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -19,14 +20,15 @@ from PromiseSegmentLib.training.recipe import MachineRates
 from PromiseSegmentLib.training.setup import build_adapter, track_apm
 
 
-def _seconds(job, repeats: int = 2) -> float:
-    """The last of ``repeats`` runs (the first pays for allocation and kernel selection)."""
-    elapsed = 0.0
+def _seconds(job, repeats: int = 4) -> float:
+    """The median of ``repeats`` runs after the first (which pays for allocation and kernel selection). One
+    run alone swung by 2x on a 2-core machine (a joint step 93-190 ms), and so did the plan's estimate."""
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         job()
-        elapsed = time.perf_counter() - start
-    return elapsed
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) if len(times) > 1 else times[0]
 
 
 def measure_rates(engine: InferenceEngine, cfg: TrainConfig, case: Case) -> MachineRates:
